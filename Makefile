@@ -1,0 +1,25 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test test-slow bench clean
+
+# torch is installed first, pinned: it is the CPU build on the build machines'
+# disk, and asking for it alone keeps pip from resolving a CUDA build.
+install:
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev,s3]"
+
+demo:
+	tokshard demo --out demo-out
+
+test:
+	pytest -q -n 2 -m "not slow"
+
+test-slow:
+	pytest -q -m slow
+
+bench:
+	$(PYTHON) bench/storage.py
+
+clean:
+	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info

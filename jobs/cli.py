@@ -1,0 +1,152 @@
+"""The `tokshard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tokshard.pipeline.errors import TokshardError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _kv(items: list[str] | None, what: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{what} expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _codec_params(items):
+    params = _kv(items, "--codec-opt")
+    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in params.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tokshard", description="Image corpora -> storage-efficient token datasets.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="tokenize image corpora into token shards")
+    c.add_argument("sources", nargs="+", metavar="SRC",
+                   help="folder, .tar/.parquet file, glob or {00000..00099} pattern; local or fsspec URL")
+    c.add_argument("--out", required=True, help="destination dataset folder")
+    c.add_argument("--format", default="parquet", choices=["parquet", "wds"])
+    c.add_argument("--codec", default="zstd", help="raw | bitpack | zstd | zstd-dict (default zstd)")
+    c.add_argument("--codec-opt", action="append", metavar="KEY=VALUE", help="codec parameter, e.g. level=19")
+    c.add_argument("--tokenizer", default="kmeans-vq")
+    c.add_argument("--tokenizer-opt", action="append", metavar="KEY=VALUE",
+                   help="tokenizer option, e.g. path=DIR (a fitted artifact) or device=cuda")
+    c.add_argument("--shard-size", type=int, default=10_000,
+                   help="samples per output shard for folder and Parquet inputs (a tar maps to one shard)")
+    c.add_argument("--resolution", type=int, help="override the tokenizer's input resolution")
+    c.add_argument("--resize-mode", default="center_crop", choices=["center_crop", "pad", "stretch"])
+    c.add_argument("--input-format", default="auto", choices=["auto", "folder", "wds", "parquet"])
+    c.add_argument("--min-image-size", type=int, default=0)
+    c.add_argument("--max-image-pixels", type=int, default=89_478_485)
+    c.add_argument("--decode-workers", type=int, default=2)
+    for col in ("image", "caption", "label", "key"):
+        c.add_argument(f"--{col}-column", help=f"Parquet input: the {col} column")
+    c.add_argument("--quiet", action="store_true")
+
+    f = sub.add_parser("fit-tokenizer", help="fit the patch k-means VQ tokenizer on sample images")
+    f.add_argument("sources", nargs="+", metavar="SRC")
+    f.add_argument("--out", required=True, help="artifact folder (config.json + model.safetensors)")
+    f.add_argument("--codebook-size", type=int, default=1024)
+    f.add_argument("--patch-size", type=int, default=16)
+    f.add_argument("--resolution", type=int, default=256)
+    f.add_argument("--pca-dim", type=int, default=64)
+    f.add_argument("--max-images", type=int, default=5000)
+    f.add_argument("--iters", type=int, default=20)
+    f.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("demo", help="convert the bundled real photos end to end (no network, no GPU)")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--format", default="parquet", choices=["parquet", "wds"])
+    d.add_argument("--codec", default="zstd")
+
+    i = sub.add_parser("info", help="print a dataset's manifest summary")
+    i.add_argument("dataset")
+    return p
+
+
+def _summary(result: dict) -> str:
+    ds = result["dataset"]
+    t = ds["totals"]
+    n = max(1, t["samples"])
+    rate = t["samples"] / max(result["elapsed_s"], 1e-9)
+    pct = 100.0 * t["stored_bytes"] / t["source_bytes"] if t["source_bytes"] else float("nan")
+    skipped = ", ".join(f"{k}={v}" for k, v in ds["skipped_by_reason"].items()) or "none"
+    return (f"converted {t['samples']} images into {ds['shards']} shard(s) in {result['elapsed_s']:.1f}s "
+            f"({rate:.1f} images/s; {result['units_reused']} shard(s) already done)\n"
+            f"  tokens/image {t['tokens'] // n}, payload {t['payload_bytes'] / n:.1f} B/image, "
+            f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
+            f"({t['source_bytes'] / n:.0f} B/image)\n"
+            f"  skipped: {skipped}")
+
+
+def _cmd_convert(a) -> int:
+    from tokshard.pipeline.convert import ConvertConfig, convert
+    cols = {f"{c}_column": getattr(a, f"{c}_column") for c in ("image", "caption", "label", "key")
+            if getattr(a, f"{c}_column")}
+    cfg = ConvertConfig(
+        sources=a.sources, out=a.out, format=a.format, codec=a.codec,
+        codec_params=_codec_params(a.codec_opt), tokenizer=a.tokenizer,
+        tokenizer_options=_kv(a.tokenizer_opt, "--tokenizer-opt"), shard_size=a.shard_size,
+        resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format,
+        max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
+        decode_workers=a.decode_workers, columns=cols)
+    print(_summary(convert(cfg, quiet=a.quiet)))
+    return 0
+
+
+def _cmd_fit(a) -> int:
+    from tokshard.pipeline.convert import fit_tokenizer_from_sources
+    tok = fit_tokenizer_from_sources(a.sources, a.out, codebook_size=a.codebook_size,
+                                     patch_size=a.patch_size, resolution=a.resolution, pca_dim=a.pca_dim,
+                                     max_images=a.max_images, iters=a.iters, seed=a.seed)
+    print(f"fitted {tok.name}: {tok.vocab_size} codes, grid {tok.grid_shape}, "
+          f"{tok.fit_info.get('images')} images -> {a.out}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from pathlib import Path
+    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.sample_data import write_img2dataset_shards
+    src = Path(a.out) / "source"
+    if not src.exists():
+        write_img2dataset_shards(src)
+    out = Path(a.out) / "tokens"
+    print(f"source: {src} (bundled photos as img2dataset WebDataset shards)")
+    print(_summary(convert(ConvertConfig(sources=[str(src)], out=str(out), format=a.format, codec=a.codec))))
+    print(f"dataset: {out}  (inspect with: tokshard info {out})")
+    return 0
+
+
+def _cmd_info(a) -> int:
+    from tokshard.pipeline.manifest import read_manifest
+    table, meta = read_manifest(a.dataset)
+    print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
+               "info": _cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (UsageError, TokshardError) as e:
+        print(f"tokshard: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,464 @@
+"""Token codecs: one sample's integer tokens <-> a compact, bit-exact payload.
+
+A codec is named and versioned because the manifest records which codec
+(version, params, trained state) wrote the shards and readers rebuild it from
+that record (`describe()` -> `codec_from_description()`).
+
+Decoding is defensive: a payload that can be detected as bad (wrong length,
+out-of-vocabulary value, broken zstd frame, trailing bytes) raises
+`CodecError`, never another exception type and never a wrong array. What a
+codec cannot detect (e.g. a bit flip that still yields in-range tokens) is the
+shard sha256's job.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import operator
+import threading
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import zstandard
+
+from .errors import CodecError
+
+__all__ = [
+    "CODECS", "BitpackCodec", "RawCodec", "TokenCodec", "ZstdCodec", "ZstdDictCodec",
+    "codec_from_description", "get_codec", "token_dtype",
+]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every token id below `vocab_size`."""
+    if isinstance(vocab_size, bool):
+        raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}")
+    v = operator.index(vocab_size)
+    if not 1 <= v <= 2**32:
+        raise ValueError(f"vocab_size must be in [1, 2**32], got {v}")
+    return np.dtype(np.uint16) if v <= 65536 else np.dtype(np.uint32)
+
+
+def _count(n_tokens: Any) -> int:
+    # n_tokens comes from a shard index, i.e. from data, so a bad one is a CodecError too.
+    try:
+        n = operator.index(n_tokens)
+    except TypeError:
+        raise CodecError(f"n_tokens must be an integer, got {n_tokens!r}") from None
+    if n < 0:
+        raise CodecError(f"n_tokens must be >= 0, got {n}")
+    return n
+
+
+def _bytes_view(payload: Any) -> memoryview:
+    try:
+        mv = memoryview(payload)
+    except TypeError:
+        raise CodecError(f"payload must be bytes-like, got {type(payload).__name__}") from None
+    return mv if mv.format == "B" and mv.ndim == 1 else memoryview(mv.tobytes())
+
+
+class TokenCodec(abc.ABC):
+    """Base class; subclasses set `name`, `version`, `param_defaults` and the codec proper."""
+
+    name: ClassVar[str]
+    version: ClassVar[int]
+    needs_fit: ClassVar[bool] = False
+    # Every accepted parameter with its default; describe() records all of them so a
+    # reader does not depend on this code's defaults.
+    param_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, vocab_size: int, **params: Any):
+        unknown = sorted(set(params) - set(self.param_defaults))
+        if unknown:
+            raise CodecError(f"codec {self.name!r} has no parameter(s) {unknown}; "
+                             f"known: {sorted(self.param_defaults)}")
+        try:
+            self.dtype = token_dtype(vocab_size)
+        except (TypeError, ValueError) as e:
+            raise CodecError(f"codec {self.name!r}: {e}") from None
+        self.vocab_size = operator.index(vocab_size)
+        self._le = self.dtype.newbyteorder("<")   # the on-disk byte order, whatever the host's
+        self.params = {**self.param_defaults, **params}
+
+    # -- trained state (stateless by default) --------------------------------------
+    def fit(self, samples: Sequence[np.ndarray]) -> None:
+        """Train state from sample tokens; a no-op for codecs that need none."""
+
+    def state(self) -> bytes | None:
+        return None
+
+    def load_state(self, state: bytes) -> None:
+        raise CodecError(f"codec {self.name!r} is stateless; it cannot load a state")
+
+    def describe(self) -> dict:
+        st = self.state()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "params": dict(sorted(self.params.items())),
+            "state_sha256": None if st is None else hashlib.sha256(st).hexdigest(),
+        }
+
+    # -- the codec proper ---------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, tokens: np.ndarray) -> bytes: ...
+
+    @abc.abstractmethod
+    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray: ...
+
+    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
+        return [self.encode(t) for t in batch]
+
+    def decode_batch(self, payloads: Sequence[bytes],
+                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+        return [self.decode(p, n) for p, n in zip(payloads, self._counts(payloads, n_tokens))]
+
+    # -- helpers for subclasses ---------------------------------------------------
+    def _counts(self, payloads: Sequence[bytes], n_tokens: int | Sequence[int]) -> list[int]:
+        if isinstance(n_tokens, (int, np.integer)):
+            return [_count(n_tokens)] * len(payloads)
+        counts = [_count(n) for n in n_tokens]
+        if len(counts) != len(payloads):
+            raise CodecError(f"{len(payloads)} payloads but {len(counts)} token counts")
+        return counts
+
+    def _to_le(self, tokens: np.ndarray) -> np.ndarray:
+        """Validated, flattened (C order) little-endian copy/view of `tokens`."""
+        a = np.asarray(tokens)
+        if a.dtype.kind not in "iu":
+            raise CodecError(f"tokens must be an integer array, got dtype {a.dtype}")
+        a = a.reshape(-1)
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise CodecError(f"token values must be in [0, {self.vocab_size}), "
+                                 f"got min {lo} max {hi}")
+        return a.astype(self._le, copy=False)
+
+    def _check_range(self, values: np.ndarray, what: str = "payload") -> None:
+        if values.size and self.vocab_size < 2 ** (8 * self.dtype.itemsize):
+            hi = int(values.max())
+            if hi >= self.vocab_size:
+                raise CodecError(f"{what} decodes to token {hi} >= vocab_size {self.vocab_size}")
+
+    def _from_raw(self, raw: bytes | memoryview, n: int) -> np.ndarray:
+        expected = n * self.dtype.itemsize
+        if len(raw) != expected:
+            raise CodecError(f"{self.name}: {len(raw)} bytes where {n} tokens need {expected}")
+        # Copy: frombuffer over bytes is read-only, and the host may be big-endian.
+        out = np.frombuffer(raw, dtype=self._le).astype(self.dtype)
+        self._check_range(out)
+        return out
+
+
+class RawCodec(TokenCodec):
+    """Little-endian token_dtype bytes: the reference codec, no compression."""
+
+    name = "raw"
+    version = 1
+
+    def encode(self, tokens: np.ndarray) -> bytes:
+        return self._to_le(tokens).tobytes()
+
+    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+        return self._from_raw(_bytes_view(payload), _count(n_tokens))
+
+
+class BitpackCodec(TokenCodec):
+    """Each token in exactly `bits` bits, LSB-first, zero-padded to a whole byte.
+
+    `bits = max(1, ceil(log2(vocab_size)))`, so the payload is ceil(n*bits/8) bytes
+    (256 tokens of vocab 1024 -> 320 bytes). Padding bits must be zero, which keeps
+    payloads canonical: decode(p) re-encodes to exactly p.
+    """
+
+    name = "bitpack"
+    version = 1
+
+    def __init__(self, vocab_size: int, **params: Any):
+        super().__init__(vocab_size, **params)
+        self.bits = max(1, (self.vocab_size - 1).bit_length())
+
+    def payload_size(self, n_tokens: int) -> int:
+        return (n_tokens * self.bits + 7) // 8
+
+    def _pack(self, le: np.ndarray) -> np.ndarray:
+        """(B, n) little-endian tokens -> (B, payload_size(n)) uint8."""
+        b, n = le.shape
+        isz = self.dtype.itemsize
+        bits = np.unpackbits(np.ascontiguousarray(le).view(np.uint8).reshape(b, n, isz),
+                             axis=2, bitorder="little")
+        return np.packbits(bits[:, :, :self.bits].reshape(b, n * self.bits),
+                           axis=1, bitorder="little")
+
+    def _unpack(self, data: np.ndarray, n: int) -> np.ndarray:
+        """(B, payload_size(n)) uint8 -> (B, n) tokens, validated.
+
+        Gathers the <= 5 bytes each token straddles and shifts; a handful of
+        whole-array operations instead of expanding to one byte per bit.
+        """
+        b, nbytes = data.shape
+        tail = (n * self.bits) % 8
+        if tail and nbytes and (data[:, -1] >> tail).any():
+            row = int(np.flatnonzero(data[:, -1] >> tail)[0])
+            raise CodecError(f"bitpack: nonzero padding bits (batch row {row})")
+        acc_t = np.uint32 if self.bits <= 25 else np.uint64   # bits + 7-bit offset must fit
+        span = (self.bits + 14) // 8
+        offset = np.arange(n, dtype=np.int64) * self.bits
+        first, shift = offset >> 3, (offset & 7).astype(acc_t)
+        padded = np.zeros((b, nbytes + span), np.uint8)
+        padded[:, :nbytes] = data
+        acc = np.zeros((b, n), acc_t)
+        for k in range(span):
+            acc |= padded[:, first + k].astype(acc_t) << acc_t(8 * k)
+        values = (acc >> shift) & acc_t((1 << self.bits) - 1)
+        if values.size and (1 << self.bits) != self.vocab_size:
+            bad = values >= self.vocab_size
+            if bad.any():
+                row, col = (int(i[0]) for i in np.nonzero(bad))
+                raise CodecError(f"bitpack: token {int(values[row, col])} >= vocab_size "
+                                 f"{self.vocab_size} at position {col} (batch row {row})")
+        return values.astype(self.dtype)
+
+    def encode(self, tokens: np.ndarray) -> bytes:
+        return self._pack(self._to_le(tokens)[None, :]).tobytes()
+
+    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+        n, mv = _count(n_tokens), _bytes_view(payload)
+        if len(mv) != self.payload_size(n):
+            raise CodecError(f"bitpack: {len(mv)} bytes where {n} tokens of {self.bits} bits "
+                             f"need {self.payload_size(n)}")
+        return self._unpack(np.frombuffer(mv, np.uint8)[None, :], n)[0]
+
+    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
+        les = [self._to_le(t) for t in batch]   # per sample: np.stack would promote mixed dtypes
+        if len({a.size for a in les}) != 1:
+            return [self._pack(a[None, :]).tobytes() for a in les]
+        return [row.tobytes() for row in self._pack(np.stack(les))]
+
+    def decode_batch(self, payloads: Sequence[bytes],
+                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+        counts = self._counts(payloads, n_tokens)
+        if not payloads or len(set(counts)) != 1:
+            return [self.decode(p, n) for p, n in zip(payloads, counts)]
+        n = counts[0]
+        size = self.payload_size(n)
+        views = [_bytes_view(p) for p in payloads]
+        if any(len(v) != size for v in views):
+            return [self.decode(v, n) for v in views]   # names the bad one
+        data = np.frombuffer(b"".join(views), np.uint8).reshape(len(views), size)
+        # Rows are views of one (B, n) array: one allocation for the whole batch.
+        return list(self._unpack(data, n))
+
+
+class ZstdCodec(TokenCodec):
+    """zstd of the raw little-endian bytes.
+
+    Level 19 by default: conversion is written once and read many times, zstd
+    decode speed barely depends on the level, and on ~500-byte payloads level 19
+    costs well under 0.1 ms per sample. Frames carry the content size (so decode
+    can bound its output exactly) but no checksum and no dict id (4 bytes each on
+    a ~500-byte payload; the shard sha256 covers integrity).
+    """
+
+    name = "zstd"
+    version = 1
+    param_defaults: ClassVar[dict[str, Any]] = {"level": 19}
+
+    def __init__(self, vocab_size: int, **params: Any):
+        super().__init__(vocab_size, **params)
+        level = self.params["level"]
+        if (isinstance(level, bool) or not isinstance(level, int)   # -(1 << 17): ZSTD_minCLevel()
+                or not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL):
+            raise CodecError(f"{self.name}: level must be an int in "
+                             f"[-131072, {zstandard.MAX_COMPRESSION_LEVEL}], got {level!r}")
+        self._generation = 0              # bumped when the dictionary changes
+        self._tls = threading.local()
+
+    # zstd contexts are not thread-safe (python-zstandard releases the GIL inside
+    # them), so each thread gets its own pair, reused across calls.
+    def _zdict(self) -> zstandard.ZstdCompressionDict | None:
+        return None
+
+    def _contexts(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor, bytes]:
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is None or ctx[0] != self._generation:
+            zd = self._zdict()
+            try:
+                cctx = zstandard.ZstdCompressor(level=self.params["level"], dict_data=zd,
+                                                write_checksum=False, write_dict_id=False,
+                                                write_content_size=True)
+                dctx = zstandard.ZstdDecompressor(dict_data=zd)
+                empty = cctx.compress(b"")   # also proves the dictionary loads
+            except zstandard.ZstdError as e:
+                raise CodecError(f"{self.name}: cannot set up zstd: {e}") from None
+            ctx = self._tls.ctx = (self._generation, cctx, dctx, empty)
+        return ctx[1], ctx[2], ctx[3]
+
+    def __getstate__(self) -> dict:
+        # Codecs travel to data-loader workers; zstd contexts do not pickle.
+        d = self.__dict__.copy()
+        del d["_tls"]
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._tls = threading.local()
+
+    def encode(self, tokens: np.ndarray) -> bytes:
+        raw = self._to_le(tokens).tobytes()
+        cctx, _, _ = self._contexts()
+        return cctx.compress(raw)
+
+    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+        n, mv = _count(n_tokens), _bytes_view(payload)
+        _, dctx, empty = self._contexts()
+        expected = n * self.dtype.itemsize
+        try:
+            declared = zstandard.frame_content_size(mv)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"{self.name}: bad zstd frame header: {e}") from None
+        # python-zstandard allocates whatever the header declares, max_output_size
+        # notwithstanding, so the declared size is checked before decompressing.
+        if declared != expected:
+            raise CodecError(f"{self.name}: frame declares "
+                             f"{'no' if declared < 0 else declared} content bytes; "
+                             f"{n} tokens need {expected}")
+        if expected == 0:
+            # decompress() returns b"" for a 0-size header without reading the frame
+            # body, so only the canonical empty frame is accepted.
+            if mv != empty:
+                raise CodecError(f"{self.name}: malformed empty-sample frame")
+            return np.zeros(0, self.dtype)
+        try:
+            raw = dctx.decompress(mv, max_output_size=expected, allow_extra_data=False)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"{self.name}: corrupt payload: {e}") from None
+        return self._from_raw(raw, n)
+
+
+class ZstdDictCodec(ZstdCodec):
+    """zstd with a dictionary trained by `fit()` on sample tokens.
+
+    The dictionary is trained with fixed fastCover parameters in one thread
+    (deterministic: same samples -> same state bytes). `dict_size` is capped at a
+    tenth of the training bytes (floor 256, zstd's minimum), since a dictionary
+    larger than its evidence only adds noise. If zstd cannot train at all (fewer
+    than 5 samples, tiny data), the dictionary is the tail of the concatenated
+    samples used as raw content. `params["dict_kind"]` records which.
+    State = 1-byte kind tag + dictionary bytes.
+    """
+
+    name = "zstd-dict"
+    version = 1
+    needs_fit = True
+    param_defaults: ClassVar[dict[str, Any]] = {"level": 19, "dict_size": 16384,
+                                                 "dict_kind": None}
+
+    _KINDS = {b"T": "trained", b"R": "rawcontent"}
+    _TRAIN_K, _TRAIN_D = 256, 8   # segment / dmer bytes; d=8 is 4 uint16 tokens
+    _MIN_DICT = 256
+
+    def __init__(self, vocab_size: int, **params: Any):
+        super().__init__(vocab_size, **params)
+        size, kind = self.params["dict_size"], self.params["dict_kind"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < self._MIN_DICT:
+            raise CodecError(f"{self.name}: dict_size must be an int >= {self._MIN_DICT}, "
+                             f"got {size!r}")
+        if kind not in (None, *self._KINDS.values()):
+            raise CodecError(f"{self.name}: unknown dict_kind {kind!r}")
+        self._state: bytes | None = None
+
+    def fit(self, samples: Sequence[np.ndarray]) -> None:
+        raw = [self._to_le(s).tobytes() for s in samples]
+        size = min(self.params["dict_size"], max(self._MIN_DICT, sum(map(len, raw)) // 10))
+        try:
+            trained = zstandard.train_dictionary(
+                size, raw, k=min(self._TRAIN_K, size), d=self._TRAIN_D, f=20,
+                split_point=1.0, accel=1, steps=1, threads=0, level=self.params["level"])
+            state = b"T" + trained.as_bytes()
+        except zstandard.ZstdError:
+            state = b"R" + b"".join(raw)[-size:]
+        self._install(state, expect_kind=None)
+
+    def state(self) -> bytes | None:
+        return self._state
+
+    def load_state(self, state: bytes) -> None:
+        self._install(bytes(_bytes_view(state)), expect_kind=self.params["dict_kind"])
+
+    def _install(self, state: bytes, expect_kind: str | None) -> None:
+        kind = self._KINDS.get(state[:1])
+        if kind is None:
+            raise CodecError(f"{self.name}: state has unknown kind tag {state[:1]!r}")
+        if expect_kind is not None and kind != expect_kind:
+            raise CodecError(f"{self.name}: state holds a {kind} dictionary, "
+                             f"description says {expect_kind}")
+        old = self._state, self.params["dict_kind"]
+        self._state, self.params["dict_kind"] = state, kind
+        self._generation += 1
+        try:
+            self._contexts()
+        except CodecError:
+            self._state, self.params["dict_kind"] = old
+            self._generation += 1
+            raise
+
+    def _zdict(self) -> zstandard.ZstdCompressionDict:
+        if self._state is None:
+            raise CodecError(f"{self.name}: no dictionary; call fit() or load_state() first")
+        dict_type = (zstandard.DICT_TYPE_FULLDICT if self._state[:1] == b"T"
+                     else zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdCompressionDict(self._state[1:], dict_type=dict_type)
+
+
+CODECS: dict[str, type[TokenCodec]] = {
+    c.name: c for c in (RawCodec, BitpackCodec, ZstdCodec, ZstdDictCodec)
+}
+
+
+def get_codec(name: str, vocab_size: int, **params: Any) -> TokenCodec:
+    try:
+        cls = CODECS[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+    return cls(vocab_size, **params)
+
+
+def codec_from_description(desc: dict, vocab_size: int, state: bytes | None) -> TokenCodec:
+    """Rebuild the codec that `describe()` described, verifying its state."""
+    if not isinstance(desc, dict):
+        raise CodecError(f"codec description must be a dict, got {type(desc).__name__}")
+    name, version = desc.get("name"), desc.get("version")
+    params = desc.get("params", {})
+    if name not in CODECS:
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}")
+    cls = CODECS[name]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CodecError(f"codec {name!r}: version must be an int, got {version!r}")
+    if version > cls.version:
+        raise CodecError(f"codec {name!r} version {version} is newer than supported "
+                         f"(this tokshard reads version {cls.version}); upgrade tokshard")
+    if version != cls.version:
+        raise CodecError(f"codec {name!r} version {version} is not readable "
+                         f"(this tokshard reads version {cls.version})")
+    if not isinstance(params, dict):
+        raise CodecError(f"codec {name!r}: params must be a dict, got {params!r}")
+    codec = cls(vocab_size, **params)
+    want = desc.get("state_sha256")
+    if want is None:
+        if state is not None:
+            raise CodecError(f"codec {name!r}: a state was given but the description records none")
+        if cls.needs_fit:
+            raise CodecError(f"codec {name!r} needs a trained state; the description has none")
+        return codec
+    if state is None:
+        raise CodecError(f"codec {name!r}: state missing (description expects sha256 {want})")
+    got = hashlib.sha256(_bytes_view(state)).hexdigest()
+    if got != want:
+        raise CodecError(f"codec {name!r}: state sha256 {got} does not match "
+                         f"the description's {want}")
+    codec.load_state(state)
+    return codec

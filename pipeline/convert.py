@@ -1,0 +1,193 @@
+"""The convert job: plan units, fit the codec if it needs it, run the units on
+an engine, and commit the manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tokshard import __version__
+from tokshard.pipeline.codecs import get_codec, codec_from_description, token_dtype
+from tokshard.pipeline.decode import DecodeConfig
+from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.manifest import write_manifest, write_timings
+from tokshard.pipeline.shard_writers import FORMATS
+from tokshard.pipeline.sources import plan_units
+from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
+from tokshard.pipeline.worker import UnitContext, load_receipt, process_unit, tokenize_unit
+from tokshard.tokenizers.base import canonical_json, sha256_hex
+from tokshard.tokenizers.registry import load_tokenizer
+
+
+@dataclass
+class ConvertConfig:
+    sources: list[str]
+    out: str
+    format: str = "parquet"
+    codec: str = "zstd"
+    codec_params: dict = field(default_factory=dict)
+    tokenizer: str = "kmeans-vq"
+    tokenizer_options: dict = field(default_factory=dict)
+    shard_size: int = 10_000
+    resolution: int | None = None
+    resize_mode: str = "center_crop"
+    input_format: str = "auto"
+    max_pixels: int = 89_478_485
+    min_image_size: int = 0
+    codec_fit_samples: int = 2048
+    decode_workers: int = 2
+    storage_options: dict | None = None
+    columns: dict = field(default_factory=dict)   # image/caption/label/key column names for Parquet sources
+
+    def job_identity(self) -> dict:
+        """What decides the output bytes (not where it goes or how fast)."""
+        d = asdict(self)
+        for k in ("out", "decode_workers", "storage_options"):
+            d.pop(k)
+        d["tokenizer_options"] = {k: v for k, v in d["tokenizer_options"].items()
+                                  if k not in ("device", "path")}
+        return d
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="shard", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
+    if cfg.format not in FORMATS:
+        raise UsageError(f"unknown format {cfg.format!r} (one of {', '.join(FORMATS)})")
+    if cfg.shard_size < 1:
+        raise UsageError("--shard-size must be at least 1")
+    started = time.perf_counter()
+    opts = dict(cfg.tokenizer_options)
+    if cfg.resolution:
+        opts["resolution"] = cfg.resolution
+    tok = load_tokenizer(cfg.tokenizer, opts)
+    try:
+        decode = DecodeConfig(resolution=tok.resolution, resize_mode=cfg.resize_mode,
+                              max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    codec = get_codec(cfg.codec, tok.vocab_size, **cfg.codec_params)
+    units = plan_units(cfg.sources, cfg.shard_size, cfg.input_format, cfg.storage_options)
+    if not units:
+        raise UsageError("no input found in " + " ".join(cfg.sources))
+    fs, root = filesystem(cfg.out, cfg.storage_options)
+    identity = tok.identity()
+    job = {"tokshard": __version__, "config": cfg.job_identity(), **identity.as_dict()}
+    job_hash = sha256_hex(canonical_json(job))
+    _claim_destination(fs, root, job, job_hash)
+    clean_temporaries(fs, root)
+
+    ctx = UnitContext(fs=fs, root=root, format=cfg.format, tokenizer=tok, codec=codec, decode=decode,
+                      job_hash=job_hash, decode_workers=cfg.decode_workers,
+                      storage_options=cfg.storage_options, columns=cfg.columns)
+    if codec.needs_fit:
+        _fit_codec(ctx, units, cfg.codec_fit_samples)
+    tok.save(_local_or_tmp(fs, root, "tokenizer"))
+
+    receipts, done_before = [], 0
+    bar = _progress(len(units), quiet)
+    for unit in units:
+        receipt = load_receipt(unit, ctx)
+        if receipt is None:
+            receipt = process_unit(unit, ctx)
+        else:
+            done_before += 1
+        receipts.append(receipt)
+        bar.update(1)
+        s = receipt["shard"]
+        bar.set_postfix(samples=sum(r["shard"]["samples"] for r in receipts),
+                        skipped=sum(r["shard"]["skipped"] for r in receipts))
+    bar.close()
+
+    rows = [r["shard"] for r in receipts]
+    totals = {k: int(sum(r[k] for r in rows)) for k in
+              ("samples", "tokens", "raw_bytes", "payload_bytes", "stored_bytes", "source_bytes", "skipped")}
+    skips: dict[str, int] = {}
+    for r in rows:
+        for item in r["skipped_by_reason"]:
+            skips[item["reason"]] = skips.get(item["reason"], 0) + item["count"]
+    dataset = {
+        "tokshard_version": __version__, "format": cfg.format, "codec": codec.describe(),
+        "tokenizer": {"name": tok.name, **identity.as_dict(), "config": tok.config(),
+                      "vocab_size": tok.vocab_size, "path": "tokenizer"},
+        "grid": list(tok.grid_shape), "token_dtype": token_dtype(tok.vocab_size).name,
+        "decode": asdict(decode), "sources": list(cfg.sources), "job_hash": job_hash,
+        "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
+        "codec_state": "codec/state.bin" if codec.state() is not None else None,
+    }
+    write_manifest(fs, root, rows, dataset)
+    write_timings(fs, root, [{"shard": r["shard"]["shard"], "read_s": 0.0, **{
+        k: float(r["timings"].get(k, 0.0)) for k in ("decode_s", "encode_s", "write_s")}} for r in receipts])
+    elapsed = time.perf_counter() - started
+    return {"dataset": dataset, "elapsed_s": elapsed, "units_reused": done_before}
+
+
+def _local_or_tmp(fs, root, sub):
+    """Where the tokenizer artifact is saved: directly for local roots; via a temp dir otherwise."""
+    from fsspec.implementations.local import LocalFileSystem
+    if isinstance(fs, LocalFileSystem):
+        return join(root, sub)
+    raise UsageError("remote destinations arrive with the distributed-conversion work (issue 4)")
+
+
+def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:
+    """Refuse to mix two different jobs in one destination."""
+    path = join(root, "_work", "job.json")
+    if fs.exists(path):
+        previous = json.loads(fs.cat_file(path))
+        if previous.get("job_hash") != job_hash:
+            raise UsageError(f"{root} holds a dataset made with a different config or tokenizer; "
+                             "use a new --out (or delete it)")
+        return
+    atomic_write(fs, path, json.dumps({"job_hash": job_hash, **job}, sort_keys=True, indent=1).encode())
+
+
+def _fit_codec(ctx: UnitContext, units, limit: int) -> None:
+    """Train the codec's state on the first `limit` samples, once per destination."""
+    path = join(ctx.root, "codec", "state.bin")
+    if ctx.fs.exists(path):
+        ctx.codec.load_state(ctx.fs.cat_file(path))
+        return
+    samples: list[np.ndarray] = []
+    dtype = token_dtype(ctx.tokenizer.vocab_size)
+    for unit in units:
+        _, codes, _, _ = tokenize_unit(unit, ctx, limit=limit - len(samples))
+        samples += [c.reshape(-1).astype(dtype) for c in codes]
+        if len(samples) >= limit:
+            break
+    ctx.codec.fit(samples)
+    atomic_write(ctx.fs, path, ctx.codec.state())
+
+
+def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = 5000,
+                               resolution: int = 256, seed: int = 0, **fit_kwargs):
+    """`tokshard fit-tokenizer`: decode up to `max_images` source images and fit k-means VQ."""
+    from tokshard.pipeline.sources import read_unit
+    from tokshard.pipeline.worker import decode_records
+    from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
+
+    units = plan_units(sources, 10_000)
+    decode = DecodeConfig(resolution=resolution)
+    images = []
+    for unit in units:
+        for _, dec in decode_records(read_unit(unit), decode, 2):
+            if dec is not None:
+                images.append(dec.image)
+            if len(images) >= max_images:
+                break
+        if len(images) >= max_images:
+            break
+    if not images:
+        raise UsageError("no decodable images in " + " ".join(sources))
+    tok = fit_kmeans_vq(images, resolution=resolution, seed=seed,
+                        provenance={"images": len(images), "sources": list(sources)}, **fit_kwargs)
+    tok.save(out)
+    return tok

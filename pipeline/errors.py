@@ -1,0 +1,58 @@
+"""Typed errors and the vocabulary of counted skips.
+
+A *skip* is a bad input that the job counts (by reason) and steps over; an
+*error* stops the operation it belongs to with a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+
+class TokshardError(Exception):
+    """Base of every error tokshard raises on purpose."""
+
+
+class UsageError(TokshardError):
+    """A bad argument or configuration: the CLI prints one line and exits 2."""
+
+
+class SourceError(TokshardError):
+    """A source that cannot be listed or opened at all."""
+
+
+class CodecError(TokshardError):
+    """A token payload that does not decode to exactly what was encoded."""
+
+
+class ManifestError(TokshardError):
+    """A manifest that is missing, malformed, or of an unsupported version."""
+
+
+class TokenizerError(TokshardError):
+    """A tokenizer artifact that is missing, malformed, or does not match."""
+
+
+# Reasons a sample is skipped. Kept as a closed set so the manifest's
+# skipped-by-reason counts are comparable across datasets and versions.
+SKIP_REASONS = (
+    "empty_file",          # zero bytes
+    "decode_error",        # not decodable as an image (corrupt, truncated, not an image)
+    "decompression_bomb",  # declared pixel count above the configured bound
+    "too_small",           # shorter side below --min-image-size
+    "unsupported_image",   # decodable container but unusable content (e.g. zero-size frame)
+    "no_image",            # a source sample with no image member/column value
+    "duplicate_key",       # a key already seen in the same source unit
+    "unsafe_key",          # a member name that tries to escape (absolute, '..')
+    "unreadable_source",   # a source shard that cannot be opened or read to the end
+    "not_an_image",        # a file in a folder source that has no image extension
+)
+
+
+class SkipSample(TokshardError):
+    """Raised for one bad sample; the caller counts ``reason`` and moves on."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)

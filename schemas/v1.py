@@ -1,0 +1,70 @@
+"""Version 1 of the shard, sample-index and manifest schemas.
+
+Readers accept any 1.x and refuse a newer major version; a minor bump only
+adds nullable columns or metadata keys.
+"""
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
+
+
+def shard_schema(token_type: pa.DataType) -> pa.Schema:
+    """One row per sample in a Parquet token shard."""
+    return pa.schema([
+        ("key", pa.string()),
+        ("tokens", token_type),             # fixed_size_list<uint16|uint32> (raw) or binary (coded)
+        ("caption", pa.string()),
+        ("label", pa.int64()),
+        ("width", pa.int32()),              # original size, after EXIF orientation
+        ("height", pa.int32()),
+        ("source", pa.string()),            # source shard URL
+        ("meta", pa.string()),              # source JSON metadata, as text
+    ])
+
+
+SAMPLES = pa.schema([
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("row", pa.int64()),                    # row in a Parquet shard / sample number in a tar
+    ("offset", pa.int64()),                 # byte offset of the tokens member's header in a tar; -1 for Parquet
+    ("size", pa.int64()),                   # stored token payload bytes
+    ("label", pa.int64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("source", pa.string()),
+])
+
+SKIP = pa.struct([("reason", pa.string()), ("count", pa.int64())])
+
+SHARDS = pa.schema([
+    ("shard", pa.string()),
+    ("path", pa.string()),                  # relative to the dataset root
+    ("format", pa.string()),                # parquet | wds
+    ("codec", pa.string()),
+    ("codec_version", pa.int32()),
+    ("samples", pa.int64()),
+    ("tokens", pa.int64()),
+    ("raw_bytes", pa.int64()),              # tokens at their natural width (uint16/uint32)
+    ("payload_bytes", pa.int64()),          # coded token payloads only
+    ("stored_bytes", pa.int64()),           # the shard file
+    ("source_bytes", pa.int64()),           # encoded image bytes read for these samples
+    ("sha256", pa.string()),
+    ("tokenizer_id", pa.string()),
+    ("tokenizer_config_hash", pa.string()),
+    ("codebook_hash", pa.string()),
+    ("grid", pa.list_(pa.int32())),
+    ("source_shards", pa.list_(pa.string())),
+    ("unit", pa.int64()),
+    ("skipped", pa.int64()),
+    ("skipped_by_reason", pa.list_(SKIP)),
+])
+
+TIMINGS = pa.schema([
+    ("shard", pa.string()),
+    ("read_s", pa.float64()),
+    ("decode_s", pa.float64()),
+    ("encode_s", pa.float64()),
+    ("write_s", pa.float64()),
+])

@@ -1,0 +1,46 @@
+"""The command line: the demo works, bad arguments are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tokshard.jobs.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "tokshard", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args", [
+    ["convert", "--out", "x"],                       # no source
+    ["convert", "src", "--out", "x", "--format", "zip"],
+    ["bogus"],
+])
+def test_bad_arguments_exit_2_with_one_line(args):
+    p = run(*args)
+    assert p.returncode == 2
+    assert len(p.stderr.strip().splitlines()) == 1 and "error" in p.stderr
+
+
+def test_missing_source_and_unknown_tokenizer_exit_2(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a.jpg").write_bytes(b"")
+    assert main(["convert", str(tmp_path), "--out", str(tmp_path / "o"), "--tokenizer", "nope"]) == 2
+    assert "unknown tokenizer" in capsys.readouterr().err
+
+
+def test_convert_and_info_through_cli(tmp_path, photo_tars, tokenizer_dir, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(photo_tars), "--out", str(out), "--format", "wds", "--codec", "bitpack",
+                 "--tokenizer-opt", f"path={tokenizer_dir}", "--quiet"]) == 0
+    summary = capsys.readouterr().out
+    assert "images/s" in summary and "% of source bytes" in summary
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "wds" and info["codec"]["name"] == "bitpack" and info["totals"]["samples"] > 0
+    assert main(["info", str(tmp_path)]) == 2

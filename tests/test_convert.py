@@ -1,0 +1,186 @@
+"""End-to-end convert: every source kind, writer and codec, determinism,
+incremental re-runs, and bad inputs as counted skips."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from conftest import RES, convert_config
+from tokshard.pipeline.codecs import codec_from_description
+from tokshard.pipeline.convert import convert
+from tokshard.pipeline.decode import DecodeConfig, decode_image
+from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.manifest import read_manifest
+from tokshard.tokenizers.kmeans_vq import KMeansVQ
+
+
+def expected_codes(tokenizer_dir, jpegs):
+    """What the tokenizer gives for each source image, computed independently of convert."""
+    tok = KMeansVQ.load(tokenizer_dir)
+    images = np.stack([decode_image(d, DecodeConfig(resolution=RES)).image for d in jpegs])
+    return tok.encode(images)
+
+
+def read_dataset(root: Path):
+    """key -> tokens, read back through the manifest, shard files and codec."""
+    table, meta = read_manifest(str(root))
+    state = (root / meta["codec_state"]).read_bytes() if meta["codec_state"] else None
+    codec = codec_from_description(meta["codec"], meta["tokenizer"]["vocab_size"], state)
+    n = int(np.prod(meta["grid"]))
+    out = {}
+    for row in table.to_pylist():
+        data = (root / row["path"]).read_bytes()
+        import hashlib
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        assert len(data) == row["stored_bytes"]
+        if row["format"] == "parquet":
+            t = pq.read_table(io.BytesIO(data))
+            for key, tokens in zip(t["key"].to_pylist(), t["tokens"].to_pylist()):
+                arr = np.asarray(tokens) if meta["codec"]["name"] == "raw" else codec.decode(tokens, n)
+                out[key] = arr.reshape(meta["grid"])
+        else:
+            for sample in wds.WebDataset(str(root / row["path"]), shardshuffle=False):
+                ext = [k for k in sample if k.startswith("tokens.")][0]
+                if ext == "tokens.npy":
+                    arr = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+                else:
+                    arr = codec.decode(sample[ext], n)
+                out[sample["__key__"]] = arr.reshape(meta["grid"])
+    return table, meta, out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "wds"])
+@pytest.mark.parametrize("codec", ["raw", "bitpack", "zstd", "zstd-dict"])
+def test_tars_roundtrip_every_format_and_codec(tmp_path, photo_tars, tokenizer_dir, fmt, codec):
+    result = convert(convert_config([photo_tars], tmp_path / "out", tokenizer_dir,
+                                    format=fmt, codec=codec), quiet=True)
+    table, meta, got = read_dataset(tmp_path / "out")
+    jpegs, keys = [], []
+    for tar in sorted(Path(photo_tars).glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if m.name.endswith(".jpg"):
+                    keys.append(m.name[:-4])
+                    jpegs.append(t.extractfile(m).read())
+    assert sorted(got) == sorted(keys)
+    want = expected_codes(tokenizer_dir, jpegs)
+    for key, codes in zip(keys, want):
+        np.testing.assert_array_equal(got[key], codes)
+    assert meta["totals"]["samples"] == len(keys) == result["dataset"]["totals"]["samples"]
+    assert meta["codec"]["name"] == codec and meta["grid"] == [RES // 8, RES // 8]
+    assert table.num_rows == len(list(Path(photo_tars).glob("*.tar")))
+
+
+def test_folder_and_parquet_sources_keep_captions_and_labels(tmp_path, photo_folder, photo_parquet,
+                                                             tokenizer_dir, photo_jpegs):
+    convert(convert_config([photo_folder], tmp_path / "f", tokenizer_dir, shard_size=7), quiet=True)
+    convert(convert_config([photo_parquet], tmp_path / "p", tokenizer_dir, shard_size=7), quiet=True)
+    want = dict(zip([k for k, _, _ in photo_jpegs], expected_codes(tokenizer_dir, [d for _, d, _ in photo_jpegs])))
+    labels = {k: lab for k, _, lab in photo_jpegs}
+    for out, prefix in ((tmp_path / "f", lambda k: f"{'a' if labels[k] % 2 else 'b'}/{k}"),
+                        (tmp_path / "p", lambda k: k)):
+        table, meta, got = read_dataset(out)
+        assert table.num_rows == -(-len(photo_jpegs) // 7)
+        for k, codes in want.items():
+            np.testing.assert_array_equal(got[prefix(k)], codes)
+        shards = pq.read_table(out / "shards").to_pylist() if False else None
+        rows = [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+        for r in rows:
+            k = r["key"].split("/")[-1]
+            assert r["caption"] == f"caption {k}" and r["label"] == labels[k]
+        index = pq.read_table(out / "samples").to_pylist()
+        assert sorted(i["key"] for i in index) == sorted(got)
+
+
+def test_same_inputs_give_byte_identical_dataset(tmp_path, photo_tars, tokenizer_dir):
+    for name in ("a", "b"):
+        convert(convert_config([photo_tars], tmp_path / name, tokenizer_dir, format="wds",
+                               codec="zstd-dict"), quiet=True)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*")
+                   if p.is_file() and "_work" not in p.parts and p.name != "timings.parquet")
+    assert "manifest.parquet" in {str(f) for f in files}
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_rerun_skips_committed_shards_and_redoes_missing(tmp_path, photo_tars, tokenizer_dir):
+    out = tmp_path / "out"
+    cfg = convert_config([photo_tars], out, tokenizer_dir)
+    first = convert(cfg, quiet=True)
+    manifest = (out / "manifest.parquet").read_bytes()
+    again = convert(cfg, quiet=True)
+    assert again["units_reused"] == first["dataset"]["shards"]
+    victim = sorted((out / "shards").glob("*.parquet"))[1]
+    victim.unlink()
+    third = convert(cfg, quiet=True)
+    assert third["units_reused"] == first["dataset"]["shards"] - 1
+    assert victim.exists() and (out / "manifest.parquet").read_bytes() == manifest
+
+
+def test_different_config_into_same_destination_is_refused(tmp_path, photo_tars, tokenizer_dir):
+    convert(convert_config([photo_tars], tmp_path / "out", tokenizer_dir), quiet=True)
+    with pytest.raises(UsageError, match="different config"):
+        convert(convert_config([photo_tars], tmp_path / "out", tokenizer_dir, codec="raw"), quiet=True)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+
+def test_bad_inputs_are_counted_skips(tmp_path, photo_jpegs, tokenizer_dir):
+    good = photo_jpegs[0][1]
+    src = tmp_path / "src"
+    src.mkdir()
+    _tar(src / "00000.tar", [
+        ("ok1.jpg", good), ("ok1.txt", b"fine"),
+        ("empty.jpg", b""),
+        ("trunc.jpg", good[: len(good) // 2]),
+        ("text.jpg", b"this is not an image"),
+        ("captiononly.txt", b"no image here"),
+        ("../escape.jpg", good), ("/abs.jpg", good),
+        ("ok1.png", good),  # same key again in a later position -> duplicate
+        ("badcap.jpg", good), ("badcap.txt", b"\xff\xfe not utf-8"),
+    ])
+    whole = src / "00001.tar"
+    _tar(whole, [(f"k{i}.jpg", good) for i in range(4)])
+    data = whole.read_bytes()
+    (src / "00001.tar").write_bytes(data[: len(data) // 2])  # truncated tar
+    result = convert(convert_config([src], tmp_path / "out", tokenizer_dir), quiet=True)
+    skips = result["dataset"]["skipped_by_reason"]
+    assert skips["empty_file"] == 1
+    assert skips["decode_error"] == 2
+    assert skips["no_image"] == 1
+    assert skips["unsafe_key"] == 2
+    assert skips["duplicate_key"] == 1
+    assert skips["unreadable_source"] == 1
+    table, meta, got = read_dataset(tmp_path / "out")
+    assert "ok1" in got and "badcap" in got
+    assert all(k.startswith("k") or k in ("ok1", "badcap") for k in got)
+    want = expected_codes(tokenizer_dir, [good])[0]
+    for k, codes in got.items():
+        np.testing.assert_array_equal(codes, want)
+    per_shard = {r["shard"]: r["skipped"] for r in table.to_pylist()}
+    assert sum(per_shard.values()) == sum(skips.values())
+
+
+def test_folder_non_images_and_unreadable_parquet(tmp_path, photo_jpegs, tokenizer_dir):
+    src = tmp_path / "folder"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(photo_jpegs[0][1])
+    (src / "README.md").write_text("not an image")
+    (src / "zero.png").write_bytes(b"")
+    result = convert(convert_config([src], tmp_path / "o1", tokenizer_dir), quiet=True)
+    assert result["dataset"]["totals"]["samples"] == 1
+    assert result["dataset"]["skipped_by_reason"] == {"empty_file": 1, "not_an_image": 1}

@@ -1,0 +1,103 @@
+"""The tokenizer interface every plugin implements.
+
+A tokenizer maps a batch of square uint8 RGB images to integer codes on a
+fixed grid, and (optionally) back. Its identity is three hashes: the id of the
+family and version, the hash of its config, and the hash of its codebook/
+weights. The manifest records all three so a dataset says exactly which
+tokenizer wrote it, and an append with a different one can be refused.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: a stable input for hashing."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_hex(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    tokenizer_id: str      # family/version, e.g. "kmeans-vq/1"
+    config_hash: str       # sha256 of the canonical config JSON
+    codebook_hash: str     # sha256 of the weights that decide the codes
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "tokenizer_id": self.tokenizer_id,
+            "tokenizer_config_hash": self.config_hash,
+            "codebook_hash": self.codebook_hash,
+        }
+
+
+class Tokenizer(abc.ABC):
+    """Images (N, R, R, 3) uint8 -> codes (N, h, w) of integers < vocab_size."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    @property
+    @abc.abstractmethod
+    def resolution(self) -> int:
+        """Side of the square input images, in pixels."""
+
+    @property
+    @abc.abstractmethod
+    def grid_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's codes, e.g. (16, 16)."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct codes."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything (besides weights) that decides the codes; JSON-able."""
+
+    @abc.abstractmethod
+    def weights_digest(self) -> str:
+        """sha256 of the weights/codebook that decide the codes."""
+
+    @abc.abstractmethod
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(N, R, R, 3) uint8 -> (N, *grid_shape) integer codes."""
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """(N, *grid_shape) codes -> (N, R, R, 3) uint8 reconstructions."""
+        raise NotImplementedError(f"tokenizer {self.name!r} has no decoder")
+
+    def codebook(self) -> np.ndarray | None:
+        """(vocab_size, dim) code embeddings, for embedding-space augmentation."""
+        return None
+
+    def save(self, directory: str) -> None:
+        """Write the artifact (weights + config) so `load` can rebuild it."""
+        raise NotImplementedError(f"tokenizer {self.name!r} cannot be saved")
+
+    def identity(self) -> TokenizerIdentity:
+        return TokenizerIdentity(
+            tokenizer_id=f"{self.name}/{self.version}",
+            config_hash=sha256_hex(canonical_json(self.config())),
+            codebook_hash=self.weights_digest(),
+        )
+
+    def check_images(self, images: np.ndarray) -> None:
+        r = self.resolution
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (r, r, 3):
+            raise ValueError(
+                f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
+            )

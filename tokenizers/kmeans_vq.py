@@ -1,0 +1,204 @@
+"""The embedded default tokenizer: a patch k-means vector quantiser.
+
+Each non-overlapping p x p RGB patch is projected onto the top PCA directions
+of the fitting data and replaced by the index of the nearest of K centroids.
+It needs no download and no GPU, fits in seconds on a few hundred images, and
+decodes (code -> mean patch of its cluster) so stored tokens can be looked at.
+It stands in for learned VQ/FSQ tokenizers with the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from tokshard.pipeline.errors import TokenizerError
+from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
+from tokshard.tokenizers.device import host_to_device, pick_device
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Tensor name -> shape as a function of the config; the loader checks both.
+def _expected_shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    dim = cfg["patch_size"] ** 2 * 3
+    return {
+        "mean": (dim,),
+        "basis": (dim, cfg["pca_dim"]),
+        "centroids": (cfg["codebook_size"], cfg["pca_dim"]),
+        "decoder": (cfg["codebook_size"], dim),
+    }
+
+
+class KMeansVQ(Tokenizer):
+    name = "kmeans-vq"
+    version = 1
+
+    def __init__(
+        self,
+        weights: dict[str, np.ndarray],
+        *,
+        patch_size: int,
+        resolution: int,
+        fit_info: dict[str, Any] | None = None,
+        device: str | None = None,
+        batch_size: int = 64,
+    ):
+        if resolution % patch_size:
+            raise TokenizerError(f"resolution {resolution} is not a multiple of patch size {patch_size}")
+        cfg = {
+            "patch_size": patch_size,
+            "codebook_size": int(weights["centroids"].shape[0]),
+            "pca_dim": int(weights["centroids"].shape[1]),
+        }
+        _check_weights(weights, cfg)
+        self._cfg = cfg
+        self._resolution = resolution
+        self.fit_info = fit_info or {}
+        self.batch_size = batch_size
+        self.device = pick_device(device)
+        # float32 for the encoder (the codes depend on it); the decoder only
+        # affects previews, so it is stored in float16.
+        self._weights = {k: np.ascontiguousarray(v, dtype=np.float32 if k != "decoder" else np.float16)
+                         for k, v in weights.items()}
+        t = {k: torch.from_numpy(v.astype(np.float32)).to(self.device) for k, v in self._weights.items()}
+        self._mean, self._basis, self._centroids, self._decoder = t["mean"], t["basis"], t["centroids"], t["decoder"]
+        self._centroid_sq = (self._centroids ** 2).sum(1)
+
+    # --- interface -------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        return self._resolution
+
+    @property
+    def patch_size(self) -> int:
+        return self._cfg["patch_size"]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        g = self._resolution // self.patch_size
+        return (g, g)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._cfg["codebook_size"]
+
+    def config(self) -> dict[str, Any]:
+        return {**self._cfg, "resolution": self._resolution}
+
+    def weights_digest(self) -> str:
+        return sha256_hex(b"".join(
+            name.encode() + self._weights[name].tobytes() for name in sorted(self._weights)
+        ))
+
+    def codebook(self) -> np.ndarray:
+        return self._weights["centroids"].copy()
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        self.check_images(images)
+        out = np.empty((len(images), *self.grid_shape), dtype=np.int64)
+        # Fixed-size chunks: the codes of an image must not depend on which
+        # other images share its batch (BLAS may pick kernels by batch size),
+        # so callers that batch the same way get bit-identical codes.
+        for start in range(0, len(images), self.batch_size):
+            chunk = host_to_device(np.ascontiguousarray(images[start:start + self.batch_size]), self.device)
+            z = (self._patches(chunk) - self._mean) @ self._basis
+            dist = self._centroid_sq - 2.0 * (z @ self._centroids.T)
+            codes = dist.argmin(dim=1).view(len(chunk), *self.grid_shape)
+            out[start:start + len(chunk)] = codes.cpu().numpy()
+        return out
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or codes.shape[1:] != self.grid_shape:
+            raise ValueError(f"expected codes of shape (N, {self.grid_shape}), got {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError("codes out of range for this codebook")
+        idx = torch.from_numpy(codes.astype(np.int64)).to(self.device)
+        n, (h, w), p = len(codes), self.grid_shape, self.patch_size
+        patches = self._decoder[idx.view(-1)].view(n, h, w, p, p, 3)
+        img = patches.permute(0, 1, 3, 2, 4, 5).reshape(n, h * p, w * p, 3)
+        return (img * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+    def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        n, (h, w), p = len(images), self.grid_shape, self.patch_size
+        x = images.to(torch.float32) / 255.0
+        return x.view(n, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n * h * w, p * p * 3)
+
+    # --- artifact ----------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self._weights, str(directory / WEIGHTS_FILE))
+        doc = {
+            "tokenizer": self.name,
+            "version": self.version,
+            "config": self.config(),
+            "weights_sha256": self.weights_digest(),
+            "fit": self.fit_info,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, **kwargs) -> "KMeansVQ":
+        directory = Path(directory)
+        try:
+            doc = json.loads((directory / CONFIG_FILE).read_text())
+        except FileNotFoundError as e:
+            raise TokenizerError(f"no {CONFIG_FILE} in tokenizer directory {directory}") from e
+        except json.JSONDecodeError as e:
+            raise TokenizerError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
+        if doc.get("tokenizer") != cls.name:
+            raise TokenizerError(f"{directory} holds a {doc.get('tokenizer')!r} tokenizer, not {cls.name!r}")
+        if int(doc.get("version", 0)) > cls.version:
+            raise TokenizerError(f"{directory} was written by a newer {cls.name} (version {doc['version']})")
+        try:
+            weights = load_file(str(directory / WEIGHTS_FILE))
+        except FileNotFoundError as e:
+            raise TokenizerError(f"no {WEIGHTS_FILE} in tokenizer directory {directory}") from e
+        except Exception as e:  # safetensors raises its own error types on bad headers
+            raise TokenizerError(f"cannot read {directory / WEIGHTS_FILE}: {e}") from e
+        cfg = doc["config"]
+        tok = cls(weights, patch_size=int(cfg["patch_size"]),
+                  resolution=int(kwargs.pop("resolution", None) or cfg["resolution"]),
+                  fit_info=doc.get("fit"), **kwargs)
+        expected = doc.get("weights_sha256")
+        if expected and expected != tok.weights_digest():
+            raise TokenizerError(f"{directory / WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}")
+        return tok
+
+    @classmethod
+    def from_options(cls, path: str | None = None, device: str | None = None,
+                     batch_size: str | int = 64, resolution: str | int | None = None) -> "KMeansVQ":
+        """Build from CLI options; without `path`, the default fitted on the bundled photos."""
+        kwargs = {"device": device, "batch_size": int(batch_size),
+                  "resolution": int(resolution) if resolution else None}
+        if path is None:
+            from tokshard.tokenizers.kmeans_fit import default_artifact
+            path = default_artifact()
+        return cls.load(path, **kwargs)
+
+
+def _check_weights(weights: dict[str, np.ndarray], cfg: dict[str, int]) -> None:
+    expected = _expected_shapes(cfg)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(f"{k}: {tuple(weights[k].shape)} != {v}" for k, v in expected.items()
+                   if k in weights and tuple(weights[k].shape) != v)
+    if missing or unexpected or wrong:
+        raise TokenizerError(
+            "kmeans-vq weights do not match the config: "
+            f"missing={missing} unexpected={unexpected} wrong_shapes={wrong}"
+        )
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    return sha256_hex(canonical_json(cfg))

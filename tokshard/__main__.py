@@ -1,0 +1,3 @@
+from tokshard.jobs.cli import main
+
+raise SystemExit(main())
