@@ -1,0 +1,54 @@
+"""Source planning and reading: patterns, globs, fsspec URLs, keys."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+from tokshard.pipeline.errors import SourceError
+from tokshard.pipeline.sources import plan_units, read_unit, safe_key
+
+
+def test_brace_patterns_and_globs_plan_one_unit_per_tar(photo_tars):
+    n = len(list(photo_tars.glob("*.tar")))
+    assert n >= 3
+    brace = plan_units([f"{photo_tars}/{{00000..{n - 1:05d}}}.tar"], 100)
+    glob = plan_units([f"{photo_tars}/*.tar"], 100)
+    folder = plan_units([str(photo_tars)], 100)
+    assert [u.url for u in brace] == [u.url for u in glob] == [u.url for u in folder]
+    assert [u.index for u in folder] == list(range(n)) and {u.kind for u in folder} == {"wds"}
+
+
+def test_missing_inputs_raise_source_error(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        plan_units([str(tmp_path / "nope")], 10)
+    with pytest.raises(SourceError, match="no input matches"):
+        plan_units([str(tmp_path / "*.tar")], 10)
+
+
+def test_reads_tars_through_fsspec_url(photo_tars):
+    fs = fsspec.filesystem("memory")
+    for tar in sorted(photo_tars.glob("*.tar")):
+        fs.pipe_file(f"/corpus/{tar.name}", tar.read_bytes())
+    units = plan_units(["memory://corpus/{00000..00001}.tar"], 10)
+    assert [u.url for u in units] == ["memory:///corpus/00000.tar", "memory:///corpus/00001.tar"]
+    records = list(read_unit(units[0]))
+    assert len(records) == 8 and all(r.skip is None and r.image[:2] == b"\xff\xd8" for r in records)
+    assert all(r.caption.startswith("a photo:") and isinstance(r.label, int) and r.meta["key"] == r.key
+               for r in records)
+
+
+def test_parquet_and_folder_units_follow_shard_size(photo_parquet, photo_folder, photo_jpegs):
+    n = len(photo_jpegs)
+    pq_units = plan_units([str(photo_parquet)], 5)
+    assert [(u.start, u.stop) for u in pq_units] == [(s, min(n, s + 5)) for s in range(0, n, 5)]
+    assert sum(1 for u in pq_units for r in read_unit(u) if r.skip is None) == n
+    folder_units = plan_units([str(photo_folder)], 5)
+    assert sum(len(u.members) for u in folder_units) == n  # sidecars are not units' members
+
+
+@pytest.mark.parametrize("name,key", [
+    ("a/b.c", "a/b_c"), ("000001", "000001"), ("../x", None), ("/etc/passwd", None), ("a//b", None),
+])
+def test_safe_key(name, key):
+    assert safe_key(name) == key

@@ -1,0 +1,100 @@
+"""The k-means VQ tokenizer: fit, save/load, identity, bad artifacts, registry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import RES
+from tokshard.pipeline.decode import DecodeConfig, resize_array
+from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.tokenizers.kmeans_vq import KMeansVQ
+from tokshard.tokenizers.registry import available, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    return np.stack([resize_array(img, DecodeConfig(resolution=RES)) for _, img, _ in photos])
+
+
+def psnr(a, b):
+    mse = ((a.astype(np.float64) - b) ** 2).mean()
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def test_encode_decode_shapes_and_fidelity(tokenizer_dir, images):
+    tok = KMeansVQ.load(tokenizer_dir)
+    codes = tok.encode(images)
+    assert codes.shape == (len(images), RES // 8, RES // 8)
+    assert codes.min() >= 0 and codes.max() < tok.vocab_size
+    recon = tok.decode(codes)
+    assert recon.shape == images.shape and recon.dtype == np.uint8
+    # A real quantiser beats predicting every pixel as the dataset mean by a wide margin.
+    flat = np.broadcast_to(images.mean(axis=(0, 1, 2)), images.shape)
+    assert psnr(recon, images) > psnr(flat, images) + 5
+
+
+def test_codes_do_not_depend_on_batch_composition(tokenizer_dir, images):
+    tok = KMeansVQ.load(tokenizer_dir, batch_size=4)
+    alone = np.concatenate([tok.encode(images[i:i + 1]) for i in range(len(images))])
+    np.testing.assert_array_equal(alone, tok.encode(images))
+
+
+def test_save_load_roundtrip_keeps_identity(tokenizer_dir, tmp_path):
+    tok = KMeansVQ.load(tokenizer_dir)
+    tok.save(tmp_path)
+    again = KMeansVQ.load(tmp_path)
+    assert again.identity() == tok.identity()
+    other = KMeansVQ.load(tokenizer_dir, resolution=2 * RES)
+    assert other.grid_shape == (2 * RES // 8,) * 2
+    assert other.identity().config_hash != tok.identity().config_hash
+    assert other.identity().codebook_hash == tok.identity().codebook_hash
+
+
+def test_bad_checkpoint_lists_missing_unexpected_and_wrong_shapes(tokenizer_dir, tmp_path):
+    w = load_file(str(tokenizer_dir / "model.safetensors"))
+    w.pop("mean")
+    w["extra"] = np.zeros(3, np.float32)
+    w["decoder"] = w["decoder"][:, :10].copy()
+    save_file(w, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((tokenizer_dir / "config.json").read_text())
+    with pytest.raises(TokenizerError) as e:
+        KMeansVQ.load(tmp_path)
+    msg = str(e.value)
+    assert "missing=['mean']" in msg and "unexpected=['extra']" in msg and "decoder" in msg
+
+
+def test_tampered_weights_and_newer_version_are_refused(tokenizer_dir, tmp_path):
+    w = load_file(str(tokenizer_dir / "model.safetensors"))
+    w["centroids"] = w["centroids"] + 1
+    save_file(w, str(tmp_path / "model.safetensors"))
+    cfg = json.loads((tokenizer_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="sha256"):
+        KMeansVQ.load(tmp_path)
+    cfg["version"] = 99
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match="newer"):
+        KMeansVQ.load(tmp_path)
+    with pytest.raises(TokenizerError, match="no config.json"):
+        KMeansVQ.load(tmp_path / "nowhere")
+
+
+def test_registry_finds_builtin_and_entry_point(tokenizer_dir):
+    assert "kmeans-vq" in available()
+    tok = load_tokenizer("kmeans-vq", {"path": str(tokenizer_dir)})
+    assert tok.name == "kmeans-vq"
+    with pytest.raises(UsageError, match="unknown tokenizer"):
+        load_tokenizer("no-such-tokenizer")
+    with pytest.raises(UsageError, match="bad options"):
+        load_tokenizer("kmeans-vq", {"path": str(tokenizer_dir), "colour": "blue"})
+
+
+def test_fit_is_deterministic(images):
+    from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
+    a = fit_kmeans_vq(images, codebook_size=16, patch_size=8, resolution=RES, pca_dim=8, iters=3)
+    b = fit_kmeans_vq(images, codebook_size=16, patch_size=8, resolution=RES, pca_dim=8, iters=3)
+    assert a.identity() == b.identity()
