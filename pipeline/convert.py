@@ -90,7 +90,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
                       storage_options=cfg.storage_options, columns=cfg.columns)
     if codec.needs_fit:
         _fit_codec(ctx, units, cfg.codec_fit_samples)
-    tok.save(_local_or_tmp(fs, root, "tokenizer"))
+    _save_tokenizer(tok, fs, root)
 
     receipts, done_before = [], 0
     bar = _progress(len(units), quiet)
@@ -102,7 +102,6 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
             done_before += 1
         receipts.append(receipt)
         bar.update(1)
-        s = receipt["shard"]
         bar.set_postfix(samples=sum(r["shard"]["samples"] for r in receipts),
                         skipped=sum(r["shard"]["skipped"] for r in receipts))
     bar.close()
@@ -124,18 +123,20 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "codec_state": "codec/state.bin" if codec.state() is not None else None,
     }
     write_manifest(fs, root, rows, dataset)
-    write_timings(fs, root, [{"shard": r["shard"]["shard"], "read_s": 0.0, **{
+    write_timings(fs, root, [{"shard": r["shard"]["shard"], **{
         k: float(r["timings"].get(k, 0.0)) for k in ("decode_s", "encode_s", "write_s")}} for r in receipts])
     elapsed = time.perf_counter() - started
     return {"dataset": dataset, "elapsed_s": elapsed, "units_reused": done_before}
 
 
-def _local_or_tmp(fs, root, sub):
-    """Where the tokenizer artifact is saved: directly for local roots; via a temp dir otherwise."""
-    from fsspec.implementations.local import LocalFileSystem
-    if isinstance(fs, LocalFileSystem):
-        return join(root, sub)
-    raise UsageError("remote destinations arrive with the distributed-conversion work (issue 4)")
+def _save_tokenizer(tok, fs, root: str) -> None:
+    """A copy of the tokenizer artifact inside the dataset, so it decodes on its own."""
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            atomic_write(fs, join(root, "tokenizer", f.name), f.read_bytes())
 
 
 def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:

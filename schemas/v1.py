@@ -63,8 +63,7 @@ SHARDS = pa.schema([
 
 TIMINGS = pa.schema([
     ("shard", pa.string()),
-    ("read_s", pa.float64()),
-    ("decode_s", pa.float64()),
+    ("decode_s", pa.float64()),             # read + decode + resize (reading streams into decoding)
     ("encode_s", pa.float64()),
     ("write_s", pa.float64()),
 ])

@@ -44,3 +44,12 @@ def test_convert_and_info_through_cli(tmp_path, photo_tars, tokenizer_dir, capsy
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "wds" and info["codec"]["name"] == "bitpack" and info["totals"]["samples"] > 0
     assert main(["info", str(tmp_path)]) == 2
+
+
+def test_readme_demo_command(tmp_path):
+    """`tokshard demo` (the README's first command) converts the bundled photos end to end."""
+    p = subprocess.run([sys.executable, "-m", "tokshard", "demo", "--out", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "converted" in p.stdout and "% of source bytes" in p.stdout
+    assert main(["info", str(tmp_path / "demo" / "tokens")]) == 0

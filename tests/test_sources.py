@@ -52,3 +52,20 @@ def test_parquet_and_folder_units_follow_shard_size(photo_parquet, photo_folder,
 ])
 def test_safe_key(name, key):
     assert safe_key(name) == key
+
+
+def test_convert_reads_and_writes_fsspec_urls(photo_tars, tokenizer_dir):
+    """Sources and destination both through an fsspec URL (the in-memory filesystem)."""
+    from conftest import convert_config
+    from tokshard.pipeline.convert import convert
+    from tokshard.pipeline.manifest import read_manifest
+
+    fs = fsspec.filesystem("memory")
+    for tar in sorted(photo_tars.glob("*.tar")):
+        fs.pipe_file(f"/in/{tar.name}", tar.read_bytes())
+    result = convert(convert_config(["memory://in/*.tar"], "memory://out", tokenizer_dir), quiet=True)
+    table, meta = read_manifest("memory://out")
+    assert meta["totals"]["samples"] == result["dataset"]["totals"]["samples"] > 0
+    assert fs.exists("/out/tokenizer/model.safetensors")
+    for row in table.to_pylist():
+        assert fs.size(f"/out/{row['path']}") == row["stored_bytes"]
