@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokshard.pipeline.codecs import TokenCodec, token_dtype
-from tokshard.pipeline.decode import DecodeConfig, decode_image
+from tokshard.pipeline.decode import DecodeConfig, Decoded, decode_image
 from tokshard.pipeline.errors import SkipSample
 from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.sources import Record, WorkUnit, read_unit
@@ -64,34 +64,65 @@ def _decode(rec: Record, cfg: DecodeConfig):
         return rec, None
 
 
-def decode_records(records, cfg: DecodeConfig, workers: int):
-    """Decoded records in input order; skipped ones carry their reason."""
+def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0):
+    """Decoded records in input order; skipped ones carry their reason.
+
+    At most `window` records are in flight, so memory stays bounded however
+    large the source shard is.
+    """
     if workers <= 1:
         yield from (_decode(r, cfg) for r in records)
         return
+    window = window or 4 * workers
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(lambda r: _decode(r, cfg), records)
+        pending: deque = deque()
+        for rec in records:
+            pending.append(pool.submit(_decode, rec, cfg))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
-    """(kept records with images decoded, their codes, skip counter, timings)."""
+    """(kept (record, decoded) pairs without pixels, their codes, skip counter, timings).
+
+    Images are encoded in batches of the tokenizer's batch size as they are
+    decoded, so only one batch of pixels is held at a time; fixed batch
+    boundaries per unit keep the codes independent of the engine.
+    """
+    tok = ctx.tokenizer
+    batch_size = int(getattr(tok, "batch_size", 64))
+    kept, batch, codes, skips = [], [], [], Counter()
+    timings = {"decode_s": 0.0, "encode_s": 0.0}
     t0 = time.perf_counter()
-    kept, images, skips = [], [], Counter()
+
+    def flush():
+        nonlocal t0
+        t1 = time.perf_counter()
+        codes.append(tok.encode(np.stack(batch)))
+        batch.clear()
+        t0 = time.perf_counter()
+        timings["encode_s"] += t0 - t1
+
     records = read_unit(unit, ctx.storage_options, **(ctx.columns or {}))
     for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers):
         if dec is None:
             skips[rec.skip] += 1
             continue
-        kept.append((rec, dec))
-        images.append(dec.image)
+        rec.image = None  # the encoded bytes are no longer needed
+        kept.append((rec, Decoded(None, dec.width, dec.height)))
+        batch.append(dec.image)
+        if len(batch) == batch_size:
+            timings["decode_s"] += time.perf_counter() - t0
+            flush()
         if limit and len(kept) >= limit:
             break
-    t1 = time.perf_counter()
-    r = ctx.tokenizer.resolution
-    batch = np.stack(images) if images else np.empty((0, r, r, 3), np.uint8)
-    codes = ctx.tokenizer.encode(batch) if len(batch) else np.empty((0, *ctx.tokenizer.grid_shape), np.int64)
-    t2 = time.perf_counter()
-    return kept, codes, skips, {"decode_s": t1 - t0, "encode_s": t2 - t1}
+    timings["decode_s"] += time.perf_counter() - t0
+    if batch:
+        flush()
+    out = np.concatenate(codes) if codes else np.empty((0, *tok.grid_shape), np.int64)
+    return kept, out, skips, timings
 
 
 def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:

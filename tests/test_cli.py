@@ -53,3 +53,19 @@ def test_readme_demo_command(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "converted" in p.stdout and "% of source bytes" in p.stdout
     assert main(["info", str(tmp_path / "demo" / "tokens")]) == 0
+
+
+def test_fit_tokenizer_then_convert_with_it(tmp_path, photo_tars, capsys):
+    tok = tmp_path / "tok"
+    assert main(["fit-tokenizer", str(photo_tars), "--out", str(tok), "--codebook-size", "32",
+                 "--patch-size", "8", "--resolution", "32", "--pca-dim", "8", "--iters", "3"]) == 0
+    assert "32 codes" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert main(["convert", str(photo_tars), "--out", str(out), "--tokenizer-opt", f"path={tok}",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["grid"] == [4, 4] and info["tokenizer"]["vocab_size"] == 32
+    assert (out / "tokenizer" / "model.safetensors").read_bytes() == (tok / "model.safetensors").read_bytes()
+    assert main(["fit-tokenizer", str(tmp_path / "nothing"), "--out", str(tok)]) == 2
