@@ -184,3 +184,29 @@ def test_folder_non_images_and_unreadable_parquet(tmp_path, photo_jpegs, tokeniz
     result = convert(convert_config([src], tmp_path / "o1", tokenizer_dir), quiet=True)
     assert result["dataset"]["totals"]["samples"] == 1
     assert result["dataset"]["skipped_by_reason"] == {"empty_file": 1, "not_an_image": 1}
+
+
+def test_interrupted_run_leaves_no_visible_partial_output_and_resumes(tmp_path, photo_tars, tokenizer_dir,
+                                                                     monkeypatch):
+    import tokshard.pipeline.worker as worker
+    real = worker.atomic_write
+    calls = {"n": 0}
+
+    def failing(fs, path, data):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid-way through the second unit (3 files per unit)
+            raise OSError("disk went away")
+        real(fs, path, data)
+
+    monkeypatch.setattr(worker, "atomic_write", failing)
+    cfg = convert_config([photo_tars], tmp_path / "out", tokenizer_dir)
+    with pytest.raises(OSError):
+        convert(cfg, quiet=True)
+    out = tmp_path / "out"
+    assert not (out / "manifest.parquet").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    monkeypatch.setattr(worker, "atomic_write", real)
+    resumed = convert(cfg, quiet=True)
+    assert resumed["units_reused"] == 1
+    convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
+    assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
