@@ -121,6 +121,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "decode": asdict(decode), "sources": list(cfg.sources), "job_hash": job_hash,
         "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
         "codec_state": "codec/state.bin" if codec.state() is not None else None,
+        "codec_state_bytes": len(codec.state() or b""),
     }
     write_manifest(fs, root, rows, dataset)
     write_timings(fs, root, [{"shard": r["shard"]["shard"], **{

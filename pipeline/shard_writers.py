@@ -61,12 +61,19 @@ def write_parquet(samples: list[EncodedSample], codec_name: str, grid: tuple[int
         pa.array([_meta_json(s.meta) for s in samples], pa.string()),
     ], schema=schema)
     buf = io.BytesIO()
-    # Token payloads are already entropy-coded (or raw by request); the text
-    # columns compress well with zstd. Row groups of 1024 keep random access cheap.
-    compression = {c: "zstd" for c in table.column_names}
-    compression["tokens"] = "none"
+    # Coded payloads are already compact, so Parquet leaves them alone. The raw
+    # column is stored the Parquet-native way (dictionary + zstd pages): uint16
+    # has no 16-bit physical type and would otherwise cost 4 bytes a token.
+    # Row groups of 1024 keep random access cheap.
+    compression = {c: "zstd" for c in table.column_names if c != "tokens"}
+    dictionary = ["source"]
+    if codec_name == "raw":
+        compression["tokens.list.element"] = "zstd"
+        dictionary.append("tokens.list.element")
+    else:
+        compression["tokens"] = "none"
     pq.write_table(table, buf, compression=compression, row_group_size=1024,
-                   use_dictionary=["source"], write_statistics=["key", "label"])
+                   use_dictionary=dictionary, write_statistics=["key", "label"])
     return buf.getvalue(), [-1] * len(samples)
 
 
