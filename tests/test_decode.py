@@ -456,13 +456,15 @@ def _no_pixel_decoding(monkeypatch):
 def test_decompression_bomb_png(monkeypatch):
     bomb = bilevel_png(20000)
     assert len(bomb) < 100_000
+    # Built before pixel decoding is forbidden: loading the photo decodes pixels.
+    astronaut = enc(photo("astronaut"), "PNG")
     _no_pixel_decoding(monkeypatch)  # a decode attempt would surface as decode_error
     assert skip_reason(bomb) == "decompression_bomb"
     # Between Pillow's warning and error thresholds our own check rejects it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pytest isolates filters; see the subprocess test
         assert skip_reason(bilevel_png(10000)) == "decompression_bomb"
-    assert skip_reason(enc(photo("astronaut"), "PNG"), DecodeConfig(max_pixels=512 * 511)) == "decompression_bomb"
+    assert skip_reason(astronaut, DecodeConfig(max_pixels=512 * 511)) == "decompression_bomb"
 
 
 def test_bomb_warning_is_not_printed(tmp_path):
