@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from tokshard import __version__
-from tokshard.pipeline.codecs import get_codec, codec_from_description, token_dtype
+from tokshard.pipeline.codecs import get_codec, token_dtype
 from tokshard.pipeline.decode import DecodeConfig
 from tokshard.pipeline.errors import UsageError
 from tokshard.pipeline.manifest import write_manifest, write_timings

@@ -3,11 +3,7 @@ every supported source kind."""
 
 from __future__ import annotations
 
-import io
-import shutil
-from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

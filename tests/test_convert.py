@@ -3,8 +3,8 @@ incremental re-runs, and bad inputs as counted skips."""
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -38,7 +38,6 @@ def read_dataset(root: Path):
     out = {}
     for row in table.to_pylist():
         data = (root / row["path"]).read_bytes()
-        import hashlib
         assert hashlib.sha256(data).hexdigest() == row["sha256"]
         assert len(data) == row["stored_bytes"]
         if row["format"] == "parquet":
@@ -91,7 +90,6 @@ def test_folder_and_parquet_sources_keep_captions_and_labels(tmp_path, photo_fol
         assert table.num_rows == -(-len(photo_jpegs) // 7)
         for k, codes in want.items():
             np.testing.assert_array_equal(got[prefix(k)], codes)
-        shards = pq.read_table(out / "shards").to_pylist() if False else None
         rows = [r for p in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
         for r in rows:
             k = r["key"].split("/")[-1]

@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from tokshard.pipeline.errors import TokenizerError
-from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
+from tokshard.tokenizers.base import Tokenizer, sha256_hex
 from tokshard.tokenizers.device import host_to_device, pick_device
 
 CONFIG_FILE = "config.json"
@@ -198,7 +198,3 @@ def _check_weights(weights: dict[str, np.ndarray], cfg: dict[str, int]) -> None:
             "kmeans-vq weights do not match the config: "
             f"missing={missing} unexpected={unexpected} wrong_shapes={wrong}"
         )
-
-
-def config_digest(cfg: dict[str, Any]) -> str:
-    return sha256_hex(canonical_json(cfg))
