@@ -92,7 +92,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         _fit_codec(ctx, units, cfg.codec_fit_samples)
     _save_tokenizer(tok, fs, root)
 
-    receipts, done_before = [], 0
+    receipts, done_before, samples, skipped = [], 0, 0, 0
     bar = _progress(len(units), quiet)
     for unit in units:
         receipt = load_receipt(unit, ctx)
@@ -101,9 +101,11 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         else:
             done_before += 1
         receipts.append(receipt)
+        # Running totals: summing all receipts per unit is quadratic at 100k+ shards.
+        samples += receipt["shard"]["samples"]
+        skipped += receipt["shard"]["skipped"]
         bar.update(1)
-        bar.set_postfix(samples=sum(r["shard"]["samples"] for r in receipts),
-                        skipped=sum(r["shard"]["skipped"] for r in receipts))
+        bar.set_postfix(samples=samples, skipped=skipped)
     bar.close()
 
     rows = [r["shard"] for r in receipts]
@@ -113,6 +115,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     for r in rows:
         for item in r["skipped_by_reason"]:
             skips[item["reason"]] = skips.get(item["reason"], 0) + item["count"]
+    state = codec.state()
     dataset = {
         "tokshard_version": __version__, "format": cfg.format, "codec": codec.describe(),
         "tokenizer": {"name": tok.name, **identity.as_dict(), "config": tok.config(),
@@ -120,8 +123,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "grid": list(tok.grid_shape), "token_dtype": token_dtype(tok.vocab_size).name,
         "decode": asdict(decode), "sources": list(cfg.sources), "job_hash": job_hash,
         "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
-        "codec_state": "codec/state.bin" if codec.state() is not None else None,
-        "codec_state_bytes": len(codec.state() or b""),
+        "codec_state": "codec/state.bin" if state is not None else None,
+        "codec_state_bytes": len(state or b""),
     }
     write_manifest(fs, root, rows, dataset)
     write_timings(fs, root, [{"shard": r["shard"]["shard"], **{

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokshard.pipeline.codecs import TokenCodec, token_dtype
-from tokshard.pipeline.decode import DecodeConfig, Decoded, decode_image
+from tokshard.pipeline.decode import DecodeConfig, decode_image
 from tokshard.pipeline.errors import SkipSample
 from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.sources import Record, WorkUnit, read_unit
@@ -85,7 +85,7 @@ def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0):
 
 
 def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
-    """(kept (record, decoded) pairs without pixels, their codes, skip counter, timings).
+    """(kept (record, width, height) triples, their codes, skip counter, timings).
 
     Images are encoded in batches of the tokenizer's batch size as they are
     decoded, so only one batch of pixels is held at a time; fixed batch
@@ -111,7 +111,7 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
             skips[rec.skip] += 1
             continue
         rec.image = None  # the encoded bytes are no longer needed
-        kept.append((rec, Decoded(None, dec.width, dec.height)))
+        kept.append((rec, dec.width, dec.height))
         batch.append(dec.image)
         if len(batch) == batch_size:
             timings["decode_s"] += time.perf_counter() - t0
@@ -132,8 +132,8 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
     dtype = token_dtype(tok.vocab_size)
     codes = codes.astype(dtype)
     payloads = codec.encode_batch(list(codes)) if len(codes) else []
-    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, dec.width, dec.height, rec.source, rec.meta)
-               for (rec, dec), p, c in zip(kept, payloads, codes)]
+    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
+               for (rec, w, h), p, c in zip(kept, payloads, codes)]
     identity = tok.identity()
     name = shard_name(unit)
     rel = f"shards/{name}.{EXTENSIONS[ctx.format]}"
@@ -156,7 +156,7 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
         "codec_version": codec.version, "samples": len(samples), "tokens": len(samples) * n_tokens,
         "raw_bytes": len(samples) * n_tokens * dtype.itemsize,
         "payload_bytes": sum(len(p) for p in payloads), "stored_bytes": len(data),
-        "source_bytes": sum(rec.source_bytes for rec, _ in kept), "sha256": sha256(data),
+        "source_bytes": sum(rec.source_bytes for rec, _, _ in kept), "sha256": sha256(data),
         **identity.as_dict(), "grid": list(tok.grid_shape), "source_shards": [unit.url],
         "unit": unit.index, "skipped": sum(skips.values()),
         "skipped_by_reason": [{"reason": r, "count": c} for r, c in sorted(skips.items())],
