@@ -27,6 +27,18 @@ class ManifestError(TokshardError):
     """A manifest that is missing, malformed, or of an unsupported version."""
 
 
+class ShardError(TokshardError):
+    """A token shard that is missing, fails its checksum or does not parse.
+
+    ``shard`` names it (the manifest's shard id) so a user can find, verify or
+    re-convert exactly that one.
+    """
+
+    def __init__(self, shard: str, message: str):
+        self.shard = shard
+        super().__init__(f"shard {shard}: {message}")
+
+
 class TokenizerError(TokshardError):
     """A tokenizer artifact that is missing, malformed, or does not match."""
 

@@ -77,3 +77,70 @@ def convert_config(sources, out, tokenizer_dir, **kw):
     from tokshard.pipeline.convert import ConvertConfig
     return ConvertConfig(sources=[str(s) for s in sources], out=str(out),
                          tokenizer_options={"path": str(tokenizer_dir)}, decode_workers=2, **kw)
+
+
+# Uneven source files so the shards come out uneven (30-row units cut per file).
+LOADER_SOURCE_SIZES = (50, 23, 71, 9, 60)
+LOADER_VARIANTS = (("parquet", "zstd"), ("wds", "raw"), ("parquet", "raw"), ("wds", "bitpack"))
+
+
+@pytest.fixture(scope="session")
+def loader_datasets(tmp_path_factory, tokenizer_dir):
+    """{(format, codec): dataset dir} of 213 real photo crops in 9 uneven shards."""
+    from tokshard.pipeline.convert import convert
+    root = tmp_path_factory.mktemp("loader")
+    images = [(k, resize_array(img, DecodeConfig(resolution=RES)), lab)
+              for k, img, lab in sample_images(crops_per_photo=12, seed=0)]
+    src, i = root / "src", 0
+    src.mkdir()
+    for f, n in enumerate(LOADER_SOURCE_SIZES):
+        part, i = images[i:i + n], i + n
+        pq.write_table(pa.table({"key": [k for k, _, _ in part],
+                                 "jpg": [jpeg_bytes(im, 90) for _, im, _ in part],
+                                 "label": [lab for _, _, lab in part]}), src / f"{f}.parquet")
+    out = {}
+    for fmt, codec in LOADER_VARIANTS:
+        dest = root / f"{fmt}-{codec}"
+        convert(convert_config([src], dest, tokenizer_dir, format=fmt, codec=codec, shard_size=30), quiet=True)
+        out[(fmt, codec)] = dest
+    return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1.
+
+    Yields the storage_options that point s3fs at it."""
+    import os
+    import socket
+
+    from moto.server import ThreadedMotoServer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    """A fresh bucket: (s3fs filesystem, bucket name, storage_options)."""
+    import re
+    import uuid
+
+    import s3fs
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fs.mkdir(name)
+    return fs, name, s3_server

@@ -1,0 +1,192 @@
+"""`tokshard.open(URL)`: a converted dataset as the manifest describes it.
+
+The manifest is the only thing trusted: the shard list, sizes and sha256s, the
+codec (rebuilt from its recorded description and state) and the token grid. A
+shard is read whole, checked against its sha256 and parsed; remote shards go
+through a local, size-bounded cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tokshard.pipeline.codecs import codec_from_description
+from tokshard.pipeline.errors import CodecError, ManifestError, ShardError, UsageError
+from tokshard.pipeline.manifest import read_manifest
+from tokshard.pipeline.shard_cache import ShardCache
+from tokshard.pipeline.shard_reader import ShardColumns, parse_shard
+from tokshard.pipeline.storage import filesystem, join, sha256
+
+DEFAULT_CACHE_BYTES = 20 * 2**30
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("TOKSHARD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tokshard")
+    return os.path.join(base, "shards")
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+class TokenDataset:
+    """A token dataset opened from its manifest.
+
+    `verify=True` checks every shard's sha256 when it is read (cheap next to
+    parsing); `cache_dir`/`cache_bytes` bound the local copies of remote shards.
+    """
+
+    def __init__(self, url: str, *, storage_options: dict | None = None, verify: bool = True,
+                 cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.url, self.storage_options, self.verify = url, storage_options, verify
+        self.manifest, self.record = read_manifest(url, storage_options)
+        self.fs, self.root = filesystem(url, storage_options)
+        rec = self.record
+        try:
+            self.grid = tuple(int(g) for g in rec["grid"])
+            self.vocab_size = int(rec["tokenizer"]["vocab_size"])
+            self.token_dtype = np.dtype(rec["token_dtype"])
+            self.format = rec["format"]
+            codec_desc = rec["codec"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{url}: manifest lacks a valid dataset record ({e!r})") from None
+        state = None
+        if rec.get("codec_state"):
+            try:
+                state = self.fs.cat_file(join(self.root, rec["codec_state"]))
+            except FileNotFoundError:
+                raise ManifestError(f"{url}: codec state {rec['codec_state']} is missing") from None
+        self.codec = codec_from_description(codec_desc, self.vocab_size, state)
+        self.tokens_per_sample = int(np.prod(self.grid))
+        cols = self.manifest.to_pydict()
+        self.shard_names: list[str] = cols["shard"]
+        self.shard_paths: list[str] = cols["path"]
+        self.shard_sha256: list[str] = cols["sha256"]
+        self.shard_sizes = np.asarray(cols["samples"], dtype=np.int64)
+        self.shard_bytes = np.asarray(cols["stored_bytes"], dtype=np.int64)
+        # Global sample id = offset of the shard in manifest order + row.
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
+
+    def __len__(self) -> int:
+        return int(self.shard_offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_names)
+
+    @property
+    def job_hash(self) -> str:
+        return self.record.get("job_hash", "")
+
+    def __repr__(self) -> str:
+        return (f"TokenDataset({self.url!r}, samples={len(self)}, shards={self.num_shards}, "
+                f"grid={self.grid}, vocab={self.vocab_size}, codec={self.codec.name})")
+
+    # -- reading ---------------------------------------------------------------
+    def _shard_bytes(self, i: int) -> bytes:
+        name, rel, want = self.shard_names[i], self.shard_paths[i], self.shard_sha256[i]
+        ext = rel.rsplit(".", 1)[-1]
+        if self._cache is not None:
+            data = self._cache.get(want, ext)
+            if data is not None and sha256(data) == want:
+                return data
+            if data is not None:
+                self._cache.discard(want, ext)
+        try:
+            data = self.fs.cat_file(join(self.root, rel))
+        except FileNotFoundError:
+            raise ShardError(name, f"missing: {join(self.root, rel)} does not exist") from None
+        except OSError as e:
+            raise ShardError(name, f"cannot read {join(self.root, rel)}: {e}") from None
+        if len(data) != int(self.shard_bytes[i]):
+            raise ShardError(name, f"{rel} has {len(data)} bytes, the manifest says {int(self.shard_bytes[i])}")
+        if self.verify or self._cache is not None:
+            got = sha256(data)
+            if got != want:
+                raise ShardError(name, f"checksum mismatch for {rel}: sha256 {got}, manifest {want}")
+        if self._cache is not None:
+            self._cache.put(want, ext, data)
+        return data
+
+    def read_shard(self, i: int) -> ShardColumns:
+        """Shard `i` (manifest order) as columns; tokens stay coded unless raw."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard index {i} out of range [0, {self.num_shards})")
+        cols = parse_shard(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
+                           codec=self.codec.name, n_tokens=self.tokens_per_sample,
+                           dtype=self.token_dtype, samples=int(self.shard_sizes[i]))
+        cols["id"] = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
+        return cols
+
+    def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """A tokens column (raw rows or coded payloads) -> (n, *grid) token ids."""
+        if tokens.dtype != object:
+            return tokens.reshape(len(tokens), *self.grid)
+        try:
+            rows = self.codec.decode_batch(list(tokens), self.tokens_per_sample)
+        except CodecError:
+            # Name the culprit: decode one by one to find it.
+            for j, payload in enumerate(tokens):
+                try:
+                    self.codec.decode(payload, self.tokens_per_sample)
+                except CodecError as e:
+                    raise self._sample_error(None if ids is None else int(ids[j]), e) from None
+            raise
+        return (np.stack(rows) if rows else np.empty((0, self.tokens_per_sample), self.token_dtype)) \
+            .reshape(len(tokens), *self.grid)
+
+    def _sample_error(self, sample_id: int | None, err: Exception) -> ShardError:
+        if sample_id is None:
+            return ShardError("?", str(err))
+        k = int(np.searchsorted(self.shard_offsets, sample_id, side="right") - 1)
+        return ShardError(self.shard_names[k], f"sample row {sample_id - int(self.shard_offsets[k])}: {err}")
+
+    def shard(self, i: int) -> dict:
+        """Shard `i` decoded: {"tokens": (n, *grid), "label", "key", "id"}."""
+        cols = self.read_shard(i)
+        return {"tokens": self.decode_tokens(cols["tokens"], cols["id"]), "label": cols["label"],
+                "key": list(cols["key"]), "id": cols["id"]}
+
+    def __iter__(self):
+        """Every sample once, in manifest order: (id, key, tokens, label)."""
+        for i in range(self.num_shards):
+            s = self.shard(i)
+            yield from zip(s["id"].tolist(), s["key"], s["tokens"], s["label"].tolist())
+
+    # -- companions ---------------------------------------------------------------
+    def tokenizer(self, **options):
+        """The tokenizer stored with the dataset (for decoding tokens to pixels)."""
+        from tokshard.tokenizers.registry import tokenizer_class
+        tok = self.record["tokenizer"]
+        if not _is_local(self.fs):
+            raise UsageError("loading the tokenizer of a remote dataset: copy "
+                             f"{join(self.url, tok['path'])} locally and load it from there")
+        return tokenizer_class(tok["name"]).load(join(self.root, tok["path"]), **options)
+
+    def codebook(self):
+        """(vocab_size, dim) float32 torch tensor of code embeddings, or None."""
+        import torch
+        book = self.tokenizer().codebook()
+        return None if book is None else torch.as_tensor(np.asarray(book, np.float32))
+
+    # -- training ---------------------------------------------------------------
+    def iterable(self, batch_size: int = 256, **options):
+        """A torch IterableDataset of ready batches (see `TokenIterable`)."""
+        from tokshard.pipeline.loader import TokenIterable
+        return TokenIterable(self, batch_size=batch_size, **options)
+
+    def loader(self, batch_size: int = 256, *, num_workers: int = 0, pin_memory: bool | None = None,
+               prefetch_factor: int | None = None, multiprocessing_context=None, **options):
+        """A resumable loader of batches for this rank (see `TokenLoader`)."""
+        from tokshard.pipeline.loader import TokenLoader
+        return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers,
+                           pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                           multiprocessing_context=multiprocessing_context)
+
+
+def open_dataset(url: str, **options) -> TokenDataset:
+    return TokenDataset(str(url), **options)

@@ -1,0 +1,428 @@
+"""Stream a token dataset into training: rank/worker partitioning, deterministic
+shuffle, exact mid-epoch resume (also under a changed world size), batched
+augmentation in the workers.
+
+Guarantees (see `tokshard.pipeline.order` for the plan itself):
+- Per epoch every sample reaches exactly one rank exactly once (`drop_last=False`),
+  for any world size and any number of DataLoader workers.
+- A rank's batches do not depend on `num_workers`: counting from the batch the
+  iteration starts at, the i-th batch is built by worker i % num_workers, and
+  DataLoader takes batches from its workers round-robin, so the rank sees its
+  batches in order whatever the worker count.
+  Each worker follows the whole rank stream (cheap: integers and token rows)
+  but decodes and augments only its own batches.
+- The loader is a cursor over (epoch, batch): `state_dict()` after batch k,
+  `load_state_dict()` in a new process, and the next batches are batch k+1,
+  k+2, ... of the uninterrupted run, sample for sample and bit for bit
+  (augmentation draws from a generator seeded per batch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from tokshard.pipeline.errors import ShardError, UsageError
+from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, plan_chunks,
+                                     plan_length, plan_slice, rank_slice,
+                                     shard_order)
+
+STATE_FORMAT = "tokshard-loader/1"
+
+
+def default_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed if initialised, else RANK/WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _Stream:
+    """One epoch segment of the global stream: shard order, positions -> rows."""
+
+    def __init__(self, ds, order: np.ndarray, on_error: str, prefetch: int):
+        self.ds, self.order, self.on_error = ds, order, on_error
+        sizes = ds.shard_sizes[order]
+        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.loaded: OrderedDict[int, dict] = OrderedDict()
+        self.skipped_shards: list[str] = []
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(1) if prefetch > 0 else None
+        self._futures: dict[int, object] = {}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, k: int) -> dict:
+        i = int(self.order[k])
+        try:
+            cols = self.ds.read_shard(i)
+            cols["valid"] = np.ones(len(cols), bool)
+        except ShardError:
+            if self.on_error != "skip":
+                raise
+            n = int(self.ds.shard_sizes[i])
+            tokens = np.empty(n, object) if self.ds.codec.name != "raw" else \
+                np.zeros((n, self.ds.tokens_per_sample), self.ds.token_dtype)
+            cols = {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
+                    "id": np.arange(self.ds.shard_offsets[i], self.ds.shard_offsets[i + 1]),
+                    "valid": np.zeros(n, bool)}
+            self.skipped_shards.append(self.ds.shard_names[i])
+        return cols
+
+    def shard(self, k: int, upcoming: list[int] = ()) -> dict:
+        if k not in self.loaded:
+            fut = self._futures.pop(k, None)
+            self.loaded[k] = fut.result() if fut is not None else self._load(k)
+            while len(self.loaded) > 2:
+                self.loaded.popitem(last=False)
+        if self._pool is not None:
+            for nxt in upcoming[: self.prefetch]:
+                if nxt not in self.loaded and nxt not in self._futures:
+                    self._futures[nxt] = self._pool.submit(self._load, nxt)
+        return self.loaded[k]
+
+    def rows(self, positions: np.ndarray) -> dict:
+        """Columns for arbitrary global positions (grouped by shard)."""
+        ks = np.searchsorted(self.bounds, positions, side="right") - 1
+        out = None
+        for k in np.unique(ks):
+            sel = np.nonzero(ks == k)[0]
+            cols = self.shard(int(k))
+            part = {c: v[positions[sel] - self.bounds[k]] for c, v in cols.items()}
+            if out is None:
+                out = {c: np.empty((len(positions), *v.shape[1:]), v.dtype) for c, v in part.items()}
+            for c, v in part.items():
+                out[c][sel] = v
+        return out
+
+    def range_rows(self, a: int, b: int, upcoming: list[int]) -> dict:
+        k = int(np.searchsorted(self.bounds, a, side="right") - 1)
+        cols = self.shard(k, upcoming)
+        lo = a - self.bounds[k]
+        return {c: v[lo: lo + (b - a)] for c, v in cols.items()}
+
+    def shard_of(self, position: int) -> int:
+        return int(np.searchsorted(self.bounds, position, side="right") - 1)
+
+
+class TokenIterable(IterableDataset):
+    """Batches of one rank, as a torch IterableDataset (use with batch_size=None).
+
+    A batch is a dict: "tokens" int64 (B, *grid) (1-D sequences truncated to
+    `max_tokens` when given), "label" int64 (B,) (-1: none), "key" list[str],
+    "id" int64 (B,) (global sample id: manifest shard offset + row). `augment`
+    is called as augment(batch, generator) with a generator seeded per batch.
+
+    on_error="raise" stops at the first bad shard with a ShardError naming it;
+    "skip" counts the shard, drops its samples and goes on (batches that would
+    hold them come out smaller).
+    """
+
+    def __init__(self, ds, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 shuffle_buffer: int = 10_000, augment=None, prefetch_shards: int = 2,
+                 on_error: str = "raise", max_tokens: int | None = None):
+        super().__init__()
+        if rank is None or world_size is None:
+            r, w = default_rank_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        if batch_size < 1:
+            raise UsageError("batch_size must be at least 1")
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is not in [0, world_size={world_size})")
+        if on_error not in ("raise", "skip"):
+            raise UsageError("on_error must be 'raise' or 'skip'")
+        if shuffle_buffer < 0:
+            raise UsageError("shuffle_buffer must be >= 0")
+        if max_tokens is not None and (len(ds.grid) != 1 or not 1 <= max_tokens <= ds.grid[0]):
+            raise UsageError(f"max_tokens applies to 1-D token sequences (1..{ds.grid[-1]}); "
+                             f"this dataset's grid is {ds.grid}")
+        self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.buffer = shuffle_buffer if shuffle else 0
+        self.augment, self.prefetch, self.on_error, self.max_tokens = augment, prefetch_shards, on_error, max_tokens
+        self.epoch, self.start_batch = 0, 0
+        self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
+
+    # -- the plan ------------------------------------------------------------------
+    def _rank_key(self, segment: int, rank: int, world: int) -> int:
+        return key64("buffer", self.seed, self.epoch, segment, rank, world)
+
+    def _plan(self):
+        memo_key = (self.epoch, self.history)
+        if getattr(self, "_memo", (None,))[0] == memo_key:
+            return self._memo[1]
+        plan = self._replay()
+        self._memo = (memo_key, plan)
+        return plan
+
+    def _replay(self):
+        plan = ((0, len(self.ds)),)
+        for seg, (world, batches) in enumerate(self.history):
+            pieces = []
+            for r in range(world):
+                span = rank_slice(plan, r, world)
+                n = plan_length(span)
+                left, fed = consumed_positions(n, self.buffer, self._rank_key(seg, r, world),
+                                               min(batches * self.batch_size, n))
+                if len(left):
+                    pieces.append(_lookup(span, left))
+                pieces.extend(plan_slice(span, fed, n))
+            plan = tuple(pieces)
+        return plan
+
+    def num_batches(self) -> int:
+        """Batches this rank yields in the current epoch segment (from its start)."""
+        plan = self._plan()
+        if self.drop_last:
+            return (plan_length(plan) // self.world_size) // self.batch_size
+        return math.ceil(plan_length(rank_slice(plan, self.rank, self.world_size)) / self.batch_size)
+
+    # -- iteration -------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.batches(worker, workers)
+
+    def batches(self, worker: int = 0, workers: int = 1):
+        order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
+        stream = _Stream(self.ds, order, self.on_error, self.prefetch)
+        try:
+            yield from self._run(stream, worker, workers)
+        finally:
+            stream.close()
+
+    def _run(self, stream: _Stream, worker: int, workers: int):
+        plan = self._plan()
+        seg = len(self.history)
+        span = rank_slice(plan, self.rank, self.world_size)
+        n = plan_length(span)
+        bs = self.batch_size
+        limit = self.num_batches() * bs if self.drop_last else n
+        first = self.start_batch * bs           # outputs before this were delivered earlier
+        shuf = BufferShuffle(n, self.buffer, self._rank_key(seg, self.rank, self.world_size))
+        slots: dict | None = None               # data mirror of the shuffle buffer
+        out_index = 0
+        pending: dict[int, list] = {}
+
+        chunks = list(plan_chunks(span, stream.bounds))
+        shard_seq = [stream.shard_of(c[0]) if isinstance(c, tuple) else -1 for _, c in chunks]
+
+        def deliver(emitted, rows, vstart):
+            nonlocal out_index
+            m = len(emitted.positions)
+            oi = out_index + np.arange(m)
+            out_index += m
+            keep = (oi >= first) & (oi < limit) & ((oi // bs - self.start_batch) % workers == worker)
+            if not keep.any():
+                return
+            sel = np.nonzero(keep)[0]
+            pos, slot = emitted.positions[sel], emitted.slots[sel]
+            fresh = pos >= vstart
+            got = {}
+            for c in (rows or slots):
+                src_rows = rows[c][pos[fresh] - vstart] if rows is not None and fresh.any() else None
+                vals = np.empty((len(sel), *(rows or slots)[c].shape[1:]), (rows or slots)[c].dtype)
+                if src_rows is not None:
+                    vals[fresh] = src_rows
+                if (~fresh).any():
+                    vals[~fresh] = slots[c][slot[~fresh]]
+                got[c] = vals
+            batch_ids = oi[sel] // bs
+            for b in np.unique(batch_ids):
+                part = {c: v[batch_ids == b] for c, v in got.items()}
+                pending.setdefault(int(b), []).append(part)
+
+        def ready():
+            for b in sorted(pending):
+                size = min(bs, limit - b * bs)
+                if sum(len(p["id"]) for p in pending[b]) == size:
+                    parts = pending.pop(b)
+                    yield self._finish(b, {c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
+
+        def mirror(rows, vstart):
+            nonlocal slots
+            if shuf.size == 0:
+                return
+            buf = np.asarray(shuf.buf, np.int64)
+            if slots is None:
+                slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
+            idx = np.nonzero(buf >= vstart)[0]
+            for c, v in rows.items():
+                slots[c][idx] = v[buf[idx] - vstart]
+
+        def materialize():
+            # Resuming: fill the data mirror for what the buffer holds at this point.
+            nonlocal slots
+            if shuf.size == 0 or not shuf.buf or slots is not None:
+                return
+            rows = stream.rows(_lookup(span, np.asarray(shuf.buf, np.int64)))
+            slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
+            for c, v in rows.items():
+                slots[c][: len(v)] = v
+
+        live = first == 0
+        for i, (vstart, chunk) in enumerate(chunks):
+            k = len(chunk) if not isinstance(chunk, tuple) else chunk[1] - chunk[0]
+            if not live and out_index + shuf.outputs_of_feed(k) <= first:
+                out_index += len(shuf.feed(k).positions)
+                continue
+            if not live:
+                materialize()
+                live = True
+            upcoming = _next_shards(shard_seq, i + 1, self.prefetch)
+            rows = stream.range_rows(*chunk, upcoming) if isinstance(chunk, tuple) else stream.rows(chunk)
+            emitted = shuf.feed(k)
+            deliver(emitted, rows, vstart)
+            mirror(rows, vstart)
+            yield from self._report(ready(), stream)
+            if out_index >= limit:
+                return
+        if not live:
+            materialize()
+        deliver(shuf.drain(), None, n)
+        yield from self._report(ready(), stream)
+
+    @staticmethod
+    def _report(batches, stream: _Stream):
+        # Skipped shards ride along with the next batch so the loader in the
+        # main process can count them, whichever worker saw them.
+        for batch in batches:
+            if stream.skipped_shards:
+                batch["skipped_shards"] = stream.skipped_shards
+                stream.skipped_shards = []
+            yield batch
+
+    def _finish(self, b: int, cols: dict) -> dict:
+        valid = cols.pop("valid")
+        if not valid.all():
+            cols = {c: v[valid] for c, v in cols.items()}
+        tokens = self.ds.decode_tokens(cols["tokens"], cols["id"])
+        if self.max_tokens is not None:
+            tokens = tokens[:, : self.max_tokens]
+        batch = {"tokens": torch.from_numpy(tokens.astype(np.int64)),
+                 "label": torch.from_numpy(cols["label"]), "key": cols["key"].tolist(),
+                 "id": torch.from_numpy(cols["id"])}
+        if self.augment is not None:
+            g = torch.Generator().manual_seed(
+                key64("augment", self.seed, self.epoch, len(self.history), self.rank, b) >> 1)
+            batch = self.augment(batch, g)
+        return batch
+
+
+def _lookup(span, virtual: np.ndarray) -> np.ndarray:
+    """Global positions at the given virtual positions of `span`."""
+    out = np.empty(len(virtual), np.int64)
+    offset = 0
+    for seg in span:
+        n = (seg[1] - seg[0]) if isinstance(seg, tuple) else len(seg)
+        sel = np.nonzero((virtual >= offset) & (virtual < offset + n))[0]
+        rel = virtual[sel] - offset
+        out[sel] = seg[0] + rel if isinstance(seg, tuple) else np.asarray(seg, np.int64)[rel]
+        offset += n
+    return out
+
+
+def _next_shards(seq: list[int], start: int, count: int) -> list[int]:
+    out = []
+    for s in seq[start:]:
+        if len(out) == count:
+            break
+        if s >= 0 and s not in out:
+            out.append(s)
+    return out
+
+
+class TokenLoader:
+    """The rank's batches through a torch DataLoader, as a resumable cursor.
+
+    Iterating continues from the current (epoch, batch); a finished pass moves
+    to the next epoch. `state_dict()` counts batches handed to the caller (not
+    the ones workers prefetched), so saving it after a training step and
+    loading it in a new process continues with the next batch of the
+    uninterrupted run. Loading a state saved under a different world size
+    continues the same epoch on the new ranks with the samples the old ranks
+    had not consumed yet: still no duplicate and no missing sample.
+    """
+
+    def __init__(self, iterable: TokenIterable, *, num_workers: int = 0, pin_memory: bool | None = None,
+                 prefetch_factor: int | None = None, multiprocessing_context=None):
+        self.iterable, self.num_workers = iterable, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
+        self._skipped: set[str] = set()
+
+    @property
+    def dataset(self):
+        return self.iterable.ds
+
+    @property
+    def epoch(self) -> int:
+        return self.iterable.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch on the next iteration."""
+        it = self.iterable
+        it.epoch, it.start_batch, it.history = int(epoch), 0, ()
+
+    def __len__(self) -> int:
+        return self.iterable.num_batches()
+
+    @property
+    def skipped_shards(self) -> list[str]:
+        """Shards skipped (on_error="skip") so far, sorted."""
+        return sorted(self._skipped)
+
+    def __iter__(self):
+        it = self.iterable
+        total = it.num_batches()
+        if it.start_batch >= total:
+            self.set_epoch(it.epoch + 1)
+            total = it.num_batches()
+        if self.num_workers == 0:
+            source = it.batches()
+        else:
+            source = DataLoader(it, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                multiprocessing_context=self.mp_context, persistent_workers=False)
+        for batch in source:
+            self._skipped.update(batch.pop("skipped_shards", ()))
+            it.start_batch += 1
+            yield batch
+        self.set_epoch(it.epoch + 1)
+
+    def state_dict(self) -> dict:
+        it = self.iterable
+        return {"format": STATE_FORMAT, "dataset": it.ds.job_hash, "epoch": it.epoch,
+                "batches": it.start_batch, "world_size": it.world_size,
+                "history": [list(h) for h in it.history], "seed": it.seed,
+                "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
+                "drop_last": it.drop_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        it = self.iterable
+        if state.get("format") != STATE_FORMAT:
+            raise UsageError(f"not a tokshard loader state (format {state.get('format')!r})")
+        if state["dataset"] != it.ds.job_hash:
+            raise UsageError("the loader state belongs to a different dataset")
+        mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
+                "shuffle_buffer": it.buffer, "drop_last": it.drop_last}
+        diff = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
+        if diff:
+            raise UsageError("the loader state was saved with other settings, so its order differs: " +
+                             ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
+        it.epoch = int(state["epoch"])
+        history = tuple(tuple(h) for h in state["history"])
+        if int(state["world_size"]) == it.world_size:
+            it.history, it.start_batch = history, int(state["batches"])
+        else:
+            it.history, it.start_batch = history + ((int(state["world_size"]), int(state["batches"])),), 0

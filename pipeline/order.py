@@ -1,0 +1,193 @@
+"""Which sample comes when: the epoch order as a pure function of the seed, the
+epoch, the shard sizes, the world size and (after a resume) the progress made.
+
+Everything here works on integer positions only, never on data, so every rank
+and every DataLoader worker computes the same plan without talking to the
+others, and a resume can replay the plan without reading a shard.
+
+The model:
+- An epoch's *global stream* is the shards, in an order shuffled by (seed,
+  epoch), concatenated; a sample's global position is its index in it.
+- A *plan* is the sequence of global positions still to be delivered in the
+  epoch: normally the whole stream; after a resume under a different world size,
+  what the old ranks had not consumed yet.
+- Rank r of W takes the contiguous slice [L*r//W, L*(r+1)//W) of the plan:
+  no sample twice, none missing, sizes differ by at most one, for any W.
+- Within a rank, a bounded buffer shuffle (webdataset-style: fill B slots, then
+  each incoming sample evicts a random slot) reorders the slice. The random slot
+  of the i-th incoming sample is a hash of (key, i), not a stateful RNG, so the
+  stream is the same however it is chunked, and replaying it to any step is
+  index arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def key64(*parts) -> int:
+    """A 64-bit key from any JSON-like parts (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def mix64(key: int, index: np.ndarray) -> np.ndarray:
+    """SplitMix64 of (key, index): independent uniform 64-bit values per index."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(index, dtype=np.uint64) * _GOLD + np.uint64(key)
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def permutation(key: int, n: int) -> np.ndarray:
+    """A permutation of range(n) determined by `key` alone (numpy-version-proof)."""
+    return np.argsort(mix64(key, np.arange(n, dtype=np.uint64)), kind="stable")
+
+
+def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n_shards)
+    return permutation(key64("shards", seed, epoch), n_shards)
+
+
+# -- plans ------------------------------------------------------------------------
+# A plan is a tuple of segments; a segment is either a (start, stop) range of
+# global positions or an int64 array of them.
+
+Plan = tuple
+
+
+def plan_length(plan: Plan) -> int:
+    return sum((s[1] - s[0]) if isinstance(s, tuple) else len(s) for s in plan)
+
+
+def plan_slice(plan: Plan, lo: int, hi: int) -> Plan:
+    """Virtual positions [lo, hi) of `plan` as a plan."""
+    out, offset = [], 0
+    for seg in plan:
+        n = (seg[1] - seg[0]) if isinstance(seg, tuple) else len(seg)
+        a, b = max(lo - offset, 0), min(hi - offset, n)
+        if a < b:
+            out.append((seg[0] + a, seg[0] + b) if isinstance(seg, tuple) else seg[a:b])
+        offset += n
+        if offset >= hi:
+            break
+    return tuple(out)
+
+
+def plan_positions(plan: Plan, lo: int, hi: int) -> np.ndarray:
+    """Global positions at virtual positions [lo, hi) of `plan`."""
+    parts = [np.arange(s[0], s[1], dtype=np.int64) if isinstance(s, tuple) else np.asarray(s, np.int64)
+             for s in plan_slice(plan, lo, hi)]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def rank_slice(plan: Plan, rank: int, world_size: int) -> Plan:
+    n = plan_length(plan)
+    return plan_slice(plan, n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def plan_chunks(plan: Plan, boundaries: np.ndarray, max_chunk: int = 4096):
+    """Split a plan into (virtual start, global positions or (a, b) range) chunks
+    that never cross a shard boundary when they are ranges, so a range chunk is
+    served by one shard. `boundaries` are the global start positions of the
+    shards in stream order plus the total."""
+    offset = 0
+    for seg in plan:
+        if isinstance(seg, tuple):
+            a, b = seg
+            while a < b:
+                shard_end = int(boundaries[np.searchsorted(boundaries, a, side="right")])
+                e = min(b, shard_end)
+                yield offset, (a, e)
+                offset += e - a
+                a = e
+        else:
+            for i in range(0, len(seg), max_chunk):
+                part = np.asarray(seg[i:i + max_chunk], np.int64)
+                yield offset, part
+                offset += len(part)
+
+
+# -- the in-rank buffer shuffle ---------------------------------------------------
+
+@dataclass
+class Emitted:
+    """Outputs of one feed: virtual positions and the buffer slot each left from
+    (-1: it never entered the buffer, i.e. shuffling is off)."""
+    positions: np.ndarray
+    slots: np.ndarray
+
+
+class BufferShuffle:
+    """Index-level streaming shuffle over virtual positions 0..length-1."""
+
+    def __init__(self, length: int, buffer_size: int, key: int):
+        self.length, self.size, self.key = length, max(int(buffer_size), 0), key
+        self.buf: list[int] = []
+        self.fed = 0
+
+    def feed(self, n: int) -> Emitted:
+        """Let the next `n` positions enter; returns what leaves meanwhile."""
+        start, stop = self.fed, self.fed + n
+        self.fed = stop
+        if self.size == 0:
+            pos = np.arange(start, stop, dtype=np.int64)
+            return Emitted(pos, np.full(n, -1, np.int64))
+        buf, size = self.buf, self.size
+        out, slots = [], []
+        i = start
+        fill = min(stop, start + max(size - len(buf), 0))
+        if i < fill:
+            buf.extend(range(i, fill))
+            i = fill
+        if i < stop:
+            picks = (mix64(self.key, np.arange(i, stop, dtype=np.uint64)) % np.uint64(size)).tolist()
+            for p, j in zip(range(i, stop), picks):
+                out.append(buf[j])
+                slots.append(j)
+                buf[j] = p
+        return Emitted(np.asarray(out, np.int64), np.asarray(slots, np.int64))
+
+    def drain(self) -> Emitted:
+        """The buffer's remaining positions, in a keyed random order."""
+        if self.size == 0:
+            return Emitted(np.empty(0, np.int64), np.empty(0, np.int64))
+        slots = permutation(self.key ^ 0x7A11, len(self.buf))
+        return Emitted(np.asarray(self.buf, np.int64)[slots], slots.astype(np.int64))
+
+    def outputs_of_feed(self, n: int) -> int:
+        """How many positions leave during feed(n), known without feeding."""
+        if self.size == 0:
+            return n
+        return max(len(self.buf) + n - self.size, 0)
+
+    def fast_forward(self, outputs: int) -> int:
+        """Feed, without data, until `outputs` positions have left or every
+        position was fed; returns how many left."""
+        emitted = 0
+        while self.fed < self.length and emitted < outputs:
+            free = self.size - len(self.buf)
+            step = free if free > 0 else outputs - emitted
+            emitted += len(self.feed(min(step, self.length - self.fed)).positions)
+        return emitted
+
+
+def consumed_positions(length: int, buffer_size: int, key: int, outputs: int) -> tuple[np.ndarray, int]:
+    """After `outputs` samples left a rank's shuffle over `length` positions:
+    (the still-buffered virtual positions, sorted; the first never-fed position).
+    The rank's unconsumed positions are those plus [fed, length)."""
+    s = BufferShuffle(length, buffer_size, key)
+    emitted = s.fast_forward(outputs)
+    leftover = np.asarray(sorted(s.buf), np.int64)
+    if emitted < outputs:
+        # The rank got into its final drain: part of the buffer left too.
+        d = s.drain()
+        gone = d.positions[:outputs - emitted]
+        leftover = np.setdiff1d(leftover, gone)
+    return leftover, s.fed

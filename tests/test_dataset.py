@@ -1,0 +1,150 @@
+"""tokshard.open: reading what the manifest promises, and typed errors when a
+shard or the manifest does not hold its promise."""
+
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import tokshard
+from tokshard.pipeline.errors import CodecError, ManifestError, ShardError
+from tokshard.schemas.v1 import METADATA_KEY
+
+
+@pytest.fixture()
+def dataset_copy(tmp_path, loader_datasets):
+    import shutil
+
+    def make(variant=("parquet", "zstd")):
+        dest = tmp_path / "-".join(variant)
+        shutil.copytree(loader_datasets[variant], dest)
+        return dest
+    return make
+
+
+def rewrite_record(root, **changes):
+    path = root / "manifest.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    for k, v in changes.items():
+        meta[k] = v
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), path)
+
+
+def all_ids(loader):
+    return [i for b in loader for i in b["id"].tolist()]
+
+
+def test_open_reads_what_convert_wrote(loader_datasets, tokenizer_dir):
+    from tokshard.tokenizers.kmeans_vq import KMeansVQ
+    ds = tokshard.open(loader_datasets[("parquet", "zstd")])
+    assert (len(ds), ds.num_shards, ds.grid, ds.vocab_size) == (213, 9, (8, 8), 64)
+    assert ds.shard_sizes.tolist() == [30, 20, 23, 30, 30, 11, 9, 30, 30]
+    first = ds.shard(0)
+    assert first["tokens"].shape == (30, 8, 8) and first["id"].tolist() == list(range(30))
+    # Same codes in every format and codec.
+    for variant, path in loader_datasets.items():
+        other = tokshard.open(path).shard(0)
+        assert np.array_equal(other["tokens"], first["tokens"]) and other["key"] == first["key"], variant
+        assert other["label"].tolist() == first["label"].tolist()
+    tok = ds.tokenizer()
+    assert isinstance(tok, KMeansVQ) and tok.identity() == KMeansVQ.load(tokenizer_dir).identity()
+    assert ds.codebook().shape == (64, tok.codebook().shape[1])
+
+
+def test_a_corrupted_shard_is_a_shard_error_naming_it(dataset_copy):
+    root = dataset_copy()
+    shard = root / "shards" / "000004.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ds = tokshard.open(root)
+    with pytest.raises(ShardError, match="shard 000004: checksum mismatch") as e:
+        all_ids(ds.loader(16, rank=0, world_size=1))
+    assert e.value.shard == "000004"
+
+
+def test_a_missing_shard_is_a_shard_error(dataset_copy):
+    root = dataset_copy(("wds", "raw"))
+    (root / "shards" / "000002.tar").unlink()
+    with pytest.raises(ShardError, match="shard 000002: missing"):
+        all_ids(tokshard.open(root).loader(16, rank=0, world_size=1))
+
+
+def test_a_truncated_shard_is_named_even_without_checksums(dataset_copy):
+    root = dataset_copy(("wds", "bitpack"))
+    shard = root / "shards" / "000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))  # same size, zeroed tail
+    with pytest.raises(ShardError, match="shard 000001: (holds|unreadable)"):
+        all_ids(tokshard.open(root, verify=False).loader(16, rank=0, world_size=1, shuffle=False))
+
+
+def test_skip_mode_counts_bad_shards_and_delivers_the_rest_once(dataset_copy):
+    root = dataset_copy()
+    (root / "shards" / "000003.parquet").unlink()
+    bad = root / "shards" / "000007.parquet"
+    bad.write_bytes(b"x" + bad.read_bytes()[1:])
+    ds = tokshard.open(root)
+    lost = set(range(*ds.shard_offsets[3:5])) | set(range(*ds.shard_offsets[7:9]))
+    seen = Counter()
+    skipped = set()
+    for rank in range(2):
+        loader = ds.loader(16, rank=rank, world_size=2, on_error="skip", num_workers=rank)
+        seen.update(all_ids(loader))
+        skipped |= set(loader.skipped_shards)
+    assert skipped == {"000003", "000007"}
+    assert seen == Counter(set(range(len(ds))) - lost)
+
+
+def test_unknown_codec_and_newer_manifest_are_refused_at_open(dataset_copy):
+    root = dataset_copy()
+    rewrite_record(root, codec={"name": "brotli-x", "version": 1, "params": {}, "state_sha256": None})
+    with pytest.raises(CodecError, match="unknown codec 'brotli-x'"):
+        tokshard.open(root)
+    rewrite_record(root, schema_version="2.0")
+    with pytest.raises(ManifestError, match="newer than this tokshard supports"):
+        tokshard.open(root)
+    (root / "manifest.parquet").unlink()
+    with pytest.raises(ManifestError, match="no manifest"):
+        tokshard.open(root)
+
+
+def test_a_corrupt_coded_payload_names_shard_and_sample(dataset_copy):
+    # A payload that is wrong although the file's checksum matches (a writer bug,
+    # or a tampered manifest): the codec catches it, and the error says where.
+    root = dataset_copy()
+    shard = root / "shards" / "000000.parquet"
+    table = pq.read_table(shard)
+    tokens = table.column("tokens").to_pylist()
+    tokens[5] = tokens[5][:-2]
+    import pyarrow as pa
+    table = table.set_column(1, table.schema.field("tokens"), pa.array(tokens, pa.binary()))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    shard.write_bytes(buf.getvalue())
+    ds = tokshard.open(root, verify=False)
+    ds.shard_bytes[0] = len(buf.getvalue())
+    with pytest.raises(ShardError, match="shard 000000: sample row 5"):
+        all_ids(ds.loader(16, rank=0, world_size=1, shuffle=False))
+
+
+def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_path):
+    fs, bucket, options = s3_bucket
+    local = loader_datasets[("parquet", "zstd")]
+    fs.put(str(local) + "/", f"{bucket}/ds/", recursive=True)
+    cache = tmp_path / "cache"
+    ds = tokshard.open(f"s3://{bucket}/ds", storage_options=options, cache_dir=str(cache), cache_bytes=6000)
+    want = [b["id"].tolist() for b in tokshard.open(local).loader(16, rank=0, world_size=1, seed=5)]
+    got = [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)]
+    assert got == want
+    files = list(cache.iterdir())
+    assert files and sum(f.stat().st_size for f in files) <= 6000 + max(f.stat().st_size for f in files)
+    assert all(f.name.split(".")[0] in ds.shard_sha256 for f in files)
+    # A damaged cached copy is detected and fetched again.
+    victim = files[0]
+    victim.write_bytes(b"garbage")
+    assert [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)] == want

@@ -1,0 +1,208 @@
+"""The streaming loader on real converted datasets: partitioning, order, resume."""
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import tokshard
+from tokshard.pipeline.errors import UsageError
+
+from conftest import LOADER_VARIANTS
+
+OPTS = dict(seed=3, shuffle_buffer=40)
+
+
+def reference(ds):
+    """id -> (key, tokens, label) read in manifest order, without the loader."""
+    return {i: (k, t.copy(), lab) for i, k, t, lab in ds}
+
+
+def rank_batches(ds, rank, world, workers=1, **kw):
+    """A rank's batches with `workers` emulated in-process, in DataLoader order."""
+    it = ds.iterable(16, rank=rank, world_size=world, **{**OPTS, **kw})
+    per_worker = [list(it.batches(w, workers)) for w in range(workers)]
+    out = []
+    for i in range(max(map(len, per_worker), default=0)):
+        out += [p[i] for p in per_worker if i < len(p)]
+    return out
+
+
+def ids(batches):
+    return [i for b in batches for i in b["id"].tolist()]
+
+
+@pytest.mark.parametrize("variant", LOADER_VARIANTS, ids=lambda v: "-".join(v))
+def test_every_sample_exactly_once_for_any_world_and_workers(loader_datasets, variant):
+    ds = tokshard.open(loader_datasets[variant])
+    ref = reference(ds)
+    assert sorted(ref) == list(range(len(ds))) and len(ds) == 213
+    for world in (1, 2, 3, 5, 8):
+        for workers in (1, 2, 3):
+            seen = []
+            for rank in range(world):
+                batches = rank_batches(ds, rank, world, workers)
+                assert all(len(b["id"]) == 16 for b in batches[:-1])
+                for b in batches:
+                    for i, k, t, lab in zip(b["id"].tolist(), b["key"], b["tokens"].numpy(), b["label"].tolist()):
+                        key, tokens, label = ref[i]
+                        assert (k, lab) == (key, label) and np.array_equal(t, tokens)
+                seen += ids(batches)
+            assert Counter(seen) == Counter(range(len(ds))), (world, workers)
+
+
+def test_rank_stream_does_not_depend_on_worker_count(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "zstd")])
+    one = ids(rank_batches(ds, 1, 3, 1))
+    for workers in (2, 3, 4):
+        assert ids(rank_batches(ds, 1, 3, workers)) == one
+    # The same through real DataLoader worker processes.
+    loader = ds.loader(16, rank=1, world_size=3, num_workers=2, **OPTS)
+    assert ids(loader) == one
+
+
+def test_order_is_a_function_of_seed_epoch_and_shards(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "raw")])
+    a = ids(rank_batches(ds, 0, 1))
+    assert ids(rank_batches(tokshard.open(loader_datasets[("parquet", "raw")]), 0, 1)) == a
+    assert ids(rank_batches(ds, 0, 1, seed=4)) != a
+    assert sorted(a) == list(range(len(ds))) and a != sorted(a)
+    loader = ds.loader(16, rank=0, world_size=1, **OPTS)
+    e0, e1 = ids(loader), ids(loader)
+    assert e0 == a and e1 != e0 and sorted(e1) == sorted(e0) and loader.epoch == 2
+    # No shuffle: manifest order, whatever the world size.
+    plain = [ids(rank_batches(ds, r, 3, shuffle=False)) for r in range(3)]
+    assert sum(plain, []) == list(range(len(ds)))
+    # A shuffle buffer never reaches further ahead than its size.
+    windowed = ids(rank_batches(ds, 0, 1, shuffle=False))
+    assert windowed == list(range(len(ds)))
+
+
+def test_drop_last_gives_every_rank_the_same_number_of_full_batches(loader_datasets):
+    ds = tokshard.open(loader_datasets[("wds", "raw")])
+    for world in (2, 3, 5):
+        counts, seen = set(), []
+        for rank in range(world):
+            batches = rank_batches(ds, rank, world, drop_last=True)
+            assert all(len(b["id"]) == 16 for b in batches)
+            counts.add(len(batches))
+            seen += ids(batches)
+            assert len(ds.loader(16, rank=rank, world_size=world, drop_last=True, **OPTS)) == len(batches)
+        assert counts == {(len(ds) // world) // 16}
+        assert len(seen) == len(set(seen))
+
+
+def roll_augment(batch, generator):
+    """A tiny stand-in augmentation: random per-sample roll, from the generator only."""
+    shifts = torch.randint(0, 8, (len(batch["id"]),), generator=generator)
+    tokens = torch.stack([torch.roll(t, int(s), dims=-1) for t, s in zip(batch["tokens"], shifts)])
+    return {**batch, "tokens": tokens}
+
+
+def collect(loader, n=None):
+    out = []
+    if n == 0:
+        return out
+    for b in loader:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(
+        x["id"].tolist() == y["id"].tolist() and torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("variant", [("parquet", "zstd"), ("wds", "raw")], ids=lambda v: "-".join(v))
+def test_resume_mid_epoch_is_exact(loader_datasets, variant):
+    ds = tokshard.open(loader_datasets[variant])
+    kw = dict(rank=1, world_size=2, augment=roll_augment, **OPTS)
+    loader = ds.loader(16, **kw)
+    full = collect(loader) + collect(loader)          # two epochs
+    per_epoch = len(full) // 2
+    rng = random.Random(0)
+    for k in sorted({0, 1, per_epoch - 1, per_epoch, per_epoch + 2, *rng.sample(range(2 * per_epoch), 4)}):
+        first = ds.loader(16, **kw)
+        head = collect(first, k % per_epoch) if k < per_epoch else collect(first) + collect(first, k - per_epoch)
+        state = first.state_dict()
+        resumed = ds.loader(16, num_workers=2 if k % 2 else 0, **kw)
+        resumed.load_state_dict(state)
+        tail = collect(resumed)
+        if resumed.epoch == 1 and k < per_epoch:
+            tail += collect(resumed)
+        assert same(head + tail, full), k
+
+
+def test_resume_under_a_changed_world_size(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "zstd")])
+    for old, new, steps in [(2, 3, 2), (3, 2, 1), (1, 4, 5), (4, 1, 1), (2, 5, 3), (3, 3, 0)]:
+        consumed, state = [], None
+        for rank in range(old):
+            loader = ds.loader(16, rank=rank, world_size=old, **OPTS)
+            consumed += ids(collect(loader, steps))
+            state = loader.state_dict()
+        rest = []
+        for rank in range(new):
+            loader = ds.loader(16, rank=rank, world_size=new, **OPTS)
+            loader.load_state_dict(state)
+            rest += ids(collect(loader))
+            assert loader.epoch == 1      # it finished the interrupted epoch
+        assert Counter(consumed + rest) == Counter(range(len(ds))), (old, new, steps)
+
+
+def test_resume_twice_with_world_size_changes(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "raw")])
+    consumed = []
+    loaders = [ds.loader(8, rank=r, world_size=2, **OPTS) for r in range(2)]
+    for loader in loaders:
+        consumed += ids(collect(loader, 3))
+    state = loaders[0].state_dict()
+    mid = [ds.loader(8, rank=r, world_size=3, **OPTS) for r in range(3)]
+    for loader in mid:
+        loader.load_state_dict(state)
+        consumed += ids(collect(loader, 2))
+    state = mid[0].state_dict()
+    assert state["history"] == [[2, 3]] and state["world_size"] == 3
+    for rank in range(2):
+        loader = ds.loader(8, rank=rank, world_size=2, **OPTS)
+        loader.load_state_dict(state)
+        consumed += ids(collect(loader))
+    assert Counter(consumed) == Counter(range(len(ds)))
+
+
+def test_a_state_from_other_settings_or_data_is_refused(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "raw")])
+    state = ds.loader(16, rank=0, world_size=1, **OPTS).state_dict()
+    with pytest.raises(UsageError, match="seed=3 \\(now 4\\)"):
+        ds.loader(16, rank=0, world_size=1, seed=4, shuffle_buffer=40).load_state_dict(state)
+    with pytest.raises(UsageError, match="batch_size"):
+        ds.loader(8, rank=0, world_size=1, **OPTS).load_state_dict(state)
+    other = tokshard.open(loader_datasets[("wds", "raw")])
+    with pytest.raises(UsageError, match="different dataset"):
+        other.loader(16, rank=0, world_size=1, **OPTS).load_state_dict(state)
+    with pytest.raises(UsageError, match="not a tokshard loader state"):
+        ds.loader(16, rank=0, world_size=1, **OPTS).load_state_dict({"epoch": 0})
+
+
+def test_bad_loader_arguments_are_usage_errors(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "raw")])
+    with pytest.raises(UsageError, match="rank 2"):
+        ds.loader(16, rank=2, world_size=2)
+    with pytest.raises(UsageError, match="batch_size"):
+        ds.loader(0)
+    with pytest.raises(UsageError, match="max_tokens"):
+        ds.loader(16, max_tokens=4)       # a 2-D grid cannot be truncated
+    with pytest.raises(UsageError, match="on_error"):
+        ds.loader(16, on_error="ignore")
+
+
+def test_rank_and_world_size_default_from_the_environment(loader_datasets, monkeypatch):
+    ds = tokshard.open(loader_datasets[("parquet", "raw")])
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    it = ds.iterable(16)
+    assert (it.rank, it.world_size) == (2, 3)
