@@ -1,0 +1,206 @@
+"""Loader throughput and memory: tokens vs a JPEG WebDataset loader, same images, same run.
+
+- Source: img2dataset-style JPEG tars of the bundled photos plus random crops.
+- Tokens: those tars converted with the default tokenizer (256 px, 16x16 grid)
+  into Parquet shards; to reach a training-sized stream without re-encoding,
+  the manifest of the "big" dataset lists each converted shard `REPEAT` times
+  (distinct shard ids, same files), which is what the loader sees of any
+  dataset: a manifest and shard files.
+- Token loader: `tokshard.open(..).loader(256, shuffle_buffer=10_000)` with
+  TokenRandomResizedCrop (nearest) + TokenHFlip, num_workers=0, torch on one
+  thread: one core.
+- JPEG loader (baseline): webdataset reading the same tars, PIL decode,
+  RandomResizedCrop(256) + horizontal flip, stacked into uint8 batches of 256,
+  one process: the img2dataset -> webdataset -> torchvision-style pipeline.
+- Memory: peak RSS of a fresh process that streams the big dataset with a
+  10k-sample shuffle buffer, beside the RSS of the same process after imports.
+
+    python bench/loader.py     # or: make bench
+
+Writes the table into bench/RESULTS.md under "## Loader throughput".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HEADING = "## Loader throughput"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+REPEAT = 40
+BATCH = 256
+TARGET_SAMPLES = 200_000
+
+
+def build(tmp: Path) -> tuple[Path, Path, int]:
+    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.sample_data import write_img2dataset_shards
+    src = tmp / "src"
+    write_img2dataset_shards(src, crops_per_photo=60, shard_size=256)
+    out = tmp / "tokens"
+    convert(ConvertConfig(sources=[str(src)], out=str(out), format="parquet", codec="zstd"), quiet=True)
+    return src, out, repeat_manifest(out, tmp / "big")
+
+
+def repeat_manifest(src: Path, dest: Path) -> Path:
+    """A dataset whose manifest lists every shard of `src` REPEAT times."""
+    from tokshard.schemas.v1 import METADATA_KEY
+    table = pq.read_table(src / "manifest.parquet")
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    rows = []
+    for r in range(REPEAT):
+        for row in table.to_pylist():
+            rows.append({**row, "shard": f"{r:03d}-{row['shard']}", "path": f"../{src.name}/{row['path']}"})
+    meta["shards"] = len(rows)
+    meta["totals"] = {k: v * REPEAT for k, v in meta["totals"].items()}
+    dest.mkdir()
+    (dest / "codec").mkdir()
+    if meta.get("codec_state"):
+        (dest / meta["codec_state"]).write_bytes((src / meta["codec_state"]).read_bytes())
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema.with_metadata(
+        {METADATA_KEY: json.dumps(meta).encode()})), dest / "manifest.parquet")
+    return dest
+
+
+def token_loader_rate(dataset: Path, samples: int, augment: bool) -> tuple[float, int]:
+    import torch
+
+    import tokshard
+    from tokshard.pipeline.augment import Compose, TokenHFlip, TokenRandomResizedCrop
+    torch.set_num_threads(1)
+    ds = tokshard.open(dataset)
+    aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()]) if augment else None
+    loader = ds.loader(BATCH, shuffle_buffer=10_000, augment=aug, rank=0, world_size=1, seed=0)
+    n, t0 = 0, time.perf_counter()
+    while n < samples:
+        for batch in loader:
+            n += len(batch["id"])
+            if n >= samples:
+                break
+    return n / (time.perf_counter() - t0), n
+
+
+def jpeg_loader_rate(src: Path, samples: int) -> tuple[float, int]:
+    import webdataset as wds
+    from PIL import Image
+
+    rng = random.Random(0)
+
+    def rrc_flip(img: Image.Image, size: int = 256) -> np.ndarray:
+        # torchvision RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)) + flip, on PIL.
+        w, h = img.size
+        for _ in range(10):
+            area = w * h * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+                break
+        else:
+            cw = ch = min(w, h)
+            x, y = (w - cw) // 2, (h - ch) // 2
+        out = img.crop((x, y, x + cw, y + ch)).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+
+    urls = sorted(str(p) for p in src.glob("*.tar"))
+    n, t0 = 0, time.perf_counter()
+    while n < samples:
+        pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pilrgb") \
+            .to_tuple("jpg", "cls")
+        batch = []
+        for img, _ in pipeline:
+            batch.append(rrc_flip(img))
+            if len(batch) == BATCH:
+                np.stack(batch)
+                n += BATCH
+                batch = []
+                if n >= samples:
+                    break
+    return n / (time.perf_counter() - t0), n
+
+
+RSS_CHILD = r"""
+import resource, sys, torch, tokshard
+from tokshard.pipeline.augment import Compose, TokenHFlip, TokenRandomResizedCrop
+torch.set_num_threads(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ds = tokshard.open(sys.argv[1])
+loader = ds.loader(256, shuffle_buffer=10_000, augment=Compose([TokenRandomResizedCrop(16), TokenHFlip()]),
+                   rank=0, world_size=1)
+n = 0
+for batch in loader:
+    n += len(batch["id"])
+print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, n)
+"""
+
+
+def rss(dataset: Path) -> tuple[int, int, int]:
+    out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(dataset)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]), int(out[1]), int(out[2])
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
+        tmp = Path(tmp)
+        src, tokens, big = build(tmp)
+        import tokshard
+        n_images = len(tokshard.open(tokens))
+        n_big = len(tokshard.open(big))
+        jpeg, jn = jpeg_loader_rate(src, 2 * BATCH * 4)
+        plain, pn = token_loader_rate(big, TARGET_SAMPLES, augment=False)
+        aug, an = token_loader_rate(big, TARGET_SAMPLES, augment=True)
+        base_rss, peak_rss, streamed = rss(big)
+    gib = 2**30
+    rows = [
+        ("JPEG WebDataset loader (PIL decode + RandomResizedCrop 256 + flip)", jpeg, jn, 1.0),
+        ("token loader, no augmentation", plain, pn, plain / jpeg),
+        ("token loader, TokenRandomResizedCrop + TokenHFlip", aug, an, aug / jpeg),
+    ]
+    lines = [
+        HEADING, "",
+        f"_{datetime.date.today().isoformat()}, `python bench/loader.py`, one core (torch 1 thread, "
+        f"num_workers=0), batch {BATCH}, shuffle buffer 10,000, {os.cpu_count()}-core machine. "
+        f"{n_images} real images (bundled photos + crops) converted with the default tokenizer "
+        f"(16x16 tokens, zstd codec, Parquet); the streamed dataset lists those shards {REPEAT} times "
+        f"({n_big:,} samples). Ratios are against the JPEG loader on the same images in the same run._", "",
+        "| loader | samples/s | samples timed | vs JPEG loader |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {rate:,.0f} | {n:,} | {ratio:.1f}x |" for name, rate, n, ratio in rows],
+        "",
+        f"Peak RSS streaming all {streamed:,} samples with a 10k shuffle buffer, crop+flip: "
+        f"**{peak_rss / gib:.2f} GiB** ({(peak_rss - base_rss) / 2**20:.0f} MiB above the "
+        f"{base_rss / 2**20:.0f} MiB of the process after importing torch and tokshard).", "",
+        f"Targets (issue 3): >= 50,000 samples/s with crop+flip: "
+        f"{'met' if aug >= 50_000 else 'NOT met'}; >= 50x the JPEG loader: "
+        f"{'met' if aug / jpeg >= 50 else 'NOT met'}; RSS < 1 GB: {'met' if peak_rss < 1e9 else 'NOT met'}.",
+        "",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(HEADING) + r".*?(?=\n## |\Z)", re.S)
+    text = pattern.sub(lambda _: table, text) if pattern.search(text) else text.rstrip() + "\n\n" + table
+    RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
