@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-image-size", type=int, default=0)
     c.add_argument("--max-image-pixels", type=int, default=89_478_485)
     c.add_argument("--decode-workers", type=int, default=2)
+    c.add_argument("--views", default="none", choices=["none", "hflip", "tencrop"],
+                   help="also store the tokens of the flipped image (hflip) or of ten crops "
+                        "(tencrop, LlamaGen-style); the loader picks one per sample")
     for col in ("image", "caption", "label", "key"):
         c.add_argument(f"--{col}-column", help=f"Parquet input: the {col} column")
     c.add_argument("--quiet", action="store_true")
@@ -101,7 +104,7 @@ def _cmd_convert(a) -> int:
         tokenizer_options=_kv(a.tokenizer_opt, "--tokenizer-opt"), shard_size=a.shard_size,
         resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format,
         max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
-        decode_workers=a.decode_workers, columns=cols)
+        decode_workers=a.decode_workers, columns=cols, views=a.views)
     print(_summary(convert(cfg, quiet=a.quiet)))
     return 0
 

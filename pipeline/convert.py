@@ -19,6 +19,7 @@ from tokshard.pipeline.manifest import write_manifest, write_timings
 from tokshard.pipeline.shard_writers import FORMATS
 from tokshard.pipeline.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
+from tokshard.pipeline.views import decode_resolution, view_names
 from tokshard.pipeline.worker import UnitContext, load_receipt, process_unit, tokenize_unit
 from tokshard.tokenizers.base import canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
@@ -43,6 +44,7 @@ class ConvertConfig:
     decode_workers: int = 2
     storage_options: dict | None = None
     columns: dict = field(default_factory=dict)   # image/caption/label/key column names for Parquet sources
+    views: str = "none"                           # none | hflip | tencrop: stored views per image
 
     def job_identity(self) -> dict:
         """What decides the output bytes (not where it goes or how fast)."""
@@ -69,8 +71,9 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     if cfg.resolution:
         opts["resolution"] = cfg.resolution
     tok = load_tokenizer(cfg.tokenizer, opts)
+    views = view_names(cfg.views)
     try:
-        decode = DecodeConfig(resolution=tok.resolution, resize_mode=cfg.resize_mode,
+        decode = DecodeConfig(resolution=decode_resolution(cfg.views, tok.resolution), resize_mode=cfg.resize_mode,
                               max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -87,7 +90,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
 
     ctx = UnitContext(fs=fs, root=root, format=cfg.format, tokenizer=tok, codec=codec, decode=decode,
                       job_hash=job_hash, decode_workers=cfg.decode_workers,
-                      storage_options=cfg.storage_options, columns=cfg.columns)
+                      storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views)
     if codec.needs_fit:
         _fit_codec(ctx, units, cfg.codec_fit_samples)
     _save_tokenizer(tok, fs, root)
@@ -120,7 +123,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "tokshard_version": __version__, "format": cfg.format, "codec": codec.describe(),
         "tokenizer": {"name": tok.name, **identity.as_dict(), "config": tok.config(),
                       "vocab_size": tok.vocab_size, "path": "tokenizer"},
-        "grid": list(tok.grid_shape), "token_dtype": token_dtype(tok.vocab_size).name,
+        "grid": list(tok.grid_shape), "views": list(views), "token_dtype": token_dtype(tok.vocab_size).name,
         "decode": asdict(decode), "sources": list(cfg.sources), "job_hash": job_hash,
         "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
         "codec_state": "codec/state.bin" if state is not None else None,

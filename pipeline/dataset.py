@@ -60,7 +60,10 @@ class TokenDataset:
             except FileNotFoundError:
                 raise ManifestError(f"{url}: codec state {rec['codec_state']} is missing") from None
         self.codec = codec_from_description(codec_desc, self.vocab_size, state)
-        self.tokens_per_sample = int(np.prod(self.grid))
+        self.views = tuple(rec.get("views") or ("orig",))
+        # Stored codes per sample: a leading view axis when there are several views.
+        self.sample_shape = self.grid if len(self.views) == 1 else (len(self.views), *self.grid)
+        self.tokens_per_sample = int(np.prod(self.sample_shape))
         cols = self.manifest.to_pydict()
         self.shard_names: list[str] = cols["shard"]
         self.shard_paths: list[str] = cols["path"]
@@ -83,8 +86,9 @@ class TokenDataset:
         return self.record.get("job_hash", "")
 
     def __repr__(self) -> str:
+        views = f", views={len(self.views)}" if len(self.views) > 1 else ""
         return (f"TokenDataset({self.url!r}, samples={len(self)}, shards={self.num_shards}, "
-                f"grid={self.grid}, vocab={self.vocab_size}, codec={self.codec.name})")
+                f"grid={self.grid}{views}, vocab={self.vocab_size}, codec={self.codec.name})")
 
     # -- reading ---------------------------------------------------------------
     def _shard_bytes(self, i: int) -> bytes:
@@ -123,9 +127,9 @@ class TokenDataset:
         return cols
 
     def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """A tokens column (raw rows or coded payloads) -> (n, *grid) token ids."""
+        """A tokens column (raw rows or coded payloads) -> (n, *sample_shape) token ids."""
         if tokens.dtype != object:
-            return tokens.reshape(len(tokens), *self.grid)
+            return tokens.reshape(len(tokens), *self.sample_shape)
         try:
             rows = self.codec.decode_batch(list(tokens), self.tokens_per_sample)
         except CodecError:
@@ -137,7 +141,7 @@ class TokenDataset:
                     raise self._sample_error(None if ids is None else int(ids[j]), e) from None
             raise
         return (np.stack(rows) if rows else np.empty((0, self.tokens_per_sample), self.token_dtype)) \
-            .reshape(len(tokens), *self.grid)
+            .reshape(len(tokens), *self.sample_shape)
 
     def _sample_error(self, sample_id: int | None, err: Exception) -> ShardError:
         if sample_id is None:
@@ -146,7 +150,7 @@ class TokenDataset:
         return ShardError(self.shard_names[k], f"sample row {sample_id - int(self.shard_offsets[k])}: {err}")
 
     def shard(self, i: int) -> dict:
-        """Shard `i` decoded: {"tokens": (n, *grid), "label", "key", "id"}."""
+        """Shard `i` decoded: {"tokens": (n, *sample_shape), "label", "key", "id"}."""
         cols = self.read_shard(i)
         return {"tokens": self.decode_tokens(cols["tokens"], cols["id"]), "label": cols["label"],
                 "key": list(cols["key"]), "id": cols["id"]}

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.pipeline.errors import ShardError, UsageError
-from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, plan_chunks,
+from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks,
                                      plan_length, plan_slice, rank_slice,
                                      shard_order)
 
@@ -121,6 +121,11 @@ class TokenIterable(IterableDataset):
     "id" int64 (B,) (global sample id: manifest shard offset + row). `augment`
     is called as augment(batch, generator) with a generator seeded per batch.
 
+    Multi-view datasets (converted with views=hflip|tencrop): view="random"
+    picks one stored view per sample, uniformly, keyed by (seed, epoch, sample)
+    so it is reproducible; an int picks that view; "all" gives (B, V, *grid).
+    "view" in the batch says which view each sample got.
+
     on_error="raise" stops at the first bad shard with a ShardError naming it;
     "skip" counts the shard, drops its samples and goes on (batches that would
     hold them come out smaller).
@@ -129,7 +134,7 @@ class TokenIterable(IterableDataset):
     def __init__(self, ds, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  shuffle_buffer: int = 10_000, augment=None, prefetch_shards: int = 2,
-                 on_error: str = "raise", max_tokens: int | None = None):
+                 on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random"):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -143,9 +148,14 @@ class TokenIterable(IterableDataset):
             raise UsageError("on_error must be 'raise' or 'skip'")
         if shuffle_buffer < 0:
             raise UsageError("shuffle_buffer must be >= 0")
-        if max_tokens is not None and (len(ds.grid) != 1 or not 1 <= max_tokens <= ds.grid[0]):
+        if max_tokens is not None and (len(ds.grid) != 1 or not 1 <= max_tokens <= ds.grid[-1]):
             raise UsageError(f"max_tokens applies to 1-D token sequences (1..{ds.grid[-1]}); "
                              f"this dataset's grid is {ds.grid}")
+        n_views = len(ds.views)
+        if not (view in ("random", "all") or (isinstance(view, int) and 0 <= view < n_views)):
+            raise UsageError(f"view must be 'random', 'all' or an index below {n_views} "
+                             f"(views: {', '.join(ds.views)}); got {view!r}")
+        self.view = view
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.buffer = shuffle_buffer if shuffle else 0
@@ -307,11 +317,21 @@ class TokenIterable(IterableDataset):
         if not valid.all():
             cols = {c: v[valid] for c, v in cols.items()}
         tokens = self.ds.decode_tokens(cols["tokens"], cols["id"])
+        views = None
+        if len(self.ds.views) > 1 and self.view != "all":
+            if self.view == "random":
+                views = (mix64(key64("view", self.seed, self.epoch), cols["id"].astype(np.uint64))
+                         % np.uint64(len(self.ds.views))).astype(np.int64)
+            else:
+                views = np.full(len(tokens), self.view, np.int64)
+            tokens = tokens[np.arange(len(tokens)), views]
         if self.max_tokens is not None:
-            tokens = tokens[:, : self.max_tokens]
+            tokens = tokens[..., : self.max_tokens]
         batch = {"tokens": torch.from_numpy(tokens.astype(np.int64)),
                  "label": torch.from_numpy(cols["label"]), "key": cols["key"].tolist(),
                  "id": torch.from_numpy(cols["id"])}
+        if views is not None:
+            batch["view"] = torch.from_numpy(views)
         if self.augment is not None:
             g = torch.Generator().manual_seed(
                 key64("augment", self.seed, self.epoch, len(self.history), self.rank, b) >> 1)

@@ -24,6 +24,7 @@ from tokshard.pipeline.errors import SkipSample
 from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.sources import Record, WorkUnit, read_unit
 from tokshard.pipeline.storage import atomic_write, join, sha256
+from tokshard.pipeline.views import make_views, view_names
 from tokshard.schemas.v1 import SAMPLES
 from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
 
@@ -40,6 +41,13 @@ class UnitContext:
     decode_workers: int = 2
     storage_options: dict | None = None
     columns: dict | None = None
+    views: str = "none"
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Stored codes per sample: the grid, with a leading view axis for multi-view."""
+        n = len(view_names(self.views))
+        return tuple(self.tokenizer.grid_shape) if n == 1 else (n, *self.tokenizer.grid_shape)
 
 
 def shard_name(unit: WorkUnit) -> str:
@@ -89,10 +97,13 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
 
     Images are encoded in batches of the tokenizer's batch size as they are
     decoded, so only one batch of pixels is held at a time; fixed batch
-    boundaries per unit keep the codes independent of the engine.
+    boundaries per unit keep the codes independent of the engine. With several
+    views, a batch holds every view of its images and codes come out
+    (n, views, *grid).
     """
     tok = ctx.tokenizer
     batch_size = int(getattr(tok, "batch_size", 64))
+    shape = ctx.sample_shape
     kept, batch, codes, skips = [], [], [], Counter()
     timings = {"decode_s": 0.0, "encode_s": 0.0}
     t0 = time.perf_counter()
@@ -100,7 +111,7 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     def flush():
         nonlocal t0
         t1 = time.perf_counter()
-        codes.append(tok.encode(np.stack(batch)))
+        codes.append(tok.encode(np.stack(batch)).reshape(-1, *shape))
         batch.clear()
         t0 = time.perf_counter()
         timings["encode_s"] += t0 - t1
@@ -112,8 +123,8 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
             continue
         rec.image = None  # the encoded bytes are no longer needed
         kept.append((rec, dec.width, dec.height))
-        batch.append(dec.image)
-        if len(batch) == batch_size:
+        batch.extend(make_views(dec.image, ctx.views, tok.resolution))
+        if len(batch) >= batch_size:
             timings["decode_s"] += time.perf_counter() - t0
             flush()
         if limit and len(kept) >= limit:
@@ -121,7 +132,7 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     timings["decode_s"] += time.perf_counter() - t0
     if batch:
         flush()
-    out = np.concatenate(codes) if codes else np.empty((0, *tok.grid_shape), np.int64)
+    out = np.concatenate(codes) if codes else np.empty((0, *shape), np.int64)
     return kept, out, skips, timings
 
 
@@ -138,7 +149,7 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
     name = shard_name(unit)
     rel = f"shards/{name}.{EXTENSIONS[ctx.format]}"
     file_meta = {"tokenizer": identity.tokenizer_id, "codebook_hash": identity.codebook_hash}
-    data, offsets = WRITERS[ctx.format](samples, codec.name, tok.grid_shape, dtype, file_meta)
+    data, offsets = WRITERS[ctx.format](samples, codec.name, ctx.sample_shape, dtype, file_meta)
     atomic_write(ctx.fs, join(ctx.root, rel), data)
     index = pa.Table.from_pydict({
         "key": [s.key for s in samples], "shard": [name] * len(samples),
@@ -150,7 +161,7 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
     pq.write_table(index, buf, compression="zstd")
     atomic_write(ctx.fs, join(ctx.root, "samples", f"{name}.parquet"), buf.getvalue())
     timings["write_s"] = time.perf_counter() - t0  # coding, serialising and writing
-    n_tokens = int(np.prod(tok.grid_shape))
+    n_tokens = int(np.prod(ctx.sample_shape))
     row = {
         "shard": name, "path": rel, "format": ctx.format, "codec": codec.name,
         "codec_version": codec.version, "samples": len(samples), "tokens": len(samples) * n_tokens,
