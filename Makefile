@@ -20,6 +20,7 @@ test-slow:
 
 bench:
 	$(PYTHON) bench/storage.py
+	$(PYTHON) bench/loader.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info
