@@ -142,8 +142,8 @@ def _save_tokenizer(tok, fs, root: str) -> None:
     from pathlib import Path
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
-        for f in sorted(Path(tmp).iterdir()):
-            atomic_write(fs, join(root, "tokenizer", f.name), f.read_bytes())
+        for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
+            atomic_write(fs, join(root, "tokenizer", *f.relative_to(tmp).parts), f.read_bytes())
 
 
 def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:

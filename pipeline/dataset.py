@@ -43,7 +43,8 @@ class TokenDataset:
                  cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.url, self.storage_options, self.verify = url, storage_options, verify
         self.manifest, self.record = read_manifest(url, storage_options)
-        self.fs, self.root = filesystem(url, storage_options)
+        self._fs, self.root = filesystem(url, storage_options)
+        self._fs_pid = os.getpid()
         rec = self.record
         try:
             self.grid = tuple(int(g) for g in rec["grid"])
@@ -73,6 +74,15 @@ class TokenDataset:
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
+
+    @property
+    def fs(self):
+        # Async filesystems (s3fs, gcsfs) are not fork-safe: a DataLoader worker
+        # forked from this process builds its own.
+        if self._fs_pid != os.getpid():
+            self._fs, _ = filesystem(self.url, self.storage_options)
+            self._fs_pid = os.getpid()
+        return self._fs
 
     def __len__(self) -> int:
         return int(self.shard_offsets[-1])

@@ -148,9 +148,12 @@ class TokenIterable(IterableDataset):
             raise UsageError("on_error must be 'raise' or 'skip'")
         if shuffle_buffer < 0:
             raise UsageError("shuffle_buffer must be >= 0")
-        if max_tokens is not None and (len(ds.grid) != 1 or not 1 <= max_tokens <= ds.grid[-1]):
-            raise UsageError(f"max_tokens applies to 1-D token sequences (1..{ds.grid[-1]}); "
-                             f"this dataset's grid is {ds.grid}")
+        if max_tokens is not None:
+            if len(ds.grid) != 1:
+                raise UsageError(f"max_tokens applies to 1-D token sequences; this dataset's grid is {ds.grid}")
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+                    or not 1 <= max_tokens <= ds.grid[0]:
+                raise UsageError(f"max_tokens must be an integer in 1..{ds.grid[0]}, got {max_tokens!r}")
         n_views = len(ds.views)
         if not (view in ("random", "all") or (isinstance(view, int) and 0 <= view < n_views)):
             raise UsageError(f"view must be 'random', 'all' or an index below {n_views} "

@@ -141,6 +141,8 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
     want = [b["id"].tolist() for b in tokshard.open(local).loader(16, rank=0, world_size=1, seed=5)]
     got = [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)]
     assert got == want
+    # DataLoader worker processes fork with the S3 client of the parent.
+    assert [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5, num_workers=2)] == want
     files = list(cache.iterdir())
     assert files and sum(f.stat().st_size for f in files) <= 6000 + max(f.stat().st_size for f in files)
     assert all(f.name.split(".")[0] in ds.shard_sha256 for f in files)
