@@ -7,13 +7,13 @@ PIP ?= $(PYTHON) -m pip
 # disk, and asking for it alone keeps pip from resolving a CUDA build.
 install:
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,s3]"
+	$(PIP) install --quiet -e ".[dev,s3,ray]"
 
 demo:
 	tokshard demo --out demo-out
 
 test:
-	pytest -q -n 2 -m "not slow"
+	pytest -q -n 2 --dist loadgroup -m "not slow"
 
 test-slow:
 	pytest -q -m slow

@@ -29,6 +29,11 @@ def _codec_params(items):
     return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in params.items()}
 
 
+def _storage_options(items) -> dict | None:
+    opts = _kv(items, "--storage-opt")
+    return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in opts.items()} or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tokshard", description="Image corpora -> storage-efficient token datasets.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -51,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-image-size", type=int, default=0)
     c.add_argument("--max-image-pixels", type=int, default=89_478_485)
     c.add_argument("--decode-workers", type=int, default=2)
+    c.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: decode tasks + tokenizer actors on a Ray cluster")
+    c.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    c.add_argument("--encoders", type=int, default=0, help="Ray tokenizer actors (default: one per GPU, else 1)")
+    c.add_argument("--gpus-per-encoder", type=float, help="GPUs per tokenizer actor (default 1 if any, else 0)")
+    c.add_argument("--retries", type=int, default=2, help="extra attempts for a shard that fails (default 2)")
+    c.add_argument("--storage-opt", action="append", metavar="KEY=VALUE",
+                   help="fsspec storage option for s3:// etc., e.g. endpoint_url=http://127.0.0.1:9000")
     c.add_argument("--views", default="none", choices=["none", "hflip", "tencrop"],
                    help="also store the tokens of the flipped image (hflip) or of ten crops "
                         "(tencrop, LlamaGen-style); the loader picks one per sample")
@@ -104,7 +117,9 @@ def _cmd_convert(a) -> int:
         tokenizer_options=_kv(a.tokenizer_opt, "--tokenizer-opt"), shard_size=a.shard_size,
         resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format,
         max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
-        decode_workers=a.decode_workers, columns=cols, views=a.views)
+        decode_workers=a.decode_workers, columns=cols, views=a.views, engine=a.engine, address=a.address,
+        encoders=a.encoders, gpus_per_encoder=a.gpus_per_encoder, retries=a.retries,
+        storage_options=_storage_options(a.storage_opt))
     print(_summary(convert(cfg, quiet=a.quiet)))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -14,13 +15,13 @@ import numpy as np
 from tokshard import __version__
 from tokshard.pipeline.codecs import get_codec, token_dtype
 from tokshard.pipeline.decode import DecodeConfig
-from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.errors import JobError, UsageError
 from tokshard.pipeline.manifest import write_manifest, write_timings
 from tokshard.pipeline.shard_writers import FORMATS
 from tokshard.pipeline.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
 from tokshard.pipeline.views import decode_resolution, view_names
-from tokshard.pipeline.worker import UnitContext, load_receipt, process_unit, tokenize_unit
+from tokshard.pipeline.worker import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
 from tokshard.tokenizers.base import canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
 
@@ -45,20 +46,58 @@ class ConvertConfig:
     storage_options: dict | None = None
     columns: dict = field(default_factory=dict)   # image/caption/label/key column names for Parquet sources
     views: str = "none"                           # none | hflip | tencrop: stored views per image
+    engine: str = "local"                         # local | ray
+    address: str | None = None                    # Ray cluster address ("auto" inside `ray job submit`)
+    encoders: int = 0                             # Ray tokenizer actors (0: one per GPU, else 1)
+    gpus_per_encoder: float | None = None         # None: 1 where the cluster has GPUs, else 0
+    retries: int = 2                              # extra attempts for a unit that fails
 
     def job_identity(self) -> dict:
         """What decides the output bytes (not where it goes or how fast)."""
         d = asdict(self)
-        for k in ("out", "decode_workers", "storage_options"):
+        for k in ("out", "decode_workers", "storage_options", "engine", "address", "encoders",
+                  "gpus_per_encoder", "retries"):
             d.pop(k)
         d["tokenizer_options"] = {k: v for k, v in d["tokenizer_options"].items()
                                   if k not in ("device", "path")}
         return d
 
 
-def _progress(total: int, quiet: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="shard", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+ENGINES = ("local", "ray")
+
+
+class _Progress:
+    """A live bar: shards done/failed, images/s, skips by reason; and the totals."""
+
+    def __init__(self, total: int, done: int, quiet: bool):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=done, unit="shard", disable=quiet, file=sys.stderr,
+                        dynamic_ncols=True)
+        self.receipts: list[dict] = []
+        self.failures: list[tuple] = []
+        self.samples, self.skips, self.started = 0, Counter(), time.perf_counter()
+
+    def receipt(self, r: dict) -> None:
+        self.receipts.append(r)
+        # Running totals: summing all receipts per update is quadratic at 100k+ shards.
+        self.samples += r["shard"]["samples"]
+        for item in r["shard"]["skipped_by_reason"]:
+            self.skips[item["reason"]] += item["count"]
+        self._update()
+
+    def failure(self, unit, error: str) -> None:
+        self.failures.append((unit, error))
+        self._update()
+
+    def _update(self) -> None:
+        rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
+        post = {"img/s": f"{rate:.0f}", "failed": len(self.failures)}
+        post.update(self.skips.most_common(3))
+        self.bar.update(1)
+        self.bar.set_postfix(post, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
@@ -66,6 +105,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         raise UsageError(f"unknown format {cfg.format!r} (one of {', '.join(FORMATS)})")
     if cfg.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
+    if cfg.engine not in ENGINES:
+        raise UsageError(f"unknown engine {cfg.engine!r} (one of {', '.join(ENGINES)})")
     started = time.perf_counter()
     opts = dict(cfg.tokenizer_options)
     if cfg.resolution:
@@ -88,28 +129,45 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     _claim_destination(fs, root, job, job_hash)
     clean_temporaries(fs, root)
 
-    ctx = UnitContext(fs=fs, root=root, format=cfg.format, tokenizer=tok, codec=codec, decode=decode,
+    ctx = UnitContext(fs=fs, root=root, format=cfg.format, tokenizer=TokenizerInfo.of(tok), codec=codec,
+                      decode=decode,
                       job_hash=job_hash, decode_workers=cfg.decode_workers,
                       storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views)
     if codec.needs_fit:
-        _fit_codec(ctx, units, cfg.codec_fit_samples)
+        _fit_codec(ctx, tok, units, cfg.codec_fit_samples)
     _save_tokenizer(tok, fs, root)
 
-    receipts, done_before, samples, skipped = [], 0, 0, 0
-    bar = _progress(len(units), quiet)
+    committed, todo = {}, []
     for unit in units:
         receipt = load_receipt(unit, ctx)
         if receipt is None:
-            receipt = process_unit(unit, ctx)
+            todo.append(unit)
         else:
-            done_before += 1
-        receipts.append(receipt)
-        # Running totals: summing all receipts per unit is quadratic at 100k+ shards.
-        samples += receipt["shard"]["samples"]
-        skipped += receipt["shard"]["skipped"]
-        bar.update(1)
-        bar.set_postfix(samples=samples, skipped=skipped)
-    bar.close()
+            committed[unit.index] = receipt
+    progress = _Progress(len(units), len(committed), quiet)
+    try:
+        if cfg.engine == "ray":
+            from tokshard.pipeline import engine_ray
+            engine_ray.run(todo, ctx, tok, retries=cfg.retries, on_receipt=progress.receipt,
+                           on_failure=progress.failure, address=cfg.address, tokenizer_name=cfg.tokenizer,
+                           tokenizer_options=opts, encoders=cfg.encoders, gpus_per_encoder=cfg.gpus_per_encoder)
+        else:
+            from tokshard.pipeline import engine_local
+            engine_local.run(todo, ctx, tok, retries=cfg.retries, on_receipt=progress.receipt,
+                             on_failure=progress.failure)
+    finally:
+        progress.close()
+    if progress.failures:
+        unit, error = progress.failures[0]
+        raise JobError(f"{len(progress.failures)} of {len(units)} shards failed after {cfg.retries + 1} "
+                       f"attempts (first: shard {unit.index:06d} from {unit.url}: {error}); "
+                       f"{len(committed) + len(progress.receipts)} are committed and kept. "
+                       "Re-run the same command to retry the failed ones; the manifest is written "
+                       "when every shard is committed")
+    for r in progress.receipts:
+        committed[r["shard"]["unit"]] = r
+    receipts = [committed[u.index] for u in units]
+    done_before = len(units) - len(progress.receipts)
 
     rows = [r["shard"] for r in receipts]
     totals = {k: int(sum(r[k] for r in rows)) for k in
@@ -158,7 +216,7 @@ def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:
     atomic_write(fs, path, json.dumps({"job_hash": job_hash, **job}, sort_keys=True, indent=1).encode())
 
 
-def _fit_codec(ctx: UnitContext, units, limit: int) -> None:
+def _fit_codec(ctx: UnitContext, tok, units, limit: int) -> None:
     """Train the codec's state on the first `limit` samples, once per destination."""
     path = join(ctx.root, "codec", "state.bin")
     if ctx.fs.exists(path):
@@ -167,8 +225,8 @@ def _fit_codec(ctx: UnitContext, units, limit: int) -> None:
     samples: list[np.ndarray] = []
     dtype = token_dtype(ctx.tokenizer.vocab_size)
     for unit in units:
-        _, codes, _, _ = tokenize_unit(unit, ctx, limit=limit - len(samples))
-        samples += [c.reshape(-1).astype(dtype) for c in codes]
+        batches, _ = tokenize_unit(unit, ctx, tok, limit=limit - len(samples))
+        samples += [c.reshape(-1).astype(dtype) for b in batches for c in b.codes]
         if len(samples) >= limit:
             break
     ctx.codec.fit(samples)

@@ -27,6 +27,10 @@ class ManifestError(TokshardError):
     """A manifest that is missing, malformed, or of an unsupported version."""
 
 
+class JobError(TokshardError):
+    """A convert that could not commit every unit; re-running retries only those."""
+
+
 class ShardError(TokshardError):
     """A token shard that is missing, fails its checksum or does not parse.
 

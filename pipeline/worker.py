@@ -1,8 +1,15 @@
-"""Convert one work unit: read -> decode -> tokenize -> code -> write shard + index + receipt.
+"""Convert one work unit in three stages: decode -> encode -> commit.
 
-Engine-agnostic: the local engine calls `process_unit` in a loop; a
-distributed engine calls it as a task. Everything a unit writes is derived
-from the unit and the job alone, so any engine gives the same bytes.
+- `decode_unit` reads and decodes a unit's images and yields them in batches
+  of the tokenizer's batch size (CPU work);
+- `encode_batch` turns one batch into codes (the tokenizer: GPU work);
+- `commit_unit` codes, serialises and writes the shard, its sample index and,
+  last, its receipt (I/O).
+
+The local engine chains them in one process (`process_unit`); the Ray engine
+runs them as decode tasks, tokenizer actors and commit tasks. Batch
+boundaries are fixed per unit and everything written derives from the unit
+and the job alone, so both engines write the same bytes.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import json
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -26,15 +33,32 @@ from tokshard.pipeline.sources import Record, WorkUnit, read_unit
 from tokshard.pipeline.storage import atomic_write, join, sha256
 from tokshard.pipeline.views import make_views, view_names
 from tokshard.schemas.v1 import SAMPLES
-from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
+from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the decode and commit stages need to know of the tokenizer (no weights)."""
+    name: str
+    identity: TokenizerIdentity
+    grid_shape: tuple[int, ...]
+    vocab_size: int
+    resolution: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, tok: Tokenizer) -> "TokenizerInfo":
+        return cls(tok.name, tok.identity(), tuple(tok.grid_shape), int(tok.vocab_size),
+                   int(tok.resolution), int(getattr(tok, "batch_size", 64)))
 
 
 @dataclass
 class UnitContext:
+    """Everything a stage needs besides the unit; picklable, so Ray can ship it."""
     fs: object
     root: str
     format: str
-    tokenizer: Tokenizer
+    tokenizer: TokenizerInfo
     codec: TokenCodec
     decode: DecodeConfig
     job_hash: str
@@ -48,6 +72,26 @@ class UnitContext:
         """Stored codes per sample: the grid, with a leading view axis for multi-view."""
         n = len(view_names(self.views))
         return tuple(self.tokenizer.grid_shape) if n == 1 else (n, *self.tokenizer.grid_shape)
+
+
+@dataclass
+class DecodedBatch:
+    kept: list            # (record without image bytes, width, height)
+    images: np.ndarray    # (len(kept) * views, R, R, 3) uint8
+
+
+@dataclass
+class EncodedBatch:
+    kept: list
+    codes: np.ndarray     # (len(kept), *sample_shape)
+    encode_s: float
+
+
+@dataclass
+class UnitTail:
+    """The last item a unit's decode yields: what was skipped, and the time spent."""
+    skips: Counter = field(default_factory=Counter)
+    decode_s: float = 0.0
 
 
 def shard_name(unit: WorkUnit) -> str:
@@ -92,60 +136,81 @@ def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0):
             yield pending.popleft().result()
 
 
-def tokenize_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
-    """(kept (record, width, height) triples, their codes, skip counter, timings).
+def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
+    """Yield DecodedBatch items of the tokenizer's batch size, then one UnitTail.
 
-    Images are encoded in batches of the tokenizer's batch size as they are
-    decoded, so only one batch of pixels is held at a time; fixed batch
-    boundaries per unit keep the codes independent of the engine. With several
-    views, a batch holds every view of its images and codes come out
-    (n, views, *grid).
+    Only one batch of pixels is held at a time (plus the decode window), so
+    memory stays bounded however large the source shard is.
     """
     tok = ctx.tokenizer
-    batch_size = int(getattr(tok, "batch_size", 64))
-    shape = ctx.sample_shape
-    kept, batch, codes, skips = [], [], [], Counter()
-    timings = {"decode_s": 0.0, "encode_s": 0.0}
+    tail = UnitTail()
+    kept, images, n_kept = [], [], 0
     t0 = time.perf_counter()
-
-    def flush():
-        nonlocal t0
-        t1 = time.perf_counter()
-        codes.append(tok.encode(np.stack(batch)).reshape(-1, *shape))
-        batch.clear()
-        t0 = time.perf_counter()
-        timings["encode_s"] += t0 - t1
-
     records = read_unit(unit, ctx.storage_options, **(ctx.columns or {}))
-    for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers):
+    # A window of two batches lets the decode threads fill the next batch
+    # while the consumer encodes this one.
+    window = max(4 * ctx.decode_workers, 2 * tok.batch_size)
+    for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers, window):
         if dec is None:
-            skips[rec.skip] += 1
+            tail.skips[rec.skip] += 1
             continue
         rec.image = None  # the encoded bytes are no longer needed
         kept.append((rec, dec.width, dec.height))
-        batch.extend(make_views(dec.image, ctx.views, tok.resolution))
-        if len(batch) >= batch_size:
-            timings["decode_s"] += time.perf_counter() - t0
-            flush()
-        if limit and len(kept) >= limit:
+        n_kept += 1
+        images.extend(make_views(dec.image, ctx.views, tok.resolution))
+        full = len(images) >= tok.batch_size
+        stop = bool(limit) and n_kept >= limit
+        if full or stop:
+            tail.decode_s += time.perf_counter() - t0
+            yield DecodedBatch(kept, np.stack(images))
+            kept, images = [], []
+            t0 = time.perf_counter()
+        if stop:
             break
-    timings["decode_s"] += time.perf_counter() - t0
-    if batch:
-        flush()
-    out = np.concatenate(codes) if codes else np.empty((0, *shape), np.int64)
-    return kept, out, skips, timings
+    if images:
+        tail.decode_s += time.perf_counter() - t0
+        yield DecodedBatch(kept, np.stack(images))
+    yield tail
 
 
-def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
-    kept, codes, skips, timings = tokenize_unit(unit, ctx)
+def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...]):
+    """The encode stage: a DecodedBatch becomes an EncodedBatch; a UnitTail passes."""
+    if not isinstance(item, DecodedBatch):
+        return item
     t0 = time.perf_counter()
-    tok, codec = ctx.tokenizer, ctx.codec
-    dtype = token_dtype(tok.vocab_size)
-    codes = codes.astype(dtype)
+    codes = tok.encode(item.images).reshape(-1, *shape)
+    return EncodedBatch(item.kept, codes, time.perf_counter() - t0)
+
+
+def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer, limit: int | None = None):
+    """Decode and encode a unit in this process: a list of EncodedBatch and the UnitTail."""
+    batches, tail = [], None
+    for item in decode_unit(unit, ctx, limit):
+        out = encode_batch(tok, item, ctx.sample_shape)
+        if isinstance(out, EncodedBatch):
+            batches.append(out)
+        else:
+            tail = out
+    return batches, tail
+
+
+def process_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer) -> dict:
+    """All three stages in this process (the local engine)."""
+    return commit_unit(unit, ctx, *tokenize_unit(unit, ctx, tok))
+
+
+def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail) -> dict:
+    """Code, serialise and write the shard and its index, then its receipt."""
+    t0 = time.perf_counter()
+    info, codec = ctx.tokenizer, ctx.codec
+    kept = [k for b in batches for k in b.kept]
+    dtype = token_dtype(info.vocab_size)
+    codes = (np.concatenate([b.codes for b in batches]) if batches
+             else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
     payloads = codec.encode_batch(list(codes)) if len(codes) else []
     samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
                for (rec, w, h), p, c in zip(kept, payloads, codes)]
-    identity = tok.identity()
+    identity = info.identity
     name = shard_name(unit)
     rel = f"shards/{name}.{EXTENSIONS[ctx.format]}"
     file_meta = {"tokenizer": identity.tokenizer_id, "codebook_hash": identity.codebook_hash}
@@ -160,15 +225,17 @@ def process_unit(unit: WorkUnit, ctx: UnitContext) -> dict:
     buf = io.BytesIO()
     pq.write_table(index, buf, compression="zstd")
     atomic_write(ctx.fs, join(ctx.root, "samples", f"{name}.parquet"), buf.getvalue())
-    timings["write_s"] = time.perf_counter() - t0  # coding, serialising and writing
+    timings = {"decode_s": tail.decode_s, "encode_s": sum(b.encode_s for b in batches),
+               "write_s": time.perf_counter() - t0}  # coding, serialising and writing
     n_tokens = int(np.prod(ctx.sample_shape))
+    skips = tail.skips
     row = {
         "shard": name, "path": rel, "format": ctx.format, "codec": codec.name,
         "codec_version": codec.version, "samples": len(samples), "tokens": len(samples) * n_tokens,
         "raw_bytes": len(samples) * n_tokens * dtype.itemsize,
         "payload_bytes": sum(len(p) for p in payloads), "stored_bytes": len(data),
         "source_bytes": sum(rec.source_bytes for rec, _, _ in kept), "sha256": sha256(data),
-        **identity.as_dict(), "grid": list(tok.grid_shape), "source_shards": [unit.url],
+        **identity.as_dict(), "grid": list(info.grid_shape), "source_shards": [unit.url],
         "unit": unit.index, "skipped": sum(skips.values()),
         "skipped_by_reason": [{"reason": r, "count": c} for r, c in sorted(skips.items())],
     }

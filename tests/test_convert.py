@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -184,27 +185,50 @@ def test_folder_non_images_and_unreadable_parquet(tmp_path, photo_jpegs, tokeniz
     assert result["dataset"]["skipped_by_reason"] == {"empty_file": 1, "not_an_image": 1}
 
 
-def test_interrupted_run_leaves_no_visible_partial_output_and_resumes(tmp_path, photo_tars, tokenizer_dir,
-                                                                     monkeypatch):
+def test_failed_unit_leaves_no_visible_partial_output_and_resumes(tmp_path, photo_tars, tokenizer_dir,
+                                                                  monkeypatch):
     import tokshard.pipeline.worker as worker
+    from tokshard.pipeline.errors import JobError
     real = worker.atomic_write
-    calls = {"n": 0}
+    calls = Counter()
 
     def failing(fs, path, data):
-        calls["n"] += 1
-        if calls["n"] == 5:  # mid-way through the second unit (3 files per unit)
+        # The second unit's shard index cannot be written, however often it is tried.
+        calls[path] += 1
+        if path.endswith("samples/000001.parquet"):
             raise OSError("disk went away")
         real(fs, path, data)
 
     monkeypatch.setattr(worker, "atomic_write", failing)
     cfg = convert_config([photo_tars], tmp_path / "out", tokenizer_dir)
-    with pytest.raises(OSError):
+    with pytest.raises(JobError, match=r"1 of 3 shards failed after 3 attempts \(first: shard 000001 .*disk went away"):
         convert(cfg, quiet=True)
     out = tmp_path / "out"
+    assert calls[str(out / "samples" / "000001.parquet")] == 3
     assert not (out / "manifest.parquet").exists()
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert sorted(p.name for p in (out / "_work" / "units").iterdir()) == ["000000.json", "000002.json"]
     monkeypatch.setattr(worker, "atomic_write", real)
     resumed = convert(cfg, quiet=True)
-    assert resumed["units_reused"] == 1
+    assert resumed["units_reused"] == 2
+    convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
+    assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
+
+
+def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tokenizer_dir, monkeypatch):
+    import tokshard.pipeline.worker as worker
+    real = worker.atomic_write
+    calls = {"n": 0}
+
+    def flaky(fs, path, data):
+        calls["n"] += 1
+        if calls["n"] == 5:  # once, mid-way through the second unit
+            raise OSError("connection reset")
+        real(fs, path, data)
+
+    monkeypatch.setattr(worker, "atomic_write", flaky)
+    out = tmp_path / "out"
+    convert(convert_config([photo_tars], out, tokenizer_dir), quiet=True)
+    monkeypatch.setattr(worker, "atomic_write", real)
     convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
     assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()

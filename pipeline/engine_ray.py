@@ -1,0 +1,187 @@
+"""The Ray engine: decode tasks on CPUs, a pool of tokenizer actors (one GPU
+each where there are GPUs), commit tasks for coding and writing.
+
+Per unit: a streaming decode task yields image batches; the driver hands
+each to a tokenizer actor; a commit task receives the encoded batches and
+writes the shard and, last, its receipt. The driver only moves references
+and bounds what is in flight (units being decoded, batches waiting for a
+tokenizer), which is the backpressure that lets decode and encode overlap
+without filling the object store. Ray schedules, restarts dead actors and
+re-runs lost tasks; a unit whose tasks fail is retried as a whole, and one
+that still fails is reported and left out of the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+
+from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.pipeline.worker import UnitTail, commit_unit, decode_unit, encode_batch
+
+ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks
+COMMIT_CPUS = 0.5
+BATCHES_PER_ENCODER = 3
+
+
+def init_ray(address: str | None):
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'tokshard[ray]'") from None
+    if not ray.is_initialized():
+        if not address:
+            # A local cluster: bind loopback only, no auth token needed.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, configure_logging=True)
+    return ray
+
+
+def _decode_task(unit, ctx):
+    yield from decode_unit(unit, ctx)
+
+
+def _commit_task(unit, ctx, *items):
+    *batches, tail = items
+    if not isinstance(tail, UnitTail):
+        raise RuntimeError(f"unit {unit.index}: decode ended without its tail")
+    return commit_unit(unit, ctx, list(batches), tail)
+
+
+class _Encoder:
+    """A tokenizer, loaded once per actor from the artifact the driver shipped."""
+
+    def __init__(self, name: str, options: dict, files: dict, identity, shape):
+        from tokshard.tokenizers.registry import tokenizer_class
+        self.dir = tempfile.mkdtemp(prefix="tokshard-tok-")
+        for rel, data in files.items():
+            path = Path(self.dir, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        self.tok = tokenizer_class(name).from_options(path=self.dir, **options)
+        if self.tok.identity() != identity:
+            raise TokenizerError(f"tokenizer on {os.uname().nodename} has identity {self.tok.identity()}, "
+                                 f"the job expects {identity}")
+        self.shape = shape
+
+    def encode(self, item):
+        return encode_batch(self.tok, item, self.shape)
+
+
+def _artifact(tok) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        return {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+
+
+class _UnitRun:
+    def __init__(self, unit, attempt: int):
+        self.unit, self.attempt = unit, attempt
+        self.gen = None
+        self.encoded: list = []
+        self.commit = None
+
+
+def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str | None = None,
+        tokenizer_name: str, tokenizer_options: dict, encoders: int = 0,
+        gpus_per_encoder: float | None = None) -> None:
+    if not units:
+        return
+    ray = init_ray(address)
+    from ray.exceptions import RayError
+
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    if gpus_per_encoder is None:
+        gpus_per_encoder = 1 if gpus else 0
+    if encoders <= 0:
+        encoders = max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1
+    options = {k: v for k, v in tokenizer_options.items() if k != "path"}
+    encoder_cls = ray.remote(_Encoder).options(num_cpus=ENCODER_CPUS, num_gpus=gpus_per_encoder,
+                                               max_restarts=3, max_task_retries=3)
+    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape)
+            for _ in range(encoders)]
+    decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
+                                              _generator_backpressure_num_objects=2)
+    commit = ray.remote(_commit_task).options(num_cpus=COMMIT_CPUS, max_retries=0)
+    ctx_ref = ray.put(ctx)
+    decode_slots = max(1, int(resources.get("CPU", 1) - encoders * ENCODER_CPUS - COMMIT_CPUS))
+    max_active = decode_slots + 2
+    max_encoding = BATCHES_PER_ENCODER * encoders
+
+    pending = deque((u, 0) for u in units)
+    active: dict[int, _UnitRun] = {}
+    owner: dict[int, _UnitRun] = {}
+    encoding: list = []
+    turn = 0
+
+    def start(unit, attempt):
+        r = _UnitRun(unit, attempt)
+        r.gen = decode.remote(unit, ctx_ref)
+        active[unit.index] = r
+        owner[id(r.gen)] = r
+
+    def finish(r, error: str | None):
+        del active[r.unit.index]
+        if error is None:
+            return
+        if r.attempt < retries:
+            pending.appendleft((r.unit, r.attempt + 1))
+        else:
+            on_failure(r.unit, error)
+
+    while pending or active:
+        while pending and len(active) < max_active:
+            start(*pending.popleft())
+        if encoding:
+            _, encoding = ray.wait(encoding, num_returns=len(encoding), timeout=0, fetch_local=False)
+        saturated = len(encoding) >= max_encoding
+        waitables = [r.commit for r in active.values() if r.commit is not None]
+        if saturated:
+            waitables += encoding
+        else:
+            waitables += [r.gen for r in active.values() if r.gen is not None]
+        if not waitables:
+            continue
+        ready, _ = ray.wait(waitables, num_returns=1, timeout=1.0, fetch_local=False)
+        for w in ready:
+            r = owner.pop(id(w), None)
+            if r is None:
+                continue            # an encode finished: capacity is back
+            if w is r.commit:
+                try:
+                    receipt = ray.get(w)
+                except RayError as e:
+                    finish(r, _describe(e))
+                    continue
+                on_receipt(receipt)
+                finish(r, None)
+                continue
+            try:
+                ref = next(r.gen)
+            except StopIteration:
+                r.gen = None
+                r.commit = commit.remote(r.unit, ctx_ref, *r.encoded)
+                owner[id(r.commit)] = r
+                continue
+            except RayError as e:
+                finish(r, _describe(e))
+                continue
+            owner[id(r.gen)] = r
+            enc = pool[turn % len(pool)].encode.remote(ref)
+            turn += 1
+            r.encoded.append(enc)
+            encoding.append(enc)
+    for actor in pool:
+        ray.kill(actor)
+
+
+def _describe(e: Exception) -> str:
+    cause = getattr(e, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(e).__name__}: {e}"
+    return text.strip().splitlines()[-1][:500] if text.strip() else type(e).__name__
+
