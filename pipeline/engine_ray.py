@@ -55,8 +55,13 @@ def _commit_task(unit, ctx, *items):
 class _Encoder:
     """A tokenizer, loaded once per actor from the artifact the driver shipped."""
 
-    def __init__(self, name: str, options: dict, files: dict, identity, shape):
+    def __init__(self, name: str, options: dict, files: dict, identity, shape, threads: int):
+        import torch
+
         from tokshard.tokenizers.registry import tokenizer_class
+        # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; on CPU-only nodes
+        # the tokenizer is the heavy stage and may use more cores than it reserves.
+        torch.set_num_threads(threads)
         self.dir = tempfile.mkdtemp(prefix="tokshard-tok-")
         for rel, data in files.items():
             path = Path(self.dir, rel)
@@ -103,7 +108,8 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
     options = {k: v for k, v in tokenizer_options.items() if k != "path"}
     encoder_cls = ray.remote(_Encoder).options(num_cpus=ENCODER_CPUS, num_gpus=gpus_per_encoder,
                                                max_restarts=3, max_task_retries=3)
-    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape)
+    threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
+    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape, threads)
             for _ in range(encoders)]
     decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
                                               _generator_backpressure_num_objects=2)
