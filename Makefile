@@ -21,6 +21,7 @@ test-slow:
 bench:
 	$(PYTHON) bench/storage.py
 	$(PYTHON) bench/loader.py
+	$(PYTHON) bench/convert.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info
