@@ -150,3 +150,24 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
     victim = files[0]
     victim.write_bytes(b"garbage")
     assert [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)] == want
+
+
+def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, tokenizer_dir, tmp_path):
+    from conftest import convert_config
+    from faulty_s3 import FaultyS3Proxy
+    from tokshard.pipeline.convert import convert
+    fs, bucket, options = s3_bucket
+    fs.put(str(photo_tars) + "/", f"{bucket}/src/", recursive=True)
+    with FaultyS3Proxy(options["endpoint_url"], every=4) as proxy:
+        flaky = {**options, "endpoint_url": proxy.url}
+        convert(convert_config([f"s3://{bucket}/src"], f"s3://{bucket}/out", tokenizer_dir,
+                               storage_options=flaky), quiet=True)
+        ds = tokshard.open(f"s3://{bucket}/out", storage_options=flaky, cache_dir=str(tmp_path / "c"))
+        streamed = sorted(i for b in ds.loader(8, rank=0, world_size=1) for i in b["id"].tolist())
+        assert proxy.injected >= 5
+    assert streamed == list(range(19))
+    # The same job without faults writes the same bytes.
+    convert(convert_config([f"s3://{bucket}/src"], f"s3://{bucket}/clean", tokenizer_dir,
+                           storage_options=options), quiet=True)
+    for rel in ("manifest.parquet", "shards/000000.parquet", "shards/000001.parquet", "shards/000002.parquet"):
+        assert fs.cat_file(f"{bucket}/out/{rel}") == fs.cat_file(f"{bucket}/clean/{rel}"), rel
