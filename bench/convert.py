@@ -4,8 +4,9 @@ Ray engine's overhead vs the local engine, on the same images in one run.
 - Images: ~5,000 real photos and random crops of them (bundled sample
   photos), as img2dataset-style WebDataset tars of JPEGs.
 - Baseline: the img2dataset resize loop over the same tars: read each JPEG
-  member (tarfile), PIL open + decode + RGB, resize the short side to 256 and
-  center-crop (what img2dataset's resizer does with `resize_mode=center_crop`),
+  member (tarfile), PIL open + decode + RGB, resize the short side to 256 with
+  img2dataset's default interpolation (area -> PIL BOX when shrinking, Lanczos
+  when enlarging) and center-crop (img2dataset's `resize_mode=center_crop`),
   one process, no tokenizer, no output. Both sides read the same tars.
 - tokshard: `convert` with the default tokenizer (256 px, 16x16 codes), zstd
   Parquet shards: decode + resize + tokenize + code + write.
@@ -59,7 +60,9 @@ def img2dataset_loop(src: Path, size: int = 256) -> tuple[float, float, int]:
                 img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
                 w, h = img.size
                 s = size / min(w, h)
-                img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+                # img2dataset's resizer defaults: "area" when shrinking, "lanczos" when enlarging.
+                resample = Image.BOX if s < 1 else Image.LANCZOS
+                img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)
                 w, h = img.size
                 left, top = (w - size) // 2, (h - size) // 2
                 img.crop((left, top, left + size, top + size)).tobytes()
