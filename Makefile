@@ -22,6 +22,7 @@ bench:
 	$(PYTHON) bench/storage.py
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
+	$(PYTHON) bench/fidelity.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default="parquet", choices=["parquet", "wds"])
     d.add_argument("--codec", default="zstd")
 
+    v = sub.add_parser("preview", help="originals beside reconstructions from the stored tokens, with PSNR")
+    v.add_argument("dataset")
+    v.add_argument("--out", required=True, help="PNG to write (originals on top, reconstructions below)")
+    v.add_argument("-n", type=int, default=8, help="samples to show (default 8)")
+    v.add_argument("--seed", type=int, default=0)
+
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
     return p
@@ -148,6 +154,26 @@ def _cmd_demo(a) -> int:
     return 0
 
 
+def _cmd_preview(a) -> int:
+    import math
+
+    import tokshard
+    from tokshard.pipeline.preview import grid_png, reconstruct
+    if a.n < 1:
+        raise UsageError("-n must be at least 1")
+    result = reconstruct(tokshard.open(a.dataset), a.n, a.seed)
+    with open(a.out, "wb") as f:
+        f.write(grid_png(result))
+    scores = [s for s in result["psnr"] if s is not None]
+    for key, score in zip(result["keys"], result["psnr"]):
+        print(f"{key}\t{'original not found' if score is None else f'{score:.2f} dB'}")
+    mean = sum(s for s in scores if math.isfinite(s)) / max(1, sum(map(math.isfinite, scores)))
+    print(f"{result['tokenizer']}: mean PSNR {mean:.2f} dB over {len(scores)} of {len(result['keys'])} "
+          f"samples -> {a.out}" if scores else
+          f"{result['tokenizer']}: originals not reachable (sources moved?); reconstructions only -> {a.out}")
+    return 0
+
+
 def _cmd_info(a) -> int:
     from tokshard.pipeline.manifest import read_manifest
     table, meta = read_manifest(a.dataset)
@@ -158,7 +184,7 @@ def _cmd_info(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
-               "info": _cmd_info}[args.command]
+               "info": _cmd_info, "preview": _cmd_preview}[args.command]
     try:
         return handler(args)
     except (UsageError, TokshardError) as e:
