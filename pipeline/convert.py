@@ -20,6 +20,7 @@ from tokshard.pipeline.manifest import write_manifest, write_timings
 from tokshard.pipeline.shard_writers import FORMATS
 from tokshard.pipeline.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
+from tokshard.pipeline.video import ClipConfig
 from tokshard.pipeline.views import decode_resolution, view_names
 from tokshard.pipeline.worker import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
 from tokshard.tokenizers.base import canonical_json, sha256_hex
@@ -46,6 +47,10 @@ class ConvertConfig:
     storage_options: dict | None = None
     columns: dict = field(default_factory=dict)   # image/caption/label/key column names for Parquet sources
     views: str = "none"                           # none | hflip | tencrop: stored views per image
+    clip_frames: int | None = None                # set: a video job, one sample per clip of this many frames
+    clip_fps: float | None = None                 # sample frames at this rate (default: the source's)
+    clip_stride: int | None = None                # sampled frames between clip starts (default: clip_frames)
+    max_clips: int = 64                           # clips per video at most
     engine: str = "local"                         # local | ray
     address: str | None = None                    # Ray cluster address ("auto" inside `ray job submit`)
     encoders: int = 0                             # Ray tokenizer actors (0: one per GPU, else 1)
@@ -113,6 +118,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         opts["resolution"] = cfg.resolution
     tok = load_tokenizer(cfg.tokenizer, opts)
     views = view_names(cfg.views)
+    clip = _clip_config(cfg)
     try:
         decode = DecodeConfig(resolution=decode_resolution(cfg.views, tok.resolution), resize_mode=cfg.resize_mode,
                               max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size)
@@ -132,7 +138,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     ctx = UnitContext(fs=fs, root=root, format=cfg.format, tokenizer=TokenizerInfo.of(tok), codec=codec,
                       decode=decode,
                       job_hash=job_hash, decode_workers=cfg.decode_workers,
-                      storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views)
+                      storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views, clip=clip,
+                      clip_shape=_clip_shape(tok, clip))
     if codec.needs_fit:
         _fit_codec(ctx, tok, units, cfg.codec_fit_samples)
     _save_tokenizer(tok, fs, root)
@@ -181,7 +188,9 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "tokshard_version": __version__, "format": cfg.format, "codec": codec.describe(),
         "tokenizer": {"name": tok.name, **identity.as_dict(), "config": tok.config(),
                       "vocab_size": tok.vocab_size, "path": "tokenizer"},
-        "grid": list(tok.grid_shape), "views": list(views), "token_dtype": token_dtype(tok.vocab_size).name,
+        "grid": list(tok.grid_shape), "views": list(views), "sample_shape": list(ctx.sample_shape),
+        "video": None if clip is None else {**asdict(clip), "tokenized": "per_clip" if ctx.clip_shape else "per_frame"},
+        "token_dtype": token_dtype(tok.vocab_size).name,
         "decode": asdict(decode), "sources": list(cfg.sources), "job_hash": job_hash,
         "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
         "codec_state": "codec/state.bin" if state is not None else None,
@@ -192,6 +201,28 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         k: float(r["timings"].get(k, 0.0)) for k in ("decode_s", "encode_s", "write_s")}} for r in receipts])
     elapsed = time.perf_counter() - started
     return {"dataset": dataset, "elapsed_s": elapsed, "units_reused": done_before}
+
+
+def _clip_config(cfg: ConvertConfig) -> ClipConfig | None:
+    if cfg.clip_frames is None:
+        return None
+    if cfg.views != "none":
+        raise UsageError("--views applies to images; a video job stores clips")
+    try:
+        return ClipConfig(frames=cfg.clip_frames, fps=cfg.clip_fps, stride=cfg.clip_stride,
+                          max_clips=cfg.max_clips)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _clip_shape(tok, clip: ClipConfig | None) -> tuple[int, ...] | None:
+    """Codes of one clip from a clip (3-D) tokenizer; None: frame by frame."""
+    if clip is None or not hasattr(tok, "clip_grid_shape"):
+        return None
+    try:
+        return tuple(tok.clip_grid_shape(clip.frames))
+    except ValueError as e:
+        raise UsageError(f"tokenizer {tok.name}: {e}") from None
 
 
 def _save_tokenizer(tok, fs, root: str) -> None:

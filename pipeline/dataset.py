@@ -62,8 +62,12 @@ class TokenDataset:
                 raise ManifestError(f"{url}: codec state {rec['codec_state']} is missing") from None
         self.codec = codec_from_description(codec_desc, self.vocab_size, state)
         self.views = tuple(rec.get("views") or ("orig",))
-        # Stored codes per sample: a leading view axis when there are several views.
-        self.sample_shape = self.grid if len(self.views) == 1 else (len(self.views), *self.grid)
+        self.video = rec.get("video")
+        # Stored codes per sample: the grid, with a leading view or time axis.
+        if rec.get("sample_shape"):
+            self.sample_shape = tuple(int(d) for d in rec["sample_shape"])
+        else:
+            self.sample_shape = self.grid if len(self.views) == 1 else (len(self.views), *self.grid)
         self.tokens_per_sample = int(np.prod(self.sample_shape))
         cols = self.manifest.to_pydict()
         self.shard_names: list[str] = cols["shard"]

@@ -55,7 +55,7 @@ def _commit_task(unit, ctx, *items):
 class _Encoder:
     """A tokenizer, loaded once per actor from the artifact the driver shipped."""
 
-    def __init__(self, name: str, options: dict, files: dict, identity, shape, threads: int):
+    def __init__(self, name: str, options: dict, files: dict, identity, shape, clip_frames, threads: int):
         import torch
 
         from tokshard.tokenizers.registry import tokenizer_class
@@ -71,10 +71,10 @@ class _Encoder:
         if self.tok.identity() != identity:
             raise TokenizerError(f"tokenizer on {os.uname().nodename} has identity {self.tok.identity()}, "
                                  f"the job expects {identity}")
-        self.shape = shape
+        self.shape, self.clip_frames = shape, clip_frames
 
     def encode(self, item):
-        return encode_batch(self.tok, item, self.shape)
+        return encode_batch(self.tok, item, self.shape, self.clip_frames)
 
 
 def _artifact(tok) -> dict[str, bytes]:
@@ -109,8 +109,9 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
     encoder_cls = ray.remote(_Encoder).options(num_cpus=ENCODER_CPUS, num_gpus=gpus_per_encoder,
                                                max_restarts=3, max_task_retries=3)
     threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
-    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape, threads)
-            for _ in range(encoders)]
+    clip_frames = ctx.clip.frames if ctx.clip is not None else None
+    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape,
+                               clip_frames, threads) for _ in range(encoders)]
     decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
                                               _generator_backpressure_num_objects=2)
     commit = ray.remote(_commit_task).options(num_cpus=COMMIT_CPUS, max_retries=0)

@@ -59,7 +59,8 @@ SKIP_REASONS = (
     "duplicate_key",       # a key already seen in the same source unit
     "unsafe_key",          # a member name that tries to escape (absolute, '..')
     "unreadable_source",   # a source shard that cannot be opened or read to the end
-    "not_an_image",        # a file in a folder source that has no image extension
+    "not_an_image",        # a file in a folder source that has no image or video extension
+    "too_short",           # a video with fewer (sampled) frames than one clip
 )
 
 

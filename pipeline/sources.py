@@ -23,6 +23,8 @@ from fsspec.implementations.local import LocalFileSystem
 from tokshard.pipeline.errors import SourceError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+MEDIA_EXTS = IMAGE_EXTS + VIDEO_EXTS
 SIDECAR_EXTS = ("txt", "json", "cls")
 INPUT_FORMATS = ("auto", "folder", "wds", "parquet")
 _IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "bytes", "image_bytes")
@@ -56,7 +58,7 @@ class Record:
     skip: str | None = None          # a SKIP_REASONS value when this record is a counted skip
     detail: str = ""
     source_bytes: int = field(default=0)
-
+    media: str = "image"             # "image" | "video": what `image` holds
 
 def _fs(url: str, storage_options: dict | None):
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -202,8 +204,9 @@ def _read_tar(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
                         yield finish(current)
                     current = Record(key, None, unit.url)
                 data = tar.extractfile(member).read()
-                if ext in IMAGE_EXTS and current.image is None:
+                if ext in MEDIA_EXTS and current.image is None:
                     current.image, current.source_bytes = data, len(data)
+                    current.media = "video" if ext in VIDEO_EXTS else "image"
                 else:
                     _sidecars(current, ext, data)
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -268,10 +271,10 @@ def _read_folder(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
     for rel in unit.members:
         stem, _, ext = rel.rpartition(".")
         key = safe_key(stem if stem else rel) or rel
-        if ext.lower() not in IMAGE_EXTS:
+        if ext.lower() not in MEDIA_EXTS:
             yield Record(key, None, unit.url, skip="not_an_image", detail=rel)
             continue
-        rec = Record(key, None, unit.url)
+        rec = Record(key, None, unit.url, media="video" if ext.lower() in VIDEO_EXTS else "image")
         try:
             rec.image = fs.cat_file(posixpath.join(root, rel))
             rec.source_bytes = len(rec.image)

@@ -19,7 +19,8 @@ import json
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,7 @@ from tokshard.pipeline.errors import SkipSample
 from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.sources import Record, WorkUnit, read_unit
 from tokshard.pipeline.storage import atomic_write, join, sha256
+from tokshard.pipeline.video import ClipConfig, clip_meta, decode_clips
 from tokshard.pipeline.views import make_views, view_names
 from tokshard.schemas.v1 import SAMPLES
 from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
@@ -66,10 +68,15 @@ class UnitContext:
     storage_options: dict | None = None
     columns: dict | None = None
     views: str = "none"
+    clip: ClipConfig | None = None              # set: a video job, one sample per clip
+    clip_shape: tuple[int, ...] | None = None   # codes of one clip from a clip (3-D) tokenizer
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Stored codes per sample: the grid, with a leading view axis for multi-view."""
+        """Stored codes per sample: the grid, with a leading view axis for multi-view
+        and a leading time axis for video clips."""
+        if self.clip is not None:
+            return self.clip_shape or (self.clip.frames, *self.tokenizer.grid_shape)
         n = len(view_names(self.views))
         return tuple(self.tokenizer.grid_shape) if n == 1 else (n, *self.tokenizer.grid_shape)
 
@@ -106,30 +113,31 @@ def unit_hash(unit: WorkUnit, job_hash: str) -> str:
     return sha256_hex(canonical_json({"unit": unit.spec(), "job": job_hash}))
 
 
-def _decode(rec: Record, cfg: DecodeConfig):
+def _decode(rec: Record, decoder):
     if rec.skip:
         return rec, None
     try:
-        return rec, decode_image(rec.image, cfg)
+        return rec, decoder(rec.image)
     except SkipSample as e:
         rec.skip, rec.detail = e.reason, e.detail
         return rec, None
 
 
-def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0):
+def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0, decoder=None):
     """Decoded records in input order; skipped ones carry their reason.
 
     At most `window` records are in flight, so memory stays bounded however
-    large the source shard is.
+    large the source shard is. `decoder(bytes)` defaults to decode_image.
     """
+    decoder = decoder or partial(decode_image, cfg=cfg)
     if workers <= 1:
-        yield from (_decode(r, cfg) for r in records)
+        yield from (_decode(r, decoder) for r in records)
         return
     window = window or 4 * workers
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for rec in records:
-            pending.append(pool.submit(_decode, rec, cfg))
+            pending.append(pool.submit(_decode, rec, decoder))
             if len(pending) >= window:
                 yield pending.popleft().result()
         while pending:
@@ -150,22 +158,27 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     # A window of two batches lets the decode threads fill the next batch
     # while the consumer encodes this one.
     window = max(4 * ctx.decode_workers, 2 * tok.batch_size)
-    for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers, window):
+    decoder = None
+    if ctx.clip is not None:
+        decoder = partial(decode_clips, decode=ctx.decode, clip=ctx.clip)
+        window = 2 * ctx.decode_workers  # a video holds many frames: fewer in flight
+    for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers, window, decoder):
         if dec is None:
             tail.skips[rec.skip] += 1
             continue
         rec.image = None  # the encoded bytes are no longer needed
-        kept.append((rec, dec.width, dec.height))
-        n_kept += 1
-        images.extend(make_views(dec.image, ctx.views, tok.resolution))
-        full = len(images) >= tok.batch_size
-        stop = bool(limit) and n_kept >= limit
-        if full or stop:
-            tail.decode_s += time.perf_counter() - t0
-            yield DecodedBatch(kept, np.stack(images))
-            kept, images = [], []
-            t0 = time.perf_counter()
-        if stop:
+        for sample, width, height, pixels in _samples(rec, dec, ctx):
+            kept.append((sample, width, height))
+            images.extend(pixels)
+            n_kept += 1
+            if len(images) >= tok.batch_size or n_kept == limit:
+                tail.decode_s += time.perf_counter() - t0
+                yield DecodedBatch(kept, np.stack(images))
+                kept, images = [], []
+                t0 = time.perf_counter()
+            if n_kept == limit:
+                break
+        if n_kept == limit:
             break
     if images:
         tail.decode_s += time.perf_counter() - t0
@@ -173,20 +186,41 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     yield tail
 
 
-def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...]):
-    """The encode stage: a DecodedBatch becomes an EncodedBatch; a UnitTail passes."""
+def _samples(rec: Record, dec, ctx: UnitContext):
+    """(record, width, height, images to encode) for each sample a decoded record makes."""
+    if ctx.clip is None:
+        yield rec, dec.width, dec.height, make_views(dec.image, ctx.views, ctx.tokenizer.resolution)
+        return
+    clips, width, height = dec
+    for c in clips:
+        # One sample per clip; the video's bytes count once, on its first clip.
+        meta = {**(rec.meta or {}), "video": clip_meta(c, ctx.clip)}
+        yield (replace(rec, key=f"{rec.key}_{c.index:04d}", meta=meta,
+                       source_bytes=rec.source_bytes if c.index == 0 else 0), width, height, c.frames)
+
+
+def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...], clip_frames: int | None = None):
+    """The encode stage: a DecodedBatch becomes an EncodedBatch; a UnitTail passes.
+
+    Video clips go to a clip (3-D) tokenizer whole (`encode_clips`) when it has
+    one, else frame by frame."""
     if not isinstance(item, DecodedBatch):
         return item
     t0 = time.perf_counter()
-    codes = tok.encode(item.images).reshape(-1, *shape)
-    return EncodedBatch(item.kept, codes, time.perf_counter() - t0)
+    images = item.images
+    if clip_frames is not None and hasattr(tok, "encode_clips"):
+        codes = tok.encode_clips(images.reshape(-1, clip_frames, *images.shape[1:]))
+    else:
+        codes = tok.encode(images)
+    return EncodedBatch(item.kept, codes.reshape(-1, *shape), time.perf_counter() - t0)
 
 
 def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer, limit: int | None = None):
     """Decode and encode a unit in this process: a list of EncodedBatch and the UnitTail."""
     batches, tail = [], None
+    clip_frames = ctx.clip.frames if ctx.clip is not None else None
     for item in decode_unit(unit, ctx, limit):
-        out = encode_batch(tok, item, ctx.sample_shape)
+        out = encode_batch(tok, item, ctx.sample_shape, clip_frames)
         if isinstance(out, EncodedBatch):
             batches.append(out)
         else:
