@@ -240,6 +240,11 @@ def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:
     path = join(root, "_work", "job.json")
     if fs.exists(path):
         previous = json.loads(fs.cat_file(path))
+        if previous.get("codebook_hash") != job.get("codebook_hash"):
+            raise UsageError(f"{root} holds tokens of a different tokenizer codebook "
+                             f"({previous.get('tokenizer_id')} {str(previous.get('codebook_hash'))[:12]}, now "
+                             f"{job.get('tokenizer_id')} {str(job.get('codebook_hash'))[:12]}): its codes would "
+                             "not mean the same; use a new --out")
         if previous.get("job_hash") != job_hash:
             raise UsageError(f"{root} holds a dataset made with a different config or tokenizer; "
                              "use a new --out (or delete it)")

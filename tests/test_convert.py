@@ -130,6 +130,20 @@ def test_different_config_into_same_destination_is_refused(tmp_path, photo_tars,
         convert(convert_config([photo_tars], tmp_path / "out", tokenizer_dir, codec="raw"), quiet=True)
 
 
+def test_appending_with_another_codebook_is_refused(tmp_path, photo_tars, tokenizer_dir):
+    from tokshard.tokenizers.kmeans_vq import KMeansVQ
+    convert(convert_config([photo_tars], tmp_path / "out", tokenizer_dir), quiet=True)
+    tok = KMeansVQ.load(tokenizer_dir)
+    weights = dict(tok._weights)
+    weights["centroids"] = weights["centroids"].copy()
+    weights["centroids"][0] += 1.0              # one code moved: same config, other codebook
+    other = tmp_path / "other-tok"
+    KMeansVQ(weights, patch_size=tok.patch_size, resolution=tok.resolution, fit_info=tok.fit_info).save(other)
+    assert KMeansVQ.load(other).identity().codebook_hash != tok.identity().codebook_hash
+    with pytest.raises(UsageError, match="different tokenizer codebook"):
+        convert(convert_config([photo_tars], tmp_path / "out", other), quiet=True)
+
+
 def _tar(path: Path, members: list[tuple[str, bytes]]):
     with tarfile.open(path, "w") as t:
         for name, data in members:
