@@ -16,7 +16,11 @@ from tokshard.pipeline.errors import TokenizerError, UsageError
 from tokshard.tokenizers.base import Tokenizer
 
 GROUP = "tokshard.tokenizers"
-BUILTIN = {"kmeans-vq": "tokshard.tokenizers.kmeans_vq:KMeansVQ"}
+BUILTIN = {
+    "kmeans-vq": "tokshard.tokenizers.kmeans_vq:KMeansVQ",
+    "cosmos-di": "tokshard.tokenizers.cosmos:CosmosImageTokenizer",
+    "cosmos-dv": "tokshard.tokenizers.cosmos:CosmosVideoTokenizer",
+}
 _registered: dict[str, str | type] = {}
 
 
