@@ -186,3 +186,18 @@ def test_job_entry_point_runs_a_config_file(tmp_path, photo_tars, tokenizer_dir)
     done = subprocess.run([sys.executable, "-m", "tokshard.jobs.convert", "--config", str(bad)],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "unknown field(s) ['engines']" in done.stderr
+
+
+def test_video_clips_on_ray_match_the_local_engine(ray_cluster, tmp_path, photos, tokenizer_dir):
+    from test_video import make_video
+    src = tmp_path / "videos"
+    src.mkdir()
+    wide = [img for _, img, _ in photos if img.shape[1] >= 120]
+    for i in range(3):
+        (src / f"v{i}.mp4").write_bytes(make_video(wide[i], 20))
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    convert(convert_config([src], local, tokenizer_dir, clip_frames=8, shard_size=2), quiet=True)
+    result = convert(convert_config([src], distributed, tokenizer_dir, clip_frames=8, shard_size=2, engine="ray"),
+                     quiet=True)
+    assert result["dataset"]["totals"]["samples"] == 6 and result["dataset"]["shards"] == 2
+    assert tree(local) == tree(distributed)
