@@ -19,6 +19,8 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def host_to_device(array, device: torch.device) -> torch.Tensor:
     """numpy -> tensor on `device`; pinned + non_blocking so H2D copies overlap compute on GPU."""
+    if any(stride < 0 for stride in array.strides):
+        array = array.copy()  # torch cannot wrap negative strides (e.g. a reversed view)
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)

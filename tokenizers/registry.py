@@ -20,6 +20,8 @@ BUILTIN = {
     "kmeans-vq": "tokshard.tokenizers.kmeans_vq:KMeansVQ",
     "cosmos-di": "tokshard.tokenizers.cosmos:CosmosImageTokenizer",
     "cosmos-dv": "tokshard.tokenizers.cosmos:CosmosVideoTokenizer",
+    "vqgan-taming": "tokshard.tokenizers.vqgan:TamingVQGAN",
+    "llamagen-vq16": "tokshard.tokenizers.vqgan:LlamaGenVQ",
 }
 _registered: dict[str, str | type] = {}
 
