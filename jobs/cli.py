@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("-n", type=int, default=8, help="samples to show (default 8)")
     v.add_argument("--seed", type=int, default=0)
 
+    q = sub.add_parser("query", help="SQL (DuckDB) over a dataset's views: shards, samples, dataset")
+    q.add_argument("dataset")
+    q.add_argument("sql")
+    q.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    q.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
+
+    r = sub.add_parser("verify", help="check every shard's existence, size and sha256 against the manifest")
+    r.add_argument("dataset")
+    r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
+    r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
+
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
     return p
@@ -179,6 +190,32 @@ def _cmd_preview(a) -> int:
     return 0
 
 
+def _cmd_query(a) -> int:
+    from tokshard.pipeline.query import render, run
+    columns, rows = run(a.dataset, a.sql, _storage_options(a.storage_opt))
+    print(render(columns, rows, a.format))
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from tokshard.pipeline.verify import repair, verify
+    opts = _storage_options(a.storage_opt)
+    checked, problems = verify(a.dataset, opts)
+    for p in problems:
+        print(f"shard {p.shard} ({p.path}): {p.what}")
+    if not problems:
+        print(f"ok: {checked} shards match the manifest")
+        return 0
+    if not a.repair:
+        print(f"{len(problems)} of {checked} shards do not match the manifest (re-run with --repair)")
+        return 1
+    repair(a.dataset, problems, opts)
+    _, still = verify(a.dataset, opts)
+    print(f"repaired {len(problems) - len(still)} of {len(problems)} shards"
+          + ("" if not still else f"; still bad: {', '.join(p.shard for p in still)}"))
+    return 1 if still else 0
+
+
 def _cmd_info(a) -> int:
     from tokshard.pipeline.manifest import read_manifest
     table, meta = read_manifest(a.dataset)
@@ -189,7 +226,8 @@ def _cmd_info(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
-               "info": _cmd_info, "preview": _cmd_preview}[args.command]
+               "info": _cmd_info, "preview": _cmd_preview, "query": _cmd_query,
+               "verify": _cmd_verify}[args.command]
     try:
         return handler(args)
     except (UsageError, TokshardError) as e:

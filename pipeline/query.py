@@ -1,0 +1,80 @@
+"""SQL over a dataset's manifest with DuckDB: `shards`, `samples`, `dataset`.
+
+- `shards`: the manifest, one row per shard (Arrow, zero-copy);
+- `samples`: the per-sample index, `samples/*.parquet` read by DuckDB itself
+  (so a large index is scanned lazily and filters are pushed down);
+- `dataset`: one row: the dataset record's scalar fields, plus `record` (JSON).
+
+Remote datasets (s3://...) go through the same fsspec filesystem as the rest
+of tokshard, registered with DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.manifest import read_manifest
+from tokshard.pipeline.storage import filesystem, join
+
+FORMATS = ("table", "csv", "json")
+
+
+def connect(url: str, storage_options: dict | None = None):
+    import duckdb
+    import pyarrow as pa
+
+    shards, record = read_manifest(url, storage_options)
+    fs, root = filesystem(url, storage_options)
+    con = duckdb.connect()
+    con.register("shards_arrow", shards)
+    con.execute("CREATE VIEW shards AS SELECT * FROM shards_arrow")
+    scalars = {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))}
+    dataset = pa.Table.from_pylist([{**scalars, "record": json.dumps(record, sort_keys=True)}])
+    con.register("dataset_arrow", dataset)
+    con.execute("CREATE VIEW dataset AS SELECT * FROM dataset_arrow")
+    index = join(root, "samples", "*.parquet")
+    if getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
+        con.register_filesystem(fs)
+        index = fs.unstrip_protocol(index)
+    if shards.num_rows:
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({_literal(index)})")
+    else:
+        con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
+    return con
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def run(url: str, sql: str, storage_options: dict | None = None):
+    """(column names, rows) of `sql` over the dataset's views."""
+    import duckdb
+    con = connect(url, storage_options)
+    try:
+        cur = con.execute(sql)
+    except duckdb.Error as e:
+        raise UsageError(f"query failed: {str(e).splitlines()[0]}") from None
+    if cur.description is None:
+        return [], []
+    return [d[0] for d in cur.description], cur.fetchall()
+
+
+def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1)
+    if fmt == "csv":
+        import csv
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    cells = [[str(c) for c in columns]] + [["NULL" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    line = lambda row: "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])

@@ -1,0 +1,75 @@
+"""`tokshard verify`: every shard the manifest lists exists, has its size and
+its sha256; `--repair` re-converts the ones that do not, from the sources.
+
+Repair re-runs the dataset's own job (`_work/job.json`) with the tokenizer
+copy stored in the dataset, after forgetting the bad shards' receipts: the
+convert job's exactly-once machinery redoes only those, and the manifest it
+rewrites is byte-identical when the sources are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+
+from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.manifest import read_manifest
+from tokshard.pipeline.storage import filesystem, join
+
+
+@dataclass
+class Problem:
+    shard: str
+    path: str
+    unit: int
+    what: str
+
+
+def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Problem]]:
+    """(shards checked, problems found)."""
+    import hashlib
+    table, _ = read_manifest(url, storage_options)
+    fs, root = filesystem(url, storage_options)
+    problems = []
+    rows = table.select(["shard", "path", "unit", "stored_bytes", "sha256"]).to_pylist()
+    for row in rows:
+        path = join(root, row["path"])
+        try:
+            size = fs.size(path)
+        except FileNotFoundError:
+            problems.append(Problem(row["shard"], row["path"], row["unit"], "missing"))
+            continue
+        if size != row["stored_bytes"]:
+            problems.append(Problem(row["shard"], row["path"], row["unit"],
+                                    f"{size} bytes, the manifest says {row['stored_bytes']}"))
+            continue
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != row["sha256"]:
+            problems.append(Problem(row["shard"], row["path"], row["unit"],
+                                    f"sha256 {digest.hexdigest()[:16]}..., the manifest says {row['sha256'][:16]}..."))
+    return len(rows), problems
+
+
+def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True) -> dict:
+    """Re-convert the shards in `problems` from the dataset's sources."""
+    from tokshard.pipeline.convert import ConvertConfig, convert
+    fs, root = filesystem(url, storage_options)
+    try:
+        job = json.loads(fs.cat_file(join(root, "_work", "job.json")))["config"]
+    except (FileNotFoundError, KeyError, ValueError):
+        raise UsageError(f"{url} has no readable _work/job.json: cannot tell how it was converted") from None
+    _, record = read_manifest(url, storage_options)
+    for p in problems:
+        for stale in (join(root, "_work", "units", f"{p.shard}.json"), join(root, p.path)):
+            if fs.exists(stale):
+                fs.rm_file(stale)
+    with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp:
+        # The dataset's own tokenizer copy: same weights, so the same job hash.
+        fs.get(join(root, record["tokenizer"]["path"]) + "/", tmp + "/", recursive=True)
+        cfg = ConvertConfig(**{**job, "out": url, "storage_options": storage_options,
+                               "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}})
+        return convert(cfg, quiet=quiet)

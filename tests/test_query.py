@@ -1,0 +1,80 @@
+"""tokshard query / verify on real converted datasets."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+import tokshard
+from tokshard.jobs.cli import main
+from tokshard.pipeline.query import run
+from tokshard.pipeline.verify import verify
+
+
+@pytest.fixture()
+def dataset(tmp_path, loader_datasets):
+    dest = tmp_path / "ds"
+    shutil.copytree(loader_datasets[("parquet", "zstd")], dest)
+    return dest
+
+
+def test_sql_over_shards_samples_and_dataset(dataset, capsys):
+    ds = tokshard.open(dataset)
+    _, rows = run(str(dataset), "SELECT count(*), sum(samples), sum(stored_bytes) FROM shards")
+    assert rows == [(ds.num_shards, len(ds), int(ds.shard_bytes.sum()))]
+    labels = {}
+    for _, _, _, label in ds:
+        labels[label] = labels.get(label, 0) + 1
+    _, rows = run(str(dataset), "SELECT label, count(*) FROM samples GROUP BY label")
+    assert dict(rows) == labels
+    key = ds.shard(3)["key"][4]
+    _, rows = run(str(dataset), f"SELECT shard, row FROM samples WHERE key = '{key}'")
+    assert rows == [(ds.shard_names[3], 4)]
+    _, rows = run(str(dataset), "SELECT format, json_extract_string(record, '$.codec.name') FROM dataset")
+    assert rows == [("parquet", "zstd")]
+
+    assert main(["query", str(dataset), "SELECT shard, samples FROM shards ORDER BY shard LIMIT 2",
+                 "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == [{"shard": n, "samples": int(s)} for n, s in zip(ds.shard_names[:2], ds.shard_sizes[:2])]
+    assert main(["query", str(dataset), "SELECT shard FROM shards LIMIT 1", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["shard", ds.shard_names[0]]
+    assert main(["query", str(dataset), "SELECT count(*) AS n FROM shards"]) == 0
+    assert capsys.readouterr().out.split() == ["n", "-", str(ds.num_shards)]
+
+
+def test_bad_sql_missing_or_newer_manifest_are_one_line_errors(dataset, tmp_path, capsys):
+    assert main(["query", str(dataset), "SELEC * FROM shards"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokshard: error: query failed: Parser Error") and "\n" not in err
+    assert main(["query", str(tmp_path / "nowhere"), "SELECT 1"]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    from tokshard.schemas.v1 import METADATA_KEY
+    table = pq.read_table(dataset / "manifest.parquet")
+    meta = json.loads(table.schema.metadata[METADATA_KEY]) | {"schema_version": "2.0"}
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}),
+                   dataset / "manifest.parquet")
+    assert main(["query", str(dataset), "SELECT 1"]) == 2
+    assert "newer than this tokshard supports" in capsys.readouterr().err
+
+
+def test_verify_finds_and_repairs_bad_shards(dataset, capsys):
+    original = {p.name: p.read_bytes() for p in (dataset / "shards").iterdir()}
+    manifest = (dataset / "manifest.parquet").read_bytes()
+    assert main(["verify", str(dataset)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 9 shards")
+    (dataset / "shards" / "000002.parquet").unlink()
+    victim = dataset / "shards" / "000005.parquet"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1                                   # same size, other bytes
+    victim.write_bytes(bytes(data))
+    checked, problems = verify(str(dataset))
+    assert checked == 9 and [(p.shard, p.what.split()[0]) for p in problems] == [("000002", "missing"),
+                                                                                 ("000005", "sha256")]
+    assert main(["verify", str(dataset)]) == 1
+    assert "2 of 9 shards do not match" in capsys.readouterr().out
+    assert main(["verify", str(dataset), "--repair"]) == 0
+    assert "repaired 2 of 2" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (dataset / "shards").iterdir()} == original
+    assert (dataset / "manifest.parquet").read_bytes() == manifest
