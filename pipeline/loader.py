@@ -116,6 +116,11 @@ class _Stream:
 class TokenIterable(IterableDataset):
     """Batches of one rank, as a torch IterableDataset (use with batch_size=None).
 
+    `where` selects samples with a SQL predicate over the per-sample index
+    (columns key, shard, row, label, width, height, source, size), e.g.
+    "label IN (1, 2)", without rewriting shards; the epoch order, partitioning
+    and resume then apply to the selection.
+
     A batch is a dict: "tokens" int64 (B, *grid) (1-D sequences truncated to
     `max_tokens` when given), "label" int64 (B,) (-1: none), "key" list[str],
     "id" int64 (B,) (global sample id: manifest shard offset + row). `augment`
@@ -134,7 +139,8 @@ class TokenIterable(IterableDataset):
     def __init__(self, ds, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  shuffle_buffer: int = 10_000, augment=None, prefetch_shards: int = 2,
-                 on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random"):
+                 on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
+                 where: str | None = None):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -163,6 +169,8 @@ class TokenIterable(IterableDataset):
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.buffer = shuffle_buffer if shuffle else 0
         self.augment, self.prefetch, self.on_error, self.max_tokens = augment, prefetch_shards, on_error, max_tokens
+        self.where = where
+        self.selection = None if where is None else _select(ds, where)
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
 
@@ -179,7 +187,7 @@ class TokenIterable(IterableDataset):
         return plan
 
     def _replay(self):
-        plan = ((0, len(self.ds)),)
+        plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
         for seg, (world, batches) in enumerate(self.history):
             pieces = []
             for r in range(world):
@@ -192,6 +200,16 @@ class TokenIterable(IterableDataset):
                 pieces.extend(plan_slice(span, fed, n))
             plan = tuple(pieces)
         return plan
+
+    def _selected_positions(self) -> np.ndarray:
+        """Stream positions (this epoch's shard order) of the selected samples, in stream order."""
+        ds, ids = self.ds, self.selection
+        order = shard_order(ds.num_shards, self.seed, self.epoch, self.shuffle)
+        place = np.empty_like(order)
+        place[order] = np.arange(len(order))
+        starts = np.concatenate([[0], np.cumsum(ds.shard_sizes[order])])[:-1].astype(np.int64)
+        shard = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
+        return np.sort(starts[place[shard]] + (ids - ds.shard_offsets[shard]))
 
     def num_batches(self) -> int:
         """Batches this rank yields in the current epoch segment (from its start)."""
@@ -342,6 +360,15 @@ class TokenIterable(IterableDataset):
         return batch
 
 
+def _select(ds, where: str) -> np.ndarray:
+    """Sorted global sample ids of the samples matching `where` (SQL over the sample index)."""
+    from tokshard.pipeline.query import run
+    _, rows = run(ds.url, f"SELECT shard, row FROM samples WHERE {where}", ds.storage_options)
+    index = {name: i for i, name in enumerate(ds.shard_names)}
+    ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
+    return np.unique(ids)
+
+
 def _lookup(span, virtual: np.ndarray) -> np.ndarray:
     """Global positions at the given virtual positions of `span`."""
     out = np.empty(len(virtual), np.int64)
@@ -429,7 +456,7 @@ class TokenLoader:
                 "batches": it.start_batch, "world_size": it.world_size,
                 "history": [list(h) for h in it.history], "seed": it.seed,
                 "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
-                "drop_last": it.drop_last}
+                "drop_last": it.drop_last, "where": it.where}
 
     def load_state_dict(self, state: dict) -> None:
         it = self.iterable
@@ -438,8 +465,8 @@ class TokenLoader:
         if state["dataset"] != it.ds.job_hash:
             raise UsageError("the loader state belongs to a different dataset")
         mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
-                "shuffle_buffer": it.buffer, "drop_last": it.drop_last}
-        diff = {k: (state[k], v) for k, v in mine.items() if state[k] != v}
+                "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise UsageError("the loader state was saved with other settings, so its order differs: " +
                              ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))

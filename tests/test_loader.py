@@ -228,3 +228,26 @@ def test_real_augmentations_in_workers_keep_semantics_and_resume(loader_datasets
     tail = collect(resumed)
     assert same(head + tail, full)
     assert all(torch.equal(x["target"], y["target"]) for x, y in zip(head + tail, full))
+
+
+def test_where_selects_samples_without_rewriting_shards(loader_datasets):
+    ds = tokshard.open(loader_datasets[("parquet", "zstd")])
+    want = {i for i, _, _, label in ds if label in (1, 4)}
+    assert 0 < len(want) < len(ds)
+    for world, workers in ((1, 1), (2, 2), (3, 1)):
+        seen = []
+        for rank in range(world):
+            batches = rank_batches(ds, rank, world, workers, where="label IN (1, 4)")
+            assert all(set(b["label"].tolist()) <= {1, 4} for b in batches)
+            seen += ids(batches)
+        assert Counter(seen) == Counter(want)
+    kw = dict(rank=0, world_size=1, where="label IN (1, 4)", **OPTS)
+    full = collect(ds.loader(4, **kw))
+    head = collect(ds.loader(4, **kw), 3)
+    resumed = ds.loader(4, num_workers=2, **kw)
+    resumed.load_state_dict(ds.loader(4, **kw).state_dict() | {"batches": 3})
+    assert same(head + collect(resumed), full)
+    with pytest.raises(UsageError, match="where="):
+        ds.loader(4, rank=0, world_size=1, **OPTS).load_state_dict(ds.loader(4, **kw).state_dict())
+    with pytest.raises(UsageError, match="query failed"):
+        ds.loader(4, where="no_such_column = 1")
