@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from results_md import write_section  # bench/ is the script's folder, so on sys.path
+
 HEADING = "## Conversion speed"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 CROPS_PER_PHOTO = 260
 SHARD = 250
 
@@ -155,10 +155,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: table, text) if pattern.search(text) else text.rstrip() + "\n\n" + table
-    RESULTS.write_text(text)
+    write_section(HEADING, table)
     return 0
 
 

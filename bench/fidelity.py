@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import datetime
 import io
-import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from results_md import write_section  # bench/ is the script's folder, so on sys.path
+
 HEADING = "## Tokenizer fidelity"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def main() -> int:
@@ -68,10 +67,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: table, text) if pattern.search(text) else text.rstrip() + "\n\n" + table
-    RESULTS.write_text(text)
+    write_section(HEADING, table)
     return 0
 
 

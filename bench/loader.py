@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,8 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from results_md import write_section  # bench/ is the script's folder, so on sys.path
+
 HEADING = "## Loader throughput"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 REPEAT = 40
 BATCH = 256
 TARGET_SAMPLES = 200_000
@@ -203,10 +203,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(HEADING) + r".*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: table, text) if pattern.search(text) else text.rstrip() + "\n\n" + table
-    RESULTS.write_text(text)
+    write_section(HEADING, table)
     return 0
 
 

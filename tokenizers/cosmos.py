@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from tokshard.pipeline.errors import TokenizerError
+from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
 from tokshard.tokenizers.device import host_to_device, pick_device
 
@@ -122,26 +123,7 @@ def parse_model_name(name: str) -> dict[str, Any] | None:
 
 # --- option parsing ------------------------------------------------------------
 def _int_option(value, name: str, *, minimum: int = 1) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise TokenizerError(f"option {name} must be an integer, got {value!r}") from None
-    if out < minimum:
-        raise TokenizerError(f"option {name} must be >= {minimum}, got {out}")
-    return out
-
-
-def _bool_option(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise TokenizerError(f"option {name} must be true or false, got {value!r}")
+    return None if value is None or value == "" else as_int(value, name, minimum)
 
 
 def _precision_option(value) -> str | None:
@@ -501,7 +483,7 @@ class _CosmosDiscrete(Tokenizer):
             "spatial_compression": _int_option(options.get("spatial_compression"), "spatial_compression")
             or cfg.get("spatial_compression") or (named or {}).get("spatial"),
             "levels": _levels_option(options.get("levels")) or _levels_option(cfg.get("levels")) or DEFAULT_LEVELS,
-            "probe": _bool_option(options.get("probe", True), "probe"),
+            "probe": as_bool(options.get("probe", True), "probe"),
             "expected_encoder_sha256": doc.get("encoder_sha256"),
         }
         kwargs.update(cls._load_extra(options, cfg, named))

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokshard.pipeline.errors import TokenizerError
+from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.base import Tokenizer, canonical_json
 from tokshard.tokenizers.device import host_to_device, pick_device
 from tokshard.tokenizers.vq_layers import LLAMAGEN, TAMING, Naming, VQAutoencoder, nearest_code
@@ -147,27 +148,6 @@ def _digest(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 # --- options arriving as CLI strings ------------------------------------------------------
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise TokenizerError(f"option {name}={value!r} is not a boolean (true/false)")
-
-
-def _as_int(value: Any, name: str, minimum: int = 1) -> int:
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise TokenizerError(f"option {name}={value!r} is not an integer") from None
-    if out < minimum:
-        raise TokenizerError(f"option {name}={value!r} must be >= {minimum}")
-    return out
-
 
 def _read_config_text(value: Any, presets: Mapping[str, dict]) -> dict:
     """`config` option: a dict, a preset name, inline JSON, or a .json/.yaml file."""
@@ -412,11 +392,11 @@ class VQGANTokenizer(Tokenizer):
             return option if option is not None else stored.get(name, default)
 
         layout = pick(channels_last, "channels_last", None)
-        tok = cls(sd, arch, device=device, batch_size=_as_int(batch_size, "batch_size"),
-                  resolution=_as_int(pick(resolution, "resolution", cls.default_resolution(arch)), "resolution"),
+        tok = cls(sd, arch, device=device, batch_size=as_int(batch_size, "batch_size"),
+                  resolution=as_int(pick(resolution, "resolution", cls.default_resolution(arch)), "resolution"),
                   precision=str(pick(precision, "precision", "fp32")),
-                  channels_last=None if layout is None else _as_bool(layout, "channels_last"),
-                  micro_batch=_as_int(pick(micro_batch, "micro_batch", DEFAULT_MICRO_BATCH), "micro_batch"),
+                  channels_last=None if layout is None else as_bool(layout, "channels_last"),
+                  micro_batch=as_int(pick(micro_batch, "micro_batch", DEFAULT_MICRO_BATCH), "micro_batch"),
                   source=doc.get("source", {}) if stored else {"checkpoint": weights_file.name, "state_key": key},
                   label=str(weights_file))
         expected = doc.get("weights_sha256") if stored else None
@@ -563,7 +543,7 @@ class LlamaGenVQ(VQGANTokenizer):
             raise TokenizerError(f"llamagen-vq16 config: unknown keys {unknown} (known: {list(cls._KEYS)})")
         arch = {**cls.presets[cls.default_preset], **raw}
         arch["encoder_ch_mult"], arch["decoder_ch_mult"] = list(arch["encoder_ch_mult"]), list(arch["decoder_ch_mult"])
-        arch["codebook_l2_norm"] = _as_bool(arch["codebook_l2_norm"], "codebook_l2_norm")
+        arch["codebook_l2_norm"] = as_bool(arch["codebook_l2_norm"], "codebook_l2_norm")
         _positive_ints(arch, ("ch", "encoder_ch_mult", "decoder_ch_mult", "num_res_blocks", "z_channels",
                               "codebook_size", "codebook_embed_dim"), "llamagen-vq16")
         if len(arch["encoder_ch_mult"]) != len(arch["decoder_ch_mult"]):
