@@ -3,8 +3,12 @@
 Builds img2dataset-style tars from the bundled photos (plus random crops),
 converts them with every token codec using the default tokenizer, and reports
 bytes/image and ratios against baselines measured in the same run: the raw
-uint16 payload, the source JPEG bytes, the empirical order-0 entropy of the
-tokens, and SeiT-style per-image gzip of the 2-byte codes.
+uint16 payload, the source JPEG bytes, the Parquet-native column (dictionary
+encoding + zstd, as the raw codec stores it), the empirical order-0 entropy of
+the tokens, the conditional entropy under the rans-ctx context model, and
+SeiT-style per-image gzip of the 2-byte codes. Also: decode speed of the
+fitted codecs against zstd (one core, batches of 256 images), and a held-out
+variant of the fitted codecs (fit on one half of the images, code the other).
 
     python bench/storage.py          # or: make bench
 
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
-import re
+import os
 import sys
 import tempfile
 import time
@@ -25,12 +29,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from tokshard.pipeline.codecs import codec_from_description, get_codec
 from tokshard.pipeline.convert import ConvertConfig, convert
 from tokshard.pipeline.sample_data import write_img2dataset_shards
 
+from results_md import write_section  # bench/ is the script's folder, so on sys.path
+
 HEADING = "## Storage per codec (bundled photos)"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-CODECS = ("raw", "bitpack", "zstd", "zstd-dict")
+CODECS = ("raw", "bitpack", "zstd", "zstd-dict", "rans-unigram", "rans-ctx")
+CROPS_PER_PHOTO = 15
+SPEED_CODECS = ("zstd", "rans-unigram", "rans-ctx")   # zstd: the baseline
+SEIT_TARGET = 0.85       # issue 6: at least 15% fewer bytes than SeiT's gzip of byte codes
+SPEED_TARGET = 20_000    # issue 6: images/s per core, 256-token images
 RUNS = [("parquet", c) for c in CODECS] + [("wds", "zstd-dict")]
 
 
@@ -51,14 +61,93 @@ def entropy_bits(tokens: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def conditional_entropy_bits(keys: np.ndarray, values: np.ndarray) -> float:
+    """Plug-in H(value | key) in bits per item (the in-sample bound for a static model
+    with exactly these contexts, model cost not counted)."""
+    if not len(values):
+        return 0.0
+    _, joint = np.unique(np.stack([keys, values]), axis=1, return_counts=True)
+    _, marg = np.unique(keys, return_counts=True)
+    return float(((marg * np.log2(marg)).sum() - (joint * np.log2(joint)).sum()) / len(values))
+
+
+def context_entropy_bits(codec, tokens: list[np.ndarray]) -> float:
+    """H(X | rans-ctx contexts) per token: the event given its context, plus for literals
+    the code given the literal context (both plug-in, in-sample)."""
+    m = codec._model()
+    ev, ctx_e, ctx_l, sym = (a.reshape(-1) for a in m.contexts(np.stack(tokens).astype(np.int64)))
+    lit = ev == m.n_ev - 1
+    return (conditional_entropy_bits(ctx_e, ev)
+            + lit.mean() * conditional_entropy_bits(ctx_l[lit], sym[lit]))
+
+
+def parquet_column_bytes(dataset_dir: Path, column: str = "tokens") -> int:
+    """Compressed bytes of one column's chunks (all row groups, all shards)."""
+    total = 0
+    for path in sorted((dataset_dir / "shards").glob("*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                if rg.column(c).path_in_schema.split(".")[0] == column:
+                    total += rg.column(c).total_compressed_size
+    return total
+
+
+def decode_speed(codec, tokens: list[np.ndarray], batch: int = 256, images: int = 4096,
+                 repeats: int = 5) -> float:
+    """Images/s of codec.decode_batch on batches of `batch` images, best of `repeats`,
+    this process pinned to one core."""
+    reps = -(-images // len(tokens))
+    samples = (tokens * reps)[:images]
+    payloads = codec.encode_batch(samples)
+    batches = [payloads[i:i + batch] for i in range(0, len(payloads), batch)]
+    n = samples[0].size
+    for b, p in enumerate(codec.decode_batch(batches[0], n)):
+        assert np.array_equal(p, samples[b]), f"{codec.name}: decode differs"
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for b in batches:
+            codec.decode_batch(b, n)
+        best = min(best, time.perf_counter() - t)
+    return len(payloads) / best
+
+
+def bits_per_token(codec, tokens: list[np.ndarray]) -> float:
+    return 8 * sum(map(len, codec.encode_batch(tokens))) / sum(t.size for t in tokens)
+
+
+def held_out(tokens: list[np.ndarray], per_photo: int) -> list[tuple]:
+    """Fitted codecs on data they were not fitted on: (split, fit n, coded n, H0, gzip,
+    rans-unigram, rans-ctx) in bits/token."""
+    n = len(tokens)
+    half = (n // per_photo) // 2 * per_photo
+    splits = [("other crops of the same photos (fit on even, code odd samples)",
+               tokens[0::2], tokens[1::2]),
+              (f"other photos (fit on the first {half // per_photo} photos and their crops, "
+               f"code the other {(n - half) // per_photo})", tokens[:half], tokens[half:])]
+    rows = []
+    for label, fit, test in splits:
+        gz = 8 * sum(len(gzip.compress(t.astype("<u2").tobytes(), compresslevel=9)) for t in test) \
+            / sum(t.size for t in test)
+        bits = []
+        for name in ("rans-unigram", "rans-ctx"):
+            c = get_codec(name, 1024)
+            c.fit(fit)
+            bits.append(bits_per_token(c, test))
+        rows.append((label, len(fit), len(test), entropy_bits(np.concatenate(test)), gz, *bits))
+    return rows
+
+
 def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
         tmp = Path(tmp)
         src = tmp / "src"
-        write_img2dataset_shards(src, crops_per_photo=15, shard_size=100)
+        write_img2dataset_shards(src, crops_per_photo=CROPS_PER_PHOTO, shard_size=100)
 
-        results = {}
+        results, descs, states = {}, {}, {}
         for fmt, codec in RUNS:
             name = codec if fmt == "parquet" else f"{codec} (wds)"
             out = tmp / (codec if fmt == "parquet" else f"{codec}-{fmt}")
@@ -66,11 +155,16 @@ def main() -> int:
             r = convert(ConvertConfig(sources=[str(src)], out=str(out), format=fmt, codec=codec),
                         quiet=True)
             results[name] = r["dataset"]["totals"]
-            if fmt == "parquet" and codec == "zstd-dict":
-                dict_bytes = (out / "codec" / "state.bin").stat().st_size
+            if fmt == "parquet":
+                descs[codec] = r["dataset"]["codec"]
+                state_path = out / "codec" / "state.bin"
+                states[codec] = state_path.read_bytes() if state_path.exists() else None
             print(f"converted {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
         tokens = token_arrays(tmp / "raw")
+        parquet_col = parquet_column_bytes(tmp / "raw")
+    dict_bytes = len(states["zstd-dict"])
+    codecs = {c: codec_from_description(descs[c], 1024, states[c]) for c in CODECS}
 
     base = results["raw"]
     n, src_bytes = base["samples"], base["source_bytes"]
@@ -84,26 +178,71 @@ def main() -> int:
     h0 = entropy_bits(np.concatenate(tokens))
     gz = [len(gzip.compress(t.astype("<u2").tobytes(), compresslevel=9)) for t in tokens]
     gz_bytes = float(np.mean(gz))
+    h_ctx = context_entropy_bits(codecs["rans-ctx"], tokens)
+    for c in ("rans-unigram", "rans-ctx"):   # the stored payloads are what the codec writes
+        stored = 8 * results[c]["payload_bytes"] / base["tokens"]
+        assert abs(bits_per_token(codecs[c], tokens) - stored) < 1e-9, c
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if affinity:
+        os.sched_setaffinity(0, {min(affinity)})
+    try:
+        speed = {c: decode_speed(codecs[c], tokens) for c in SPEED_CODECS}
+    finally:
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+    held = held_out(tokens, CROPS_PER_PHOTO + 1)   # samples are photo-major: a photo, then its crops
+
+    def row(label, total_bytes, stored="", state=""):
+        return (label, f"{total_bytes / n:.1f}", f"{8 * total_bytes / base['tokens']:.2f}", stored,
+                f"{100 * total_bytes / src_bytes:.2f}%",
+                f"{total_bytes / sum(gz):.3f}", f"{total_bytes / base['payload_bytes']:.3f}", state)
 
     rows = []
     for name, t in results.items():
-        pay, sto = t["payload_bytes"] / n, t["stored_bytes"] / n
-        rows.append((name, f"{pay:.1f}", f"{8 * t['payload_bytes'] / t['tokens']:.2f}", f"{sto:.1f}",
-                     f"{100 * t['payload_bytes'] / src_bytes:.2f}%",
-                     f"{100 * t['stored_bytes'] / src_bytes:.2f}%",
-                     f"{t['payload_bytes'] / base['payload_bytes']:.3f}"))
-    rows.append(("gzip -9 per image (SeiT-style)", f"{gz_bytes:.1f}", f"{8 * gz_bytes / tok_per_img:.2f}",
-                 "", f"{100 * sum(gz) / src_bytes:.2f}%", "", f"{sum(gz) / base['payload_bytes']:.3f}"))
-    rows.append(("order-0 entropy H0 (bound for per-token codes)", f"{h0 * tok_per_img / 8:.1f}",
-                 f"{h0:.2f}", "", f"{100 * h0 * base['tokens'] / 8 / src_bytes:.2f}%", "",
-                 f"{h0 / 16:.3f}"))
+        st = states.get(name) if "(" not in name else None
+        rows.append(row(name, t["payload_bytes"], f"{t['stored_bytes'] / n:.1f}",
+                        f"{len(st):,}" if st is not None else ""))
+    rows.append(row("Parquet dictionary + zstd column (the raw codec's stored `tokens` column)",
+                    parquet_col))
+    rows.append(row("gzip -9 per image of the 2-byte codes (SeiT-style)", sum(gz)))
+    rows.append(row("order-0 entropy H0 (bound for per-token codes)", h0 * base["tokens"] / 8))
+    rows.append(row("conditional entropy H(X given rans-ctx contexts), plug-in", h_ctx * base["tokens"] / 8))
 
     header = ("codec", "payload B/img", "bits/token", "stored B/img", "payload % of JPEG",
-              "stored % of JPEG", "payload / raw")
+              "vs SeiT gzip", "payload / raw", "codec state B")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     table = "\n".join(lines)
     print(table)
+
+    sp_lines = ["| codec | images/s (one core, decode_batch of 256 images) | vs zstd |", "|---|---:|---:|"]
+    sp_lines += [f"| {c} | {speed[c]:,.0f} | {speed[c] / speed['zstd']:.2f}x |" for c in SPEED_CODECS]
+    speed_table = "\n".join(sp_lines)
+    print(speed_table)
+
+    ho_lines = ["| fitted on / coded | fit images | coded images | H0 of coded | SeiT gzip | "
+                "rans-unigram | rans-ctx | rans-ctx vs gzip |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ho_lines += [f"| {lab} | {nf} | {nt} | {h:.2f} | {g:.2f} | {u:.2f} | {c:.2f} | {c / g:.3f} |"
+                 for lab, nf, nt, h, g, u, c in held]
+    held_table = "\n".join(ho_lines)
+    print(held_table)
+
+    ctx_bits = 8 * results["rans-ctx"]["payload_bytes"] / base["tokens"]
+    uni_bits = 8 * results["rans-unigram"]["payload_bytes"] / base["tokens"]
+    gz_bits = 8 * sum(gz) / base["tokens"]
+    ctx_state = len(states["rans-ctx"])
+    worst_ho = max(c / g for *_, g, _, c in held)
+    met = lambda ok: "met" if ok else "NOT met"   # noqa: E731
+    targets = (
+        f"Targets (issue 6, same tokens, same run): rans-ctx at least 15% fewer bytes than SeiT's "
+        f"gzip of byte codes: {ctx_bits:.2f} vs {gz_bits:.2f} bits/token = {ctx_bits / gz_bits:.3f}x, "
+        f"{met(ctx_bits <= SEIT_TARGET * gz_bits)} (held out: at worst {worst_ho:.3f}x, "
+        f"{met(worst_ho <= SEIT_TARGET)}); below H0: {ctx_bits:.2f} vs {h0:.2f}, {met(ctx_bits < h0)}; "
+        f"decode >= {SPEED_TARGET:,} images/s per core (256-token images): "
+        f"{speed['rans-ctx']:,.0f}, {met(speed['rans-ctx'] >= SPEED_TARGET)}."
+    )
+    print(targets)
 
     by = {name: t for name, t in results.items()}
     bp = by["bitpack"]["payload_bytes"] / n
@@ -131,6 +270,36 @@ def main() -> int:
         f"{by['zstd-dict (wds)']['stored_bytes'] / n:,.0f} B/img because each of a sample's 4 tar "
         f"members takes a 512-byte header plus padding to 512 bytes."
     )
+    interp_rans = (
+        f"The rANS codecs (`--codec rans-unigram`, `--codec rans-ctx`) fit a static model per "
+        f"dataset (here on all {n} images, i.e. in-sample, like zstd-dict; the held-out table "
+        f"below fits on one half and codes the other). rans-unigram lands at H0 plus the coder's "
+        f"8-byte final state carrying a 32-bit checksum ({uni_bits:.2f} vs {h0:.2f} bits/token). "
+        f"rans-ctx codes each token as an event (same as left / same as up / literal) in a "
+        f"context of the neighbours' code classes and equalities, then literals given the "
+        f"classes of the left and upper codes: {ctx_bits:.2f} bits/token, {100 * (1 - ctx_bits / h0):.0f}% "
+        f"below H0 and {100 * (1 - ctx_bits / gz_bits):.0f}% below SeiT-style gzip, against a "
+        f"plug-in conditional entropy of {h_ctx:.2f} bits/token for its contexts (the in-sample "
+        f"bound for those contexts when the model costs nothing; the codec pays for smoothing, "
+        f"quantization and 8 bytes of state/checksum per image). Its model (codec/state.bin, "
+        f"{ctx_state:,} B) is stored once per dataset and is not in the totals: on these {n} images "
+        f"it is {ctx_state / n:.0f} B/img, more than the payload, so for a dataset this small rans-ctx "
+        f"with its state counted would lose to gzip; its table sizes do not grow with the data, so "
+        f"on 100k images the state is ~{ctx_state / 100_000:.1f} B/img and on ImageNet-1k (1.28M) "
+        f"{ctx_state / 1_281_167:.2f} B/img. Held out, the unigram model is hurt most: the default "
+        f"tokenizer's codebook is fitted on these same {n // (CROPS_PER_PHOTO + 1)} photos, so the "
+        f"codes a photo uses differ a lot from photo to photo, and a photo the model never saw has "
+        f"little in common with the fit data's code histogram; rans-ctx stays far below gzip there "
+        f"because most of its gain (copies of a neighbour) does not depend on which codes a photo "
+        f"uses. Decode speed is per core, measured on this machine in this run, "
+        f"{'with' if affinity else 'without'} pinning to one CPU; the loader calls decode_batch on "
+        f"batches of 256, and rans-ctx decodes such a batch in lockstep (one numpy step per token "
+        f"position for all 256 streams). That is {speed['zstd'] / speed['rans-ctx']:.0f}x slower "
+        f"than zstd, so a loader reading a rans-ctx dataset is capped near "
+        f"{speed['rans-ctx']:,.0f} images/s per core, below the 50,000 samples/s loader target "
+        f"of issue 3 that the zstd default meets: rans-ctx trades decode speed for bytes and is "
+        f"opt-in (`--codec rans-ctx`); add loader workers to scale it."
+    )
 
     section = "\n".join([
         HEADING, "",
@@ -140,23 +309,15 @@ def main() -> int:
         f"16x16 grid at 256 px. Run time {time.perf_counter() - t0:.0f} s.", "",
         table, "",
         interp, "",
+        interp_rans, "",
+        "Decode speed (same run):", "",
+        speed_table, "",
+        "Held out (bits/token; H0 and gzip of the coded images, computed on them):", "",
+        held_table, "",
+        targets, "",
     ])
-    write_section(section)
+    write_section(HEADING, section.rstrip("\n") + "\n")
     return 0
-
-
-def write_section(section: str) -> None:
-    intro = ("# Benchmark results\n\nFigures are ratios against baselines measured in the same run; "
-             "reproduce with `make bench`.\n")
-    text = RESULTS.read_text() if RESULTS.exists() else intro
-    if not text.startswith("# Benchmark results"):
-        text = intro + "\n" + text
-    pattern = re.compile(r"^" + re.escape(HEADING) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

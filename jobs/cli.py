@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder, .tar/.parquet file, glob or {00000..00099} pattern; local or fsspec URL")
     c.add_argument("--out", required=True, help="destination dataset folder")
     c.add_argument("--format", default="parquet", choices=["parquet", "wds"])
-    c.add_argument("--codec", default="zstd", help="raw | bitpack | zstd | zstd-dict (default zstd)")
+    c.add_argument("--codec", default="zstd",
+                   help="raw | bitpack | zstd | zstd-dict | rans-unigram | rans-ctx (default zstd)")
     c.add_argument("--codec-opt", action="append", metavar="KEY=VALUE", help="codec parameter, e.g. level=19")
     c.add_argument("--tokenizer", default="kmeans-vq")
     c.add_argument("--tokenizer-opt", action="append", metavar="KEY=VALUE",

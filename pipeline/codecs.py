@@ -462,3 +462,8 @@ def codec_from_description(desc: dict, vocab_size: int, state: bytes | None) -> 
                          f"the description's {want}")
     codec.load_state(state)
     return codec
+
+
+# The rANS entropy codecs ("rans-unigram", "rans-ctx"). That module adds its codecs to
+# CODECS itself, so it works whichever of the two modules is imported first.
+from . import codec_entropy as _codec_entropy  # noqa: E402,F401

@@ -262,7 +262,8 @@ def _fit_codec(ctx: UnitContext, tok, units, limit: int) -> None:
     dtype = token_dtype(ctx.tokenizer.vocab_size)
     for unit in units:
         batches, _ = tokenize_unit(unit, ctx, tok, limit=limit - len(samples))
-        samples += [c.reshape(-1).astype(dtype) for b in batches for c in b.codes]
+        # Shaped (grid, views or frames): context-modelling codecs read the geometry from it.
+        samples += [c.astype(dtype) for b in batches for c in b.codes]
         if len(samples) >= limit:
             break
     ctx.codec.fit(samples)

@@ -82,7 +82,7 @@ def convert_config(sources, out, tokenizer_dir, **kw):
 # Uneven source files so the shards come out uneven (30-row units cut per file).
 LOADER_SOURCE_SIZES = (50, 23, 71, 9, 60)
 LOADER_VARIANTS = (("parquet", "zstd"), ("wds", "raw"), ("parquet", "raw"), ("wds", "bitpack"),
-                   ("parquet", "zstd-dict"))
+                   ("parquet", "zstd-dict"), ("parquet", "rans-ctx"))
 
 
 @pytest.fixture(scope="session")

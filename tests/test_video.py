@@ -118,6 +118,18 @@ def test_fps_and_stride_sample_the_frames(tmp_path, videos, tokenizer_dir):
     assert times == pytest.approx([0.2, 0.3, 0.4, 0.5], abs=1e-3)
 
 
+def test_context_codec_learns_the_clip_geometry(tmp_path, videos, tokenizer_dir):
+    root, _ = videos
+    dest = tmp_path / "ds"
+    result = convert(convert_config([root], dest, tokenizer_dir, clip_frames=8, codec="rans-ctx"), quiet=True)
+    params = result["dataset"]["codec"]["params"]
+    assert (params["width"], params["plane"]) == (8, 64)      # rows of 8 codes, 8x8 codes per frame
+    plain = tmp_path / "plain"
+    convert(convert_config([root], plain, tokenizer_dir, clip_frames=8, codec="raw"), quiet=True)
+    want = {k: t for _, k, t, _ in tokshard.open(plain)}
+    assert all(np.array_equal(t, want[k]) for _, k, t, _ in tokshard.open(dest))
+
+
 def test_video2dataset_tars(tmp_path, videos, tokenizer_dir):
     _, data = videos
     tar_path = tmp_path / "00000.tar"
