@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install system-deps demo test test-slow bench clean
 
 # torch is installed first, pinned: it is the CPU build on the build machines'
 # disk, and asking for it alone keeps pip from resolving a CUDA build.
@@ -12,7 +12,11 @@ install:
 demo:
 	tokshard demo --out demo-out
 
-test:
+# Headless Chromium renders `tokshard report` pages in the tests (Debian's package).
+system-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: system-deps
 	pytest -q -n 2 --dist loadgroup -m "not slow"
 
 test-slow:

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
+    h = sub.add_parser("report", help="a static HTML page: storage, token frequency, shards, skips, preview")
+    h.add_argument("dataset")
+    h.add_argument("--out", required=True, help="HTML file to write")
+    h.add_argument("-n", type=int, default=8, help="samples in the preview grid (default 8)")
+
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
     return p
@@ -217,6 +222,13 @@ def _cmd_verify(a) -> int:
     return 1 if still else 0
 
 
+def _cmd_report(a) -> int:
+    from tokshard.pipeline.report import write_report
+    write_report(a.dataset, a.out, a.n)
+    print(f"report: {a.out}")
+    return 0
+
+
 def _cmd_info(a) -> int:
     from tokshard.pipeline.manifest import read_manifest
     table, meta = read_manifest(a.dataset)
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
                "info": _cmd_info, "preview": _cmd_preview, "query": _cmd_query,
-               "verify": _cmd_verify}[args.command]
+               "verify": _cmd_verify, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except (UsageError, TokshardError) as e:

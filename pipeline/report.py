@@ -1,0 +1,128 @@
+"""`tokshard report DEST --out report.html`: one static page about a dataset.
+
+Self-contained (inline SVG charts, the preview grid as an embedded PNG), so it
+can be mailed or dropped into a bucket. Sections: summary, storage per image
+(source JPEG bytes vs raw / coded / stored token bytes), token frequency
+(rank vs count, log-log: how far from uniform the codes are, which is what
+entropy coding exploits), samples per shard, skips by reason, and originals
+beside reconstructions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+
+import numpy as np
+
+from tokshard.pipeline.errors import TokshardError
+
+MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
+
+
+def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
+    """A horizontal bar chart as inline SVG."""
+    width, row, label_w = 640, 22, 220
+    top = max((v for _, v in items), default=0) or 1
+    rows = []
+    for i, (name, value) in enumerate(items):
+        w = (width - label_w - 90) * value / top
+        y = 28 + i * row
+        rows.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>'
+                    f'<rect class="bar" x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{row - 6}"/>'
+                    f'<text x="{label_w + w + 4:.1f}" y="{y + 14}">{value:,.1f}{unit}</text>')
+    h = 36 + len(items) * row
+    return (f'<svg class="chart" role="img" aria-label="{html.escape(title)}" width="{width}" height="{h}">'
+            f'<text class="title" x="0" y="16">{html.escape(title)}</text>{"".join(rows)}</svg>')
+
+
+def _loglog(title: str, counts: np.ndarray) -> str:
+    """Rank (x) vs count (y) of the codes, log-log, as an inline SVG polyline."""
+    width, height, pad = 640, 320, 48
+    counts = np.sort(counts[counts > 0])[::-1]
+    if not len(counts):
+        return f"<p>{html.escape(title)}: no tokens</p>"
+    xmax, ymax, ymin = math.log10(len(counts)) or 1, math.log10(counts[0]) or 1, 0.0
+    pts = []
+    for rank, c in enumerate(counts, 1):
+        x = pad + (width - 2 * pad) * math.log10(rank) / xmax
+        y = height - pad - (height - 2 * pad) * (math.log10(c) - ymin) / (ymax - ymin or 1)
+        pts.append(f"{x:.1f},{y:.1f}")
+    axes = (f'<line class="axis" x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}"/>'
+            f'<line class="axis" x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}"/>'
+            f'<text x="{width // 2}" y="{height - 12}" text-anchor="middle">code rank (log, 1..{len(counts)})</text>'
+            f'<text x="12" y="{pad - 10}">count (log, max {counts[0]:,})</text>')
+    return (f'<svg class="chart" role="img" aria-label="{html.escape(title)}" width="{width}" height="{height}">'
+            f'<text class="title" x="0" y="16">{html.escape(title)}</text>{axes}'
+            f'<polyline class="line" points="{" ".join(pts)}"/></svg>')
+
+
+def token_counts(ds, max_shards: int = MAX_FREQUENCY_SHARDS) -> np.ndarray:
+    counts = np.zeros(ds.vocab_size, np.int64)
+    step = max(1, ds.num_shards // max_shards)
+    for i in range(0, ds.num_shards, step):
+        tokens = ds.shard(i)["tokens"]
+        counts += np.bincount(tokens.reshape(-1).astype(np.int64), minlength=ds.vocab_size)[: ds.vocab_size]
+    return counts
+
+
+def build(ds, preview: dict | None, preview_png: bytes | None) -> str:
+    rec = ds.record
+    totals = rec.get("totals", {})
+    n = max(1, int(totals.get("samples", 0)))
+    counts = token_counts(ds)
+    p = counts[counts > 0] / max(1, counts.sum())
+    h0 = float(-(p * np.log2(p)).sum()) if len(p) else 0.0
+    summary = [
+        ("samples", f"{totals.get('samples', 0):,}"), ("shards", f"{ds.num_shards:,}"),
+        ("tokenizer", f"{rec['tokenizer']['tokenizer_id']} ({ds.vocab_size} codes, grid {list(ds.grid)})"),
+        ("sample shape", str(list(ds.sample_shape))), ("codec", ds.codec.name), ("format", rec.get("format", "")),
+        ("stored", f"{totals.get('stored_bytes', 0):,} B ({totals.get('stored_bytes', 0) / n:,.1f} B/sample)"),
+        ("source", f"{totals.get('source_bytes', 0):,} B"),
+        ("order-0 entropy", f"{h0:.2f} bits/token (codes used: {int((counts > 0).sum())} of {ds.vocab_size})"),
+    ]
+    storage = [(k, totals.get(f"{k}_bytes", 0) / n) for k in ("source", "raw", "payload", "stored")]
+    sizes = ds.shard_sizes
+    shown = [(name, float(s)) for name, s in zip(ds.shard_names, sizes)][:40]
+    skips = sorted(rec.get("skipped_by_reason", {}).items(), key=lambda kv: -kv[1])
+    parts = [
+        "<h2>Summary</h2><table>" + "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>",
+        '<h2 id="storage">Storage per sample</h2>' + _bars("bytes per sample", storage, " B"),
+        '<h2 id="tokens">Token frequency</h2>' + _loglog("code frequency, rank vs count", counts),
+        '<h2 id="shards">Samples per shard</h2>' + _bars(
+            f"samples per shard (first {len(shown)} of {ds.num_shards}; min {sizes.min() if len(sizes) else 0}, "
+            f"max {sizes.max() if len(sizes) else 0})", shown),
+        '<h2 id="skips">Skipped inputs</h2>' + (_bars("skipped by reason", [(k, float(v)) for k, v in skips])
+                                                if skips else "<p>none</p>"),
+    ]
+    if preview_png is not None:
+        scores = [s for s in preview["psnr"] if s is not None and math.isfinite(s)]
+        caption = (f"mean PSNR {sum(scores) / len(scores):.2f} dB over {len(scores)} samples"
+                   if scores else "originals not reachable: reconstructions only")
+        parts.append('<h2 id="preview">Originals (top) and reconstructions from the tokens (bottom)</h2>'
+                     f'<img alt="preview grid" src="data:image/png;base64,{base64.b64encode(preview_png).decode()}">'
+                     f"<p>{html.escape(caption)}</p>")
+    title = f"tokshard report: {ds.url}"
+    style = ("body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}th{text-align:left;padding-right:1em}"
+             ".bar{fill:#4a7bd0}.line{fill:none;stroke:#d04a4a;stroke-width:2}.axis{stroke:#444}"
+             ".title{font-weight:bold}svg text{font-size:12px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
+
+
+def write_report(url: str, out: str, n_preview: int = 8, storage_options: dict | None = None) -> str:
+    import tokshard
+    from tokshard.pipeline.preview import grid_png, reconstruct
+    ds = tokshard.open(url, storage_options=storage_options)
+    preview = png = None
+    try:
+        preview = reconstruct(ds, n_preview)
+        png = grid_png(preview)
+    except (NotImplementedError, TokshardError):
+        pass  # a tokenizer without a decoder, a remote dataset, no samples: no preview section
+    page = build(ds, preview, png)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    return page

@@ -1,0 +1,74 @@
+"""tokshard report: a static page, rendered in headless Chromium and checked."""
+
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+import tokshard
+from tokshard.jobs.cli import main
+from tokshard.pipeline.convert import convert
+from tokshard.pipeline.report import token_counts
+
+from conftest import convert_config
+
+CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp_path, *args):
+    exe = shutil.which("chromium")
+    assert exe, "Debian's chromium is needed (make test installs it)"
+    return subprocess.run([exe, *CHROMIUM, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+class Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def handle_starttag(self, tag, attrs):
+        self.found.append((tag, dict(attrs)))
+
+
+def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsys):
+    dest = tmp_path / "ds"
+    (photo_folder / "notes.pdf").write_bytes(b"%PDF-1.4")          # one counted skip
+    convert(convert_config([photo_folder], dest, tokenizer_dir, shard_size=7), quiet=True)
+    out = tmp_path / "report.html"
+    assert main(["report", str(dest), "--out", str(out), "-n", "4"]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {out}"
+
+    # The DOM as Chromium built it (not the file as written): the charts and the preview are there.
+    dom = chromium(tmp_path, "--dump-dom", out.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    parser = Elements()
+    parser.feed(dom.stdout)
+    charts = [a.get("aria-label") for t, a in parser.found if t == "svg"]
+    assert charts == ["bytes per sample", "code frequency, rank vs count",
+                      next(c for c in charts if c.startswith("samples per shard")), "skipped by reason"]
+    ds = tokshard.open(dest)
+    used = int((token_counts(ds) > 0).sum())
+    points = re.search(r'<polyline class="line" points="([^"]+)"', dom.stdout).group(1).split()
+    assert len(points) == used > 1
+    assert len([1 for t, a in parser.found if t == "rect" and a.get("class") == "bar"]) == 4 + ds.num_shards + 1
+    assert "not_an_image" in dom.stdout and "mean PSNR" in dom.stdout
+    assert any(t == "img" and a.get("src", "").startswith("data:image/png;base64,") for t, a in parser.found)
+
+    # The picture: the preview grid is drawn (not a broken image) and the charts have colour.
+    shot = tmp_path / "shot.png"
+    r = chromium(tmp_path, f"--screenshot={shot}", "--window-size=900,2600", out.as_uri())
+    assert r.returncode == 0 and shot.exists(), r.stderr
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    bar_blue = (np.abs(pixels - (0x4a, 0x7b, 0xd0)).sum(-1) < 30).sum()
+    line_red = (np.abs(pixels - (0xd0, 0x4a, 0x4a)).sum(-1) < 30).sum()
+    assert bar_blue > 2000 and line_red > 200
+    # Colourful pixels that are not chart colours come from the photos in the preview grid
+    # (text is black on white; a broken image draws nothing).
+    chroma = pixels.max(-1) - pixels.min(-1)
+    chart = (np.abs(pixels - (0x4a, 0x7b, 0xd0)).sum(-1) < 60) | (np.abs(pixels - (0xd0, 0x4a, 0x4a)).sum(-1) < 60)
+    assert ((chroma > 60) & ~chart).sum() > 5000
