@@ -27,6 +27,7 @@ bench:
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
 	$(PYTHON) bench/fidelity.py
+	$(PYTHON) bench/query.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info

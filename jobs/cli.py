@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default="table", choices=["table", "csv", "json"])
     q.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
+    k = sub.add_parser("lookup", help="where a sample key lives (shard, row, offset, ...)")
+    k.add_argument("dataset")
+    k.add_argument("key")
+    k.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    k.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
+
     r = sub.add_parser("verify", help="check every shard's existence, size and sha256 against the manifest")
     r.add_argument("dataset")
     r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
@@ -203,6 +209,16 @@ def _cmd_query(a) -> int:
     return 0
 
 
+def _cmd_lookup(a) -> int:
+    from tokshard.pipeline.query import lookup, render
+    columns, rows = lookup(a.dataset, a.key, _storage_options(a.storage_opt))
+    if not rows:
+        print(f"tokshard: no sample with key {a.key!r}", file=sys.stderr)
+        return 1
+    print(render(columns, rows, a.format))
+    return 0
+
+
 def _cmd_verify(a) -> int:
     from tokshard.pipeline.verify import repair, verify
     opts = _storage_options(a.storage_opt)
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
                "info": _cmd_info, "preview": _cmd_preview, "query": _cmd_query,
-               "verify": _cmd_verify, "report": _cmd_report}[args.command]
+               "verify": _cmd_verify, "report": _cmd_report, "lookup": _cmd_lookup}[args.command]
     try:
         return handler(args)
     except (UsageError, TokshardError) as e:

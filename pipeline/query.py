@@ -61,6 +61,36 @@ def run(url: str, sql: str, storage_options: dict | None = None):
     return [d[0] for d in cur.description], cur.fetchall()
 
 
+def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[list[str], list[tuple]]:
+    """Where `key` lives: its rows of the per-sample index.
+
+    The manifest's per-shard key ranges route the lookup to the one or few
+    index files that can hold the key, so it costs one small read however
+    many shards there are (shards of pre-1.1 manifests, without ranges, are
+    all searched).
+    """
+    import io
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tokshard.schemas.v1 import SAMPLES
+    shards, _ = read_manifest(url, storage_options)
+    fs, root = filesystem(url, storage_options)
+    if "key_min" in shards.column_names:
+        lo, hi = shards.column("key_min"), shards.column("key_max")
+        hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
+        candidates = shards.filter(pc.fill_null(hit, True)).column("shard").to_pylist()
+    else:
+        candidates = shards.column("shard").to_pylist()
+    rows = []
+    for shard in candidates:
+        data = fs.cat_file(join(root, "samples", f"{shard}.parquet"))
+        table = pq.read_table(io.BytesIO(data), filters=[("key", "=", key)])
+        rows += [tuple(r.values()) for r in table.to_pylist()]
+    return list(SAMPLES.names), rows
+
+
 def render(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format {fmt!r} (one of {', '.join(FORMATS)})")

@@ -272,6 +272,8 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail)
         **identity.as_dict(), "grid": list(info.grid_shape), "source_shards": [unit.url],
         "unit": unit.index, "skipped": sum(skips.values()),
         "skipped_by_reason": [{"reason": r, "count": c} for r, c in sorted(skips.items())],
+        "key_min": min((s.key for s in samples), default=None),
+        "key_max": max((s.key for s in samples), default=None),
     }
     receipt = {"unit_hash": unit_hash(unit, ctx.job_hash), "shard": row, "timings": timings}
     # The receipt is written last: its presence means the unit is committed.

@@ -6,7 +6,7 @@ adds nullable columns or metadata keys.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"   # 1.1: shards.key_min/key_max
 METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
 
 
@@ -59,6 +59,8 @@ SHARDS = pa.schema([
     ("unit", pa.int64()),
     ("skipped", pa.int64()),
     ("skipped_by_reason", pa.list_(SKIP)),
+    ("key_min", pa.string()),               # smallest / largest sample key in the shard (byte order):
+    ("key_max", pa.string()),               # routes a key lookup to one sample-index file
 ])
 
 TIMINGS = pa.schema([

@@ -78,3 +78,25 @@ def test_verify_finds_and_repairs_bad_shards(dataset, capsys):
     assert "repaired 2 of 2" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (dataset / "shards").iterdir()} == original
     assert (dataset / "manifest.parquet").read_bytes() == manifest
+
+
+def test_lookup_routes_a_key_to_its_shard(dataset, capsys):
+    ds = tokshard.open(dataset)
+    table = pq.read_table(dataset / "manifest.parquet")
+    lo, hi = table.column("key_min").to_pylist(), table.column("key_max").to_pylist()
+    for i in range(ds.num_shards):
+        keys = ds.shard(i)["key"]
+        assert (lo[i], hi[i]) == (min(keys), max(keys))
+    from tokshard.pipeline.query import lookup
+    key = ds.shard(6)["key"][2]
+    columns, rows = lookup(str(dataset), key)
+    assert len(rows) == 1 and dict(zip(columns, rows[0]))["shard"] == ds.shard_names[6]
+    assert dict(zip(columns, rows[0]))["row"] == 2
+    assert main(["lookup", str(dataset), "no-such-key"]) == 1
+    # Routed: the other shards' index files are not read at all.
+    for p in (dataset / "samples").glob("*.parquet"):
+        if p.stem != ds.shard_names[6] and not (lo[int(p.stem)] <= key <= hi[int(p.stem)]):
+            p.unlink()
+    assert lookup(str(dataset), key)[1] == rows
+    assert main(["lookup", str(dataset), key, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["key"] == key
