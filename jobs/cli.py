@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--retries", type=int, default=2, help="extra attempts for a shard that fails (default 2)")
     c.add_argument("--storage-opt", action="append", metavar="KEY=VALUE",
                    help="fsspec storage option for s3:// etc., e.g. endpoint_url=http://127.0.0.1:9000")
+    c.add_argument("--where", help="keep only source samples this SQL predicate selects, over key, caption, "
+                                   "label and their JSON metadata fields, e.g. \"similarity > 0.3\"")
     c.add_argument("--clip-frames", type=int, help="video job: one sample per clip of N frames (mp4/webm/mkv/...)")
     c.add_argument("--clip-fps", type=float, help="sample video frames at this rate (default: the source's)")
     c.add_argument("--clip-stride", type=int, help="sampled frames between clip starts (default: --clip-frames)")
@@ -151,7 +153,7 @@ def _cmd_convert(a) -> int:
         resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format,
         max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
         decode_workers=a.decode_workers, columns=cols, views=a.views, engine=a.engine, address=a.address,
-        clip_frames=a.clip_frames, clip_fps=a.clip_fps, clip_stride=a.clip_stride, max_clips=a.max_clips,
+        where=a.where, clip_frames=a.clip_frames, clip_fps=a.clip_fps, clip_stride=a.clip_stride, max_clips=a.max_clips,
         encoders=a.encoders, gpus_per_encoder=a.gpus_per_encoder, retries=a.retries,
         storage_options=_storage_options(a.storage_opt))
     print(_summary(convert(cfg, quiet=a.quiet)))

@@ -20,6 +20,7 @@ from tokshard.pipeline.manifest import write_manifest, write_timings
 from tokshard.pipeline.shard_writers import FORMATS
 from tokshard.pipeline.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
+from tokshard.pipeline.select import check_predicate
 from tokshard.pipeline.video import ClipConfig
 from tokshard.pipeline.views import decode_resolution, view_names
 from tokshard.pipeline.worker import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
@@ -51,6 +52,7 @@ class ConvertConfig:
     clip_fps: float | None = None                 # sample frames at this rate (default: the source's)
     clip_stride: int | None = None                # sampled frames between clip starts (default: clip_frames)
     max_clips: int = 64                           # clips per video at most
+    where: str | None = None                      # keep only source samples this SQL predicate selects
     engine: str = "local"                         # local | ray
     address: str | None = None                    # Ray cluster address ("auto" inside `ray job submit`)
     encoders: int = 0                             # Ray tokenizer actors (0: one per GPU, else 1)
@@ -119,6 +121,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     tok = load_tokenizer(cfg.tokenizer, opts)
     views = view_names(cfg.views)
     clip = _clip_config(cfg)
+    if cfg.where:
+        check_predicate(cfg.where)
     try:
         decode = DecodeConfig(resolution=decode_resolution(cfg.views, tok.resolution), resize_mode=cfg.resize_mode,
                               max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size)
@@ -139,6 +143,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
                       decode=decode,
                       job_hash=job_hash, decode_workers=cfg.decode_workers,
                       storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views, clip=clip,
+                      where=cfg.where,
                       clip_shape=_clip_shape(tok, clip))
     if codec.needs_fit:
         _fit_codec(ctx, tok, units, cfg.codec_fit_samples)

@@ -61,6 +61,7 @@ SKIP_REASONS = (
     "unreadable_source",   # a source shard that cannot be opened or read to the end
     "not_an_image",        # a file in a folder source that has no image or video extension
     "too_short",           # a video with fewer (sampled) frames than one clip
+    "not_selected",        # excluded by the job's --where predicate
 )
 
 

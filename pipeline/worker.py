@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from tokshard.pipeline.codecs import TokenCodec, token_dtype
 from tokshard.pipeline.decode import DecodeConfig, decode_image
 from tokshard.pipeline.errors import SkipSample
+from tokshard.pipeline.select import select_records
 from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.sources import Record, WorkUnit, read_unit
 from tokshard.pipeline.storage import atomic_write, join, sha256
@@ -68,6 +69,7 @@ class UnitContext:
     storage_options: dict | None = None
     columns: dict | None = None
     views: str = "none"
+    where: str | None = None                    # SQL predicate over source samples' metadata
     clip: ClipConfig | None = None              # set: a video job, one sample per clip
     clip_shape: tuple[int, ...] | None = None   # codes of one clip from a clip (3-D) tokenizer
 
@@ -155,6 +157,8 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     kept, images, n_kept = [], [], 0
     t0 = time.perf_counter()
     records = read_unit(unit, ctx.storage_options, **(ctx.columns or {}))
+    if ctx.where:
+        records = select_records(records, ctx.where)
     # A window of two batches lets the decode threads fill the next batch
     # while the consumer encodes this one.
     window = max(4 * ctx.decode_workers, 2 * tok.batch_size)

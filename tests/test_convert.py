@@ -246,3 +246,29 @@ def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tok
     monkeypatch.setattr(worker, "atomic_write", real)
     convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
     assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
+
+
+def test_where_keeps_only_selected_source_samples(tmp_path, photo_tars, tokenizer_dir):
+    from tokshard.pipeline.errors import JobError
+    import json as _json
+    metas = {}
+    for tar_path in sorted(Path(photo_tars).glob("*.tar")):
+        with tarfile.open(tar_path) as t:
+            for m in t:
+                if m.name.endswith(".json"):
+                    meta = _json.loads(t.extractfile(m).read())
+                    metas[meta["key"]] = meta
+    wide = {k for k, m in metas.items() if m["width"] > 500 and "coffee" not in m["caption"]}
+    assert 0 < len(wide) < len(metas)
+    out = tmp_path / "out"
+    result = convert(convert_config([photo_tars], out, tokenizer_dir,
+                                    where="width > 500 AND caption NOT LIKE '%coffee%'"), quiet=True)
+    assert result["dataset"]["skipped_by_reason"] == {"not_selected": len(metas) - len(wide)}
+    import tokshard
+    assert {k for _, k, _, _ in tokshard.open(out)} == wide
+    for bad in ("width >>> 3", "width >", "no_such_function(width)"):
+        with pytest.raises(UsageError, match="--where is not valid"):
+            convert(convert_config([photo_tars], tmp_path / "x", tokenizer_dir, where=bad), quiet=True)
+    with pytest.raises(JobError, match="no_such_field"):
+        convert(convert_config([photo_tars], tmp_path / "y", tokenizer_dir, where="no_such_field > 1", retries=0),
+                quiet=True)
