@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
+    i.add_argument("--json", action="store_true", help="the whole dataset record as JSON")
     return p
 
 
@@ -250,7 +251,29 @@ def _cmd_report(a) -> int:
 def _cmd_info(a) -> int:
     from tokshard.pipeline.manifest import read_manifest
     table, meta = read_manifest(a.dataset)
-    print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))
+    if a.json:
+        print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))
+        return 0
+    t, tok, codec = meta.get("totals", {}), meta.get("tokenizer", {}), meta.get("codec", {})
+    n = max(1, t.get("samples", 0))
+    skips = ", ".join(f"{k} {v:,}" for k, v in meta.get("skipped_by_reason", {}).items()) or "none"
+    video = meta.get("video")
+    lines = [
+        f"dataset     {a.dataset}  (schema {meta.get('schema_version')}, tokshard {meta.get('tokshard_version')})",
+        f"samples     {t.get('samples', 0):,} in {table.num_rows:,} {meta.get('format')} shards",
+        f"tokenizer   {tok.get('tokenizer_id')}  {tok.get('vocab_size')} codes, grid {meta.get('grid')}, "
+        f"stored per sample {meta.get('sample_shape', meta.get('grid'))}",
+        f"            codebook {str(tok.get('codebook_hash'))[:16]}  config {str(tok.get('tokenizer_config_hash'))[:16]}",
+        f"codec       {codec.get('name')} v{codec.get('version')} {codec.get('params') or ''}".rstrip(),
+        f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
+        f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
+        f"skipped     {skips}",
+        f"sources     {', '.join(meta.get('sources', []))}",
+    ]
+    if video:
+        lines.append(f"video       clips of {video['frames']} frames, fps {video['fps'] or 'source'}, "
+                     f"{video['tokenized'].replace('_', ' ')}")
+    print("\n".join(lines))
     return 0
 
 

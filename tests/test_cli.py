@@ -40,9 +40,13 @@ def test_convert_and_info_through_cli(tmp_path, photo_tars, tokenizer_dir, capsy
                  "--tokenizer-opt", f"path={tokenizer_dir}", "--quiet"]) == 0
     summary = capsys.readouterr().out
     assert "images/s" in summary and "% of source bytes" in summary
-    assert main(["info", str(out)]) == 0
+    assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "wds" and info["codec"]["name"] == "bitpack" and info["totals"]["samples"] > 0
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"samples     {info['totals']['samples']:,} in 3 wds shards" in text
+    assert "codec       bitpack v1" in text and info["tokenizer"]["codebook_hash"][:16] in text
     assert main(["info", str(tmp_path)]) == 2
 
 
@@ -64,7 +68,7 @@ def test_fit_tokenizer_then_convert_with_it(tmp_path, photo_tars, capsys):
     assert main(["convert", str(photo_tars), "--out", str(out), "--tokenizer-opt", f"path={tok}",
                  "--quiet"]) == 0
     capsys.readouterr()
-    assert main(["info", str(out)]) == 0
+    assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["grid"] == [4, 4] and info["tokenizer"]["vocab_size"] == 32
     assert (out / "tokenizer" / "model.safetensors").read_bytes() == (tok / "model.safetensors").read_bytes()
