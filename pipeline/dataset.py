@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from pyarrow import ArrowException
 
 from tokshard.pipeline.codecs import codec_from_description
 from tokshard.pipeline.errors import CodecError, ManifestError, ShardError, UsageError
@@ -69,12 +70,17 @@ class TokenDataset:
         else:
             self.sample_shape = self.grid if len(self.views) == 1 else (len(self.views), *self.grid)
         self.tokens_per_sample = int(np.prod(self.sample_shape))
-        cols = self.manifest.to_pydict()
-        self.shard_names: list[str] = cols["shard"]
-        self.shard_paths: list[str] = cols["path"]
-        self.shard_sha256: list[str] = cols["sha256"]
-        self.shard_sizes = np.asarray(cols["samples"], dtype=np.int64)
-        self.shard_bytes = np.asarray(cols["stored_bytes"], dtype=np.int64)
+        try:
+            cols = self.manifest.select(["shard", "path", "sha256", "samples", "stored_bytes"]).to_pydict()
+            self.shard_names: list[str] = cols["shard"]
+            self.shard_paths: list[str] = cols["path"]
+            self.shard_sha256: list[str] = cols["sha256"]
+            self.shard_sizes = np.asarray(cols["samples"], dtype=np.int64)
+            self.shard_bytes = np.asarray(cols["stored_bytes"], dtype=np.int64)
+            if any(v is None for c in cols.values() for v in c) or (self.shard_sizes < 0).any():
+                raise ValueError("null or negative entries")
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError, ArrowException) as e:
+            raise ManifestError(f"{url}: the manifest's shard table is damaged ({type(e).__name__}: {e})") from None
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)

@@ -268,9 +268,15 @@ def _read_parquet(unit: WorkUnit, storage_options, image_column=None, caption_co
 
 def _read_folder(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
     fs, root = _fs(unit.url, storage_options)
+    seen: set[str] = set()
     for rel in unit.members:
         stem, _, ext = rel.rpartition(".")
         key = safe_key(stem if stem else rel) or rel
+        if ext.lower() in MEDIA_EXTS:
+            if key in seen:  # a.jpg + a.png, or x.y.png + x_y.png: one key, keep the first
+                yield Record(key, None, unit.url, skip="duplicate_key", detail=rel)
+                continue
+            seen.add(key)
         if ext.lower() not in MEDIA_EXTS:
             yield Record(key, None, unit.url, skip="not_an_image", detail=rel)
             continue

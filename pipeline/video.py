@@ -51,6 +51,8 @@ def decode_clips(data: bytes, decode: DecodeConfig, clip: ClipConfig) -> tuple[l
     """(clips, width, height) of a video; raises SkipSample for a bad one."""
     import av
 
+    if len(data) == 0:
+        raise SkipSample("empty_file")
     stride = clip.stride or clip.frames
     needed = (clip.max_clips - 1) * stride + clip.frames   # sampled frames that can end up in a clip
     try:
