@@ -1,8 +1,10 @@
 """A fault-injecting HTTP proxy in front of the test S3 server.
 
-Every `every`-th request is answered with an S3 error (503 SlowDown or 500
-InternalError, alternating) instead of being forwarded, so clients see the
-transient failures real object stores produce under load. Nothing is
+Every `every`-th request meets a fault instead of being forwarded, cycling
+through `faults`: "503" (SlowDown), "500" (InternalError), "reset" (the
+connection is closed without a response) and "slow" (forwarded after a
+delay), so clients see the transient failures real object stores produce
+under load. Nothing is
 mocked: the client is s3fs/botocore, the server behind is moto's.
 """
 
@@ -11,14 +13,15 @@ from __future__ import annotations
 import http.client
 import itertools
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ERRORS = [(503, "SlowDown", "Please reduce your request rate."),
-          (500, "InternalError", "We encountered an internal error. Please try again.")]
+ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
+          "500": (500, "InternalError", "We encountered an internal error. Please try again.")}
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream: str, every: int):
+    def __init__(self, upstream: str, every: int, faults=("503", "500"), delay: float = 0.5):
         host, port = upstream.removeprefix("http://").split(":")
         counter, lock = itertools.count(1), threading.Lock()
         self.injected = 0
@@ -37,15 +40,23 @@ class FaultyS3Proxy:
                 if n % every == 0:
                     with lock:
                         proxy.injected += 1
-                    status, code, message = ERRORS[(n // every) % 2]
-                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                               f"<Message>{message}</Message></Error>").encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
+                    fault = faults[(n // every) % len(faults)]
+                    if fault == "reset":
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    if fault == "slow":
+                        time.sleep(delay)
+                    else:
+                        status, code, message = ERRORS[fault]
+                        payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                                   f"<Message>{message}</Message></Error>").encode()
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
                 conn = http.client.HTTPConnection(host, int(port), timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 conn.request(self.command, self.path, body=body, headers=headers)

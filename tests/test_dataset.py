@@ -152,13 +152,14 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
     assert [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)] == want
 
 
-def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("faults", [("503", "500"), ("reset", "slow")], ids=["errors", "resets-and-slow"])
+def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, tokenizer_dir, tmp_path, faults):
     from conftest import convert_config
     from faulty_s3 import FaultyS3Proxy
     from tokshard.pipeline.convert import convert
     fs, bucket, options = s3_bucket
     fs.put(str(photo_tars) + "/", f"{bucket}/src/", recursive=True)
-    with FaultyS3Proxy(options["endpoint_url"], every=4) as proxy:
+    with FaultyS3Proxy(options["endpoint_url"], every=4, faults=faults) as proxy:
         flaky = {**options, "endpoint_url": proxy.url}
         convert(convert_config([f"s3://{bucket}/src"], f"s3://{bucket}/out", tokenizer_dir,
                                storage_options=flaky), quiet=True)
