@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from results_md import write_section  # bench/ is the script's folder, so on sys.path
+from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Conversion speed"
 CROPS_PER_PHOTO = 260
@@ -153,9 +152,7 @@ def main() -> int:
         f"best of 2.", "",
     ]
     table = "\n".join(lines)
-    print(table)
-    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    write_section(HEADING, table)
+    publish(HEADING, table, t0)
     return 0
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import datetime
 import io
-import sys
 import time
 
 import numpy as np
 
-from results_md import write_section  # bench/ is the script's folder, so on sys.path
+from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Tokenizer fidelity"
 
@@ -65,9 +64,7 @@ def main() -> int:
         f"learned VQGAN-class tokenizers (issue 5) trade pixel PSNR for perceptual quality.", "",
     ]
     table = "\n".join(lines)
-    print(table)
-    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    write_section(HEADING, table)
+    publish(HEADING, table, t0)
     return 0
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from results_md import write_section  # bench/ is the script's folder, so on sys.path
+from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Loader throughput"
 REPEAT = 40
@@ -201,9 +201,7 @@ def main() -> int:
         "",
     ]
     table = "\n".join(lines)
-    print(table)
-    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    write_section(HEADING, table)
+    publish(HEADING, table, t0)
     return 0
 
 

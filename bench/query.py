@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from results_md import write_section  # bench/ is the script's folder, so on sys.path
+from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Manifest queries at scale"
 SHARDS, PER_SHARD, INDEXED = 200_000, 10_000, 40
@@ -132,9 +131,7 @@ def main() -> int:
         f"lookup still reads one file.", "",
     ]
     section = "\n".join(lines)
-    print(section)
-    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    write_section(HEADING, section)
+    publish(HEADING, section, t0)
     return 0
 
 
