@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 
 import tokshard
 from conftest import RES, convert_config
-from test_decode import bilevel_png, jpeg_with_size, png_raw
+from test_decode import bilevel_png, enc, jpeg_with_size, png_raw
 from test_video import frames_of, make_video
 from tokshard.pipeline.convert import convert
 from tokshard.pipeline.decode import DecodeConfig, resize_array
@@ -42,12 +42,7 @@ CFG = DecodeConfig(resolution=RES)
 
 # ---------------------------------------------------------------- helpers
 
-def enc(img, fmt: str, **kw) -> bytes:
-    if isinstance(img, np.ndarray):
-        img = Image.fromarray(img)
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
+
 
 
 def resized(arr: np.ndarray) -> np.ndarray:
