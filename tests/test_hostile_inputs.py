@@ -42,9 +42,6 @@ CFG = DecodeConfig(resolution=RES)
 
 # ---------------------------------------------------------------- helpers
 
-
-
-
 def resized(arr: np.ndarray) -> np.ndarray:
     """The tokenizer input for an RGB array (the pipeline's resize, nothing else)."""
     return resize_array(np.ascontiguousarray(arr), CFG)
