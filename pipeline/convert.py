@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -71,6 +72,7 @@ class ConvertConfig:
 
 
 ENGINES = ("local", "ray")
+RECEIPT_READERS = 16
 
 
 class _Progress:
@@ -150,8 +152,11 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     _save_tokenizer(tok, fs, root)
 
     committed, todo = {}, []
-    for unit in units:
-        receipt = load_receipt(unit, ctx)
+    # Receipts are small objects, one per shard: on an object store, reading 100k+ of them
+    # one after the other takes minutes, so they are read concurrently.
+    with ThreadPoolExecutor(RECEIPT_READERS) as pool:
+        found = list(pool.map(lambda u: load_receipt(u, ctx), units))
+    for unit, receipt in zip(units, found):
         if receipt is None:
             todo.append(unit)
         else:
