@@ -25,7 +25,7 @@ from tokshard.pipeline.select import check_predicate
 from tokshard.pipeline.video import ClipConfig
 from tokshard.pipeline.views import decode_resolution, view_names
 from tokshard.pipeline.worker import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
-from tokshard.tokenizers.base import canonical_json, sha256_hex
+from tokshard.tokenizers.base import artifact_files, canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
 
 
@@ -237,12 +237,8 @@ def _clip_shape(tok, clip: ClipConfig | None) -> tuple[int, ...] | None:
 
 def _save_tokenizer(tok, fs, root: str) -> None:
     """A copy of the tokenizer artifact inside the dataset, so it decodes on its own."""
-    import tempfile
-    from pathlib import Path
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save(tmp)
-        for f in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):
-            atomic_write(fs, join(root, "tokenizer", *f.relative_to(tmp).parts), f.read_bytes())
+    for rel, data in artifact_files(tok).items():
+        atomic_write(fs, join(root, "tokenizer", *rel.split("/")), data)
 
 
 def _claim_destination(fs, root: str, job: dict, job_hash: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tokshard.pipeline.errors import TokenizerError, UsageError
 from tokshard.pipeline.worker import UnitTail, commit_unit, decode_unit, encode_batch
+from tokshard.tokenizers.base import artifact_files
 
 ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks
 COMMIT_CPUS = 0.5
@@ -77,12 +78,6 @@ class _Encoder:
         return encode_batch(self.tok, item, self.shape, self.clip_frames)
 
 
-def _artifact(tok) -> dict[str, bytes]:
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save(tmp)
-        return {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
-
-
 class _UnitRun:
     def __init__(self, unit, attempt: int):
         self.unit, self.attempt = unit, attempt
@@ -110,7 +105,7 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
                                                max_restarts=3, max_task_retries=3)
     threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
     clip_frames = ctx.clip.frames if ctx.clip is not None else None
-    pool = [encoder_cls.remote(tokenizer_name, options, _artifact(tok), tok.identity(), ctx.sample_shape,
+    pool = [encoder_cls.remote(tokenizer_name, options, artifact_files(tok), tok.identity(), ctx.sample_shape,
                                clip_frames, threads) for _ in range(encoders)]
     decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
                                               _generator_backpressure_num_objects=2)

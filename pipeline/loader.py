@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.pipeline.errors import ShardError, UsageError
-from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks,
+from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks, plan_lookup,
                                      plan_length, plan_slice, rank_slice,
                                      shard_order)
 
@@ -196,7 +196,7 @@ class TokenIterable(IterableDataset):
                 left, fed = consumed_positions(n, self.buffer, self._rank_key(seg, r, world),
                                                min(batches * self.batch_size, n))
                 if len(left):
-                    pieces.append(_lookup(span, left))
+                    pieces.append(plan_lookup(span, left))
                 pieces.extend(plan_slice(span, fed, n))
             plan = tuple(pieces)
         return plan
@@ -296,7 +296,7 @@ class TokenIterable(IterableDataset):
             nonlocal slots
             if shuf.size == 0 or not shuf.buf or slots is not None:
                 return
-            rows = stream.rows(_lookup(span, np.asarray(shuf.buf, np.int64)))
+            rows = stream.rows(plan_lookup(span, np.asarray(shuf.buf, np.int64)))
             slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
             for c, v in rows.items():
                 slots[c][: len(v)] = v
@@ -367,19 +367,6 @@ def _select(ds, where: str) -> np.ndarray:
     index = {name: i for i, name in enumerate(ds.shard_names)}
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
     return np.unique(ids)
-
-
-def _lookup(span, virtual: np.ndarray) -> np.ndarray:
-    """Global positions at the given virtual positions of `span`."""
-    out = np.empty(len(virtual), np.int64)
-    offset = 0
-    for seg in span:
-        n = (seg[1] - seg[0]) if isinstance(seg, tuple) else len(seg)
-        sel = np.nonzero((virtual >= offset) & (virtual < offset + n))[0]
-        rel = virtual[sel] - offset
-        out[sel] = seg[0] + rel if isinstance(seg, tuple) else np.asarray(seg, np.int64)[rel]
-        offset += n
-    return out
 
 
 def _next_shards(seq: list[int], start: int, count: int) -> list[int]:

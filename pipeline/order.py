@@ -87,6 +87,19 @@ def plan_positions(plan: Plan, lo: int, hi: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
+def plan_lookup(plan: Plan, virtual: np.ndarray) -> np.ndarray:
+    """Global positions at the given (any order) virtual positions of `plan`."""
+    out = np.empty(len(virtual), np.int64)
+    offset = 0
+    for seg in plan:
+        n = (seg[1] - seg[0]) if isinstance(seg, tuple) else len(seg)
+        sel = np.nonzero((virtual >= offset) & (virtual < offset + n))[0]
+        rel = virtual[sel] - offset
+        out[sel] = seg[0] + rel if isinstance(seg, tuple) else np.asarray(seg, np.int64)[rel]
+        offset += n
+    return out
+
+
 def rank_slice(plan: Plan, rank: int, world_size: int) -> Plan:
     n = plan_length(plan)
     return plan_slice(plan, n * rank // world_size, n * (rank + 1) // world_size)

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from tokshard.pipeline.order import (BufferShuffle, consumed_positions, mix64, permutation, plan_chunks,
-                                     plan_length, plan_positions, rank_slice, shard_order)
+                                     plan_length, plan_lookup, plan_positions, rank_slice, shard_order)
 
 
 def run_shuffle(length, size, key, chunks):
@@ -64,6 +64,7 @@ def test_mixed_plans_slice_and_chunk_at_shard_boundaries():
     plan = ((0, 10), np.array([42, 17, 3]), (20, 25))
     assert plan_positions(plan, 0, plan_length(plan)).tolist() == list(range(10)) + [42, 17, 3] + list(range(20, 25))
     assert plan_positions(plan, 8, 14).tolist() == [8, 9, 42, 17, 3, 20]
+    assert plan_lookup(plan, np.array([13, 0, 11, 9])).tolist() == [20, 0, 17, 9]
     bounds = np.array([0, 4, 12, 30, 50])
     chunks = list(plan_chunks(plan, bounds))
     assert chunks[0] == (0, (0, 4)) and chunks[1] == (4, (4, 10))

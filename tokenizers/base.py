@@ -101,3 +101,14 @@ class Tokenizer(abc.ABC):
             raise ValueError(
                 f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
             )
+
+
+def artifact_files(tok: "Tokenizer") -> dict[str, bytes]:
+    """The files `tok.save()` writes, as {relative posix path: bytes}, in sorted order:
+    what a dataset keeps a copy of and what a distributed engine ships to its workers."""
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(tmp)
+        return {p.relative_to(tmp).as_posix(): p.read_bytes()
+                for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
