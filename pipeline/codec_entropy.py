@@ -776,6 +776,9 @@ class _RansCodec(TokenCodec):
             if int(v.max()) >= self.vocab_size:
                 i = int(np.argmax(v))
                 esc_errors.append(f"token {int(v[i])} >= vocab_size {self.vocab_size} (lane {i})")
+                # Decoding goes on to the end (the error is raised there); later
+                # contexts index tables by this token, so keep it in range.
+                v = np.where(v >= self.vocab_size, 0, v)
             elif m.A and (m.syms(v[esc]) != esc_sym).any():
                 esc_errors.append("an escaped code that has its own symbol")
             return v, esc
