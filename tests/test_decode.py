@@ -53,7 +53,7 @@ def file_bytes(name: str) -> bytes:
 def reference(arr: np.ndarray, cfg: DecodeConfig) -> np.ndarray:
     """The module's resize applied to a full-resolution decode (no DCT scaling)."""
     im = Image.fromarray(arr).convert("RGB")
-    return decode._resize(im, im.width, im.height, 1.0, cfg)
+    return decode._resize(im, im.width, im.height, 1, cfg)
 
 
 def mad(a: np.ndarray, b: np.ndarray) -> float:
@@ -580,3 +580,19 @@ def test_fuzz_bit_flips(seed, flips):
     for pos, bit in flips:
         data[int(pos * len(data))] ^= 1 << bit
     assert_contract(bytes(data))
+
+
+def test_resampler_is_torch_antialiased_bicubic_and_close_to_pillow():
+    """The HWC out= call is F.interpolate(bicubic, antialias) exactly, and
+    within 2 levels of Pillow's BICUBIC on the same whole-pixel box."""
+    import torch
+    import torch.nn.functional as F
+    for name, size in (("astronaut", (64, 64)), ("chelsea", (256, 200)), ("coffee", (700, 500))):
+        a = np.ascontiguousarray(photo(name)[:300, :400])
+        got = decode._resample(a, *size)
+        x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
+        want = F.interpolate(x, size=size[::-1], mode="bicubic", antialias=True)[0].permute(1, 2, 0).numpy()
+        assert got.shape == (size[1], size[0], 3) and got.flags["C_CONTIGUOUS"] and got.flags["WRITEABLE"]
+        assert np.array_equal(got, want)
+        pil = np.asarray(Image.fromarray(a).resize(size, Image.BICUBIC))
+        assert np.abs(got.astype(int) - pil).max() <= 2
