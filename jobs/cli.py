@@ -81,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit-tokenizer", help="fit the patch k-means VQ tokenizer on sample images")
     f.add_argument("sources", nargs="+", metavar="SRC")
     f.add_argument("--out", required=True, help="artifact folder (config.json + model.safetensors)")
-    f.add_argument("--codebook-size", type=int, default=1024)
-    f.add_argument("--patch-size", type=int, default=16)
-    f.add_argument("--resolution", type=int, default=256)
-    f.add_argument("--pca-dim", type=int, default=64)
+    f.add_argument("--codebook-size", type=int, default=None, help="default: the default tokenizer's")
+    f.add_argument("--patch-size", type=int, default=None, help="default: the default tokenizer's")
+    f.add_argument("--resolution", type=int, default=None, help="default: the default tokenizer's")
+    f.add_argument("--pca-dim", type=int, default=None, help="default: the default tokenizer's")
     f.add_argument("--max-images", type=int, default=5000)
-    f.add_argument("--iters", type=int, default=20)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--iters", type=int, default=None, help="default: the default tokenizer's")
+    f.add_argument("--seed", type=int, default=None, help="default: the default tokenizer's")
 
     d = sub.add_parser("demo", help="convert the bundled real photos end to end (no network, no GPU)")
     d.add_argument("--out", default="demo-out")
@@ -163,9 +163,10 @@ def _cmd_convert(a) -> int:
 
 def _cmd_fit(a) -> int:
     from tokshard.pipeline.convert import fit_tokenizer_from_sources
-    tok = fit_tokenizer_from_sources(a.sources, a.out, codebook_size=a.codebook_size,
-                                     patch_size=a.patch_size, resolution=a.resolution, pca_dim=a.pca_dim,
-                                     max_images=a.max_images, iters=a.iters, seed=a.seed)
+    # Unset options take the default tokenizer's fit settings (DEFAULT_FIT).
+    given = {k: getattr(a, k) for k in ("codebook_size", "patch_size", "resolution", "pca_dim", "iters", "seed")
+             if getattr(a, k) is not None}
+    tok = fit_tokenizer_from_sources(a.sources, a.out, max_images=a.max_images, **given)
     print(f"fitted {tok.name}: {tok.vocab_size} codes, grid {tok.grid_shape}, "
           f"{tok.fit_info.get('images')} images -> {a.out}")
     return 0

@@ -276,12 +276,15 @@ def _fit_codec(ctx: UnitContext, tok, units, limit: int) -> None:
     atomic_write(ctx.fs, path, ctx.codec.state())
 
 
-def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = 5000,
-                               resolution: int = 256, seed: int = 0, **fit_kwargs):
-    """`tokshard fit-tokenizer`: decode up to `max_images` source images and fit k-means VQ."""
+def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = 5000, **fit_kwargs):
+    """`tokshard fit-tokenizer`: decode up to `max_images` source images and fit k-means VQ
+    (settings not given: those of the default tokenizer)."""
     from tokshard.pipeline.sources import read_unit
     from tokshard.pipeline.worker import decode_records
-    from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
+    from tokshard.tokenizers.kmeans_fit import DEFAULT_FIT, fit_kmeans_vq
+
+    fit_kwargs = {**DEFAULT_FIT, **fit_kwargs}
+    resolution, seed = fit_kwargs.pop("resolution"), fit_kwargs.pop("seed")
 
     units = plan_units(sources, 10_000)
     decode = DecodeConfig(resolution=resolution)

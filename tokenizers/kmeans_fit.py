@@ -18,7 +18,10 @@ DEFAULT_FIT = {
     "codebook_size": 1024,
     "patch_size": 16,
     "resolution": 256,
-    "pca_dim": 64,
+    # 32, not 64: on photos held out of the fit, k-means in the top 32 PCA
+    # directions reconstructs as well or better (21.79 vs 21.65 dB mean PSNR,
+    # two folds over the bundled photos) and encodes 1.5x faster.
+    "pca_dim": 32,
     "max_patches": 100_000,
     "iters": 20,
     "seed": 0,
@@ -80,7 +83,7 @@ def _kmeanspp(z: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit_kmeans_vq(images: Iterable[np.ndarray], *, codebook_size: int = 1024, patch_size: int = 16,
-                  resolution: int = 256, pca_dim: int = 64, max_patches: int = 100_000,
+                  resolution: int = 256, pca_dim: int = 32, max_patches: int = 100_000,
                   iters: int = 20, seed: int = 0, provenance: dict | None = None) -> KMeansVQ:
     """Fit on (R, R, 3) uint8 images already at `resolution`."""
     torch.manual_seed(seed)
@@ -128,14 +131,14 @@ def default_artifact() -> Path:
     from tokshard.pipeline.sample_data import sample_images
     from tokshard.pipeline.decode import DecodeConfig, resize_array
 
-    key = sha256_hex(canonical_json({"fit": DEFAULT_FIT, "data": "bundled-photos/1"}))[:16]
+    key = sha256_hex(canonical_json({"fit": DEFAULT_FIT, "data": "bundled-photos/2"}))[:16]
     path = cache_dir() / "tokenizers" / f"kmeans-vq-default-{key}"
     if (path / "config.json").exists():
         return path
     fit = dict(DEFAULT_FIT)
     cfg = DecodeConfig(resolution=fit["resolution"])
     images = [resize_array(img, cfg) for _, img, _ in sample_images(crops_per_photo=24, seed=fit["seed"])]
-    tok = fit_kmeans_vq(images, **fit, provenance={"data": "bundled-photos/1", "images": len(images)})
+    tok = fit_kmeans_vq(images, **fit, provenance={"data": "bundled-photos/2", "images": len(images)})
     path.parent.mkdir(parents=True, exist_ok=True)
     # Concurrent first uses (workers, tests) each fit; the first rename wins.
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))

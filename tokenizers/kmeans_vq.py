@@ -75,6 +75,11 @@ class KMeansVQ(Tokenizer):
                          for k, v in weights.items()}
         t = {k: torch.from_numpy(v.astype(np.float32)).to(self.device) for k, v in self._weights.items()}
         self._mean, self._basis, self._centroids, self._decoder = t["mean"], t["basis"], t["centroids"], t["decoder"]
+        # z = (x/255 - mean) @ basis, folded so the uint8 pixels enter the matmul
+        # as they are: one pass over the patches instead of three.
+        self._basis_u8 = (self._basis / 255.0).contiguous()
+        self._mean_z = (self._mean @ self._basis).contiguous()
+        self._centroids_t = self._centroids.T.contiguous()
         self._centroid_sq = (self._centroids ** 2).sum(1)
 
     # --- interface -------------------------------------------------------
@@ -121,10 +126,10 @@ class KMeansVQ(Tokenizer):
 
     def _nearest(self, images: torch.Tensor) -> torch.Tensor:
         """Nearest centroid of every patch: argmin ||c||^2 - 2 z.c (||z||^2 is common to all)."""
-        z = (self._patches(images) - self._mean) @ self._basis
+        z = torch.addmm(self._mean_z, self._patches(images), self._basis_u8, beta=-1.0)
         # One fused matmul into a cache-sized distance block: the (patches x codes)
         # matrix is the whole cost, and three full-size temporaries made it memory-bound.
-        return torch.addmm(self._centroid_sq, z, self._centroids.T, beta=1.0, alpha=-2.0).argmin(dim=1)
+        return torch.addmm(self._centroid_sq, z, self._centroids_t, beta=1.0, alpha=-2.0).argmin(dim=1)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -140,9 +145,10 @@ class KMeansVQ(Tokenizer):
         return (img * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
     def _patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, H, W, 3) uint8 -> (n*h*w, p*p*3) float32 pixel values, patch-major, in one copy."""
         n, (h, w), p = len(images), self.grid_shape, self.patch_size
-        x = images.to(torch.float32) / 255.0
-        return x.view(n, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(n * h * w, p * p * 3)
+        x = images.view(n, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).view(n * h * w, p * p * 3)
 
     # --- artifact ----------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
