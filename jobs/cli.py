@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process (default); ray: decode tasks + tokenizer actors on a Ray cluster")
     c.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    c.add_argument("--encoders", type=int, default=0, help="Ray tokenizer actors (default: one per GPU, else 1)")
+    c.add_argument("--encoders", type=int, default=0,
+                   help="Ray tokenizer actors (default: one per GPU; without GPUs none: each shard runs whole in one task)")
     c.add_argument("--gpus-per-encoder", type=float, help="GPUs per tokenizer actor (default 1 if any, else 0)")
     c.add_argument("--retries", type=int, default=2, help="extra attempts for a shard that fails (default 2)")
     c.add_argument("--storage-opt", action="append", metavar="KEY=VALUE",

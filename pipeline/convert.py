@@ -56,7 +56,7 @@ class ConvertConfig:
     where: str | None = None                      # keep only source samples this SQL predicate selects
     engine: str = "local"                         # local | ray
     address: str | None = None                    # Ray cluster address ("auto" inside `ray job submit`)
-    encoders: int = 0                             # Ray tokenizer actors (0: one per GPU, else 1)
+    encoders: int = 0                             # Ray tokenizer actors (0: one per GPU; no GPU: whole-unit tasks)
     gpus_per_encoder: float | None = None         # None: 1 where the cluster has GPUs, else 0
     retries: int = 2                              # extra attempts for a unit that fails
 

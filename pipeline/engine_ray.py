@@ -9,6 +9,13 @@ tokenizer), which is the backpressure that lets decode and encode overlap
 without filling the object store. Ray schedules, restarts dead actors and
 re-runs lost tasks; a unit whose tasks fail is retried as a whole, and one
 that still fails is reported and left out of the manifest.
+
+A cluster without GPUs gets no actors unless asked (`encoders`): there the
+tokenizer is CPU work like decoding, and shipping every decoded pixel to
+another process on the same node only adds copies and an actor start-up
+(a new process importing torch) to the job. Each unit runs whole in one
+task instead (the local engine's `process_unit`), the tokenizer loaded once
+per worker process.
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ from collections import deque
 from pathlib import Path
 
 from tokshard.pipeline.errors import TokenizerError, UsageError
-from tokshard.pipeline.worker import UnitTail, commit_unit, decode_unit, encode_batch
+from tokshard.pipeline.worker import UnitTail, commit_unit, decode_unit, encode_batch, process_unit
 from tokshard.tokenizers.base import artifact_files
 
 ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks
 COMMIT_CPUS = 0.5
 BATCHES_PER_ENCODER = 3
+# While the tokenizer actors start (a new process importing torch and loading
+# weights: ~1-2 s, a fifth of a 5k-image job on 2 cores) the decode tasks need
+# not wait: up to this many decoded batches per actor may queue for them.
+WARMUP_BATCHES_PER_ENCODER = 16
 
 
 def init_ray(address: str | None):
@@ -53,29 +64,56 @@ def _commit_task(unit, ctx, *items):
     return commit_unit(unit, ctx, list(batches), tail)
 
 
+# Per worker process: the tokenizers this process has loaded, by identity.
+_LOADED: dict = {}
+
+
+def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: int):
+    """The job's tokenizer, rebuilt from the artifact files the driver shipped."""
+    import torch
+
+    from tokshard.tokenizers.registry import tokenizer_class
+    # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; on CPU-only nodes
+    # the tokenizer is the heavy stage and may use more cores than it reserves.
+    torch.set_num_threads(threads)
+    directory = tempfile.mkdtemp(prefix="tokshard-tok-")
+    for rel, data in files.items():
+        path = Path(directory, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    tok = tokenizer_class(name).from_options(path=directory, **options)
+    if tok.identity() != identity:
+        raise TokenizerError(f"tokenizer on {os.uname().nodename} has identity {tok.identity()}, "
+                             f"the job expects {identity}")
+    return tok
+
+
 class _Encoder:
     """A tokenizer, loaded once per actor from the artifact the driver shipped."""
 
     def __init__(self, name: str, options: dict, files: dict, identity, shape, clip_frames, threads: int):
-        import torch
-
-        from tokshard.tokenizers.registry import tokenizer_class
-        # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; on CPU-only nodes
-        # the tokenizer is the heavy stage and may use more cores than it reserves.
-        torch.set_num_threads(threads)
-        self.dir = tempfile.mkdtemp(prefix="tokshard-tok-")
-        for rel, data in files.items():
-            path = Path(self.dir, rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-        self.tok = tokenizer_class(name).from_options(path=self.dir, **options)
-        if self.tok.identity() != identity:
-            raise TokenizerError(f"tokenizer on {os.uname().nodename} has identity {self.tok.identity()}, "
-                                 f"the job expects {identity}")
+        self.tok = _load_tokenizer(name, options, files, identity, threads)
         self.shape, self.clip_frames = shape, clip_frames
 
     def encode(self, item):
         return encode_batch(self.tok, item, self.shape, self.clip_frames)
+
+    def ready(self) -> bool:
+        return True
+
+
+def _unit_task(unit, ctx, spec: list):
+    """A whole unit in this worker (clusters without GPUs). `spec` is [ref] to
+    (name, options, files, identity): fetched only by a process that has not
+    loaded this tokenizer yet."""
+    import ray
+    key = (spec[0].hex(),)
+    tok = _LOADED.get(key)
+    if tok is None:
+        name, options, files, identity = ray.get(spec[0])
+        _LOADED.clear()         # a long-lived worker keeps only the current job's tokenizer
+        tok = _LOADED[key] = _load_tokenizer(name, options, files, identity, threads=1)
+    return process_unit(unit, ctx, tok)
 
 
 class _UnitRun:
@@ -96,11 +134,16 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
 
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
+    options = {k: v for k, v in tokenizer_options.items() if k != "path"}
+    if encoders <= 0 and not gpus and not gpus_per_encoder:
+        spec = ray.put((tokenizer_name, options, artifact_files(tok), tok.identity()))
+        _run_whole_units(ray, units, ray.put(ctx), spec, int(resources.get("CPU", 1)),
+                         retries=retries, on_receipt=on_receipt, on_failure=on_failure)
+        return
     if gpus_per_encoder is None:
         gpus_per_encoder = 1 if gpus else 0
     if encoders <= 0:
         encoders = max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1
-    options = {k: v for k, v in tokenizer_options.items() if k != "path"}
     encoder_cls = ray.remote(_Encoder).options(num_cpus=ENCODER_CPUS, num_gpus=gpus_per_encoder,
                                                max_restarts=3, max_task_retries=3)
     threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
@@ -114,6 +157,7 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
     decode_slots = max(1, int(resources.get("CPU", 1) - encoders * ENCODER_CPUS - COMMIT_CPUS))
     max_active = decode_slots + 2
     max_encoding = BATCHES_PER_ENCODER * encoders
+    warming = [actor.ready.remote() for actor in pool]
 
     pending = deque((u, 0) for u in units)
     active: dict[int, _UnitRun] = {}
@@ -141,7 +185,9 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
             start(*pending.popleft())
         if encoding:
             _, encoding = ray.wait(encoding, num_returns=len(encoding), timeout=0, fetch_local=False)
-        saturated = len(encoding) >= max_encoding
+        if warming:
+            _, warming = ray.wait(warming, num_returns=len(warming), timeout=0, fetch_local=False)
+        saturated = len(encoding) >= (WARMUP_BATCHES_PER_ENCODER * encoders if warming else max_encoding)
         waitables = [r.commit for r in active.values() if r.commit is not None]
         if saturated:
             waitables += encoding
@@ -180,6 +226,30 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
             encoding.append(enc)
     for actor in pool:
         ray.kill(actor)
+
+
+def _run_whole_units(ray, units, ctx_ref, spec, cpus: int, *, retries: int, on_receipt, on_failure) -> None:
+    from ray.exceptions import RayError
+    task = ray.remote(_unit_task).options(num_cpus=1, max_retries=0)
+    pending = deque((u, 0) for u in units)
+    running: dict = {}
+    while pending or running:
+        # One queued task beyond the CPUs, so a finishing task is replaced at once.
+        while pending and len(running) <= cpus:
+            unit, attempt = pending.popleft()
+            running[task.remote(unit, ctx_ref, [spec])] = (unit, attempt)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            unit, attempt = running.pop(ref)
+            try:
+                receipt = ray.get(ref)
+            except RayError as e:
+                if attempt < retries:
+                    pending.appendleft((unit, attempt + 1))
+                else:
+                    on_failure(unit, _describe(e))
+                continue
+            on_receipt(receipt)
 
 
 def _describe(e: Exception) -> str:

@@ -42,13 +42,16 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "timings.parquet" and "units" not in p.parts}
 
 
-@pytest.mark.parametrize("fmt,codec", [("parquet", "zstd"), ("wds", "zstd-dict")])
+@pytest.mark.parametrize("fmt,codec,encoders", [("parquet", "zstd", 2), ("wds", "zstd-dict", 2),
+                                                ("parquet", "zstd", 0), ("wds", "zstd-dict", 0)])
 def test_ray_and_local_engines_write_identical_datasets(ray_cluster, tmp_path, photo_tars, tokenizer_dir,
-                                                        fmt, codec):
+                                                        fmt, codec, encoders):
+    """encoders=2: decode tasks + tokenizer actors + commit tasks; 0 on a cluster
+    without GPUs: whole-unit tasks."""
     local, distributed = tmp_path / "local", tmp_path / "ray"
     convert(convert_config([photo_tars], local, tokenizer_dir, format=fmt, codec=codec), quiet=True)
     result = convert(convert_config([photo_tars], distributed, tokenizer_dir, format=fmt, codec=codec,
-                                    engine="ray", encoders=2), quiet=True)
+                                    engine="ray", encoders=encoders), quiet=True)
     assert result["dataset"]["shards"] == 3 and result["units_reused"] == 0
     a, b = tree(local), tree(distributed)
     assert a.keys() == b.keys() and "manifest.parquet" in a
@@ -118,16 +121,18 @@ def ray_workers(kind: str) -> list[int]:
     return [int(line.split()[0]) for line in ps.splitlines()[1:] if f"ray::{kind}" in line]
 
 
-def test_kill_9_of_workers_mid_job_still_completes_exactly_once(tmp_path, many_tars, tokenizer_dir):
+@pytest.mark.parametrize("encoders,kinds", [("1", ("_decode_task", "_Encoder")), ("0", ("_unit_task",))])
+def test_kill_9_of_workers_mid_job_still_completes_exactly_once(tmp_path, many_tars, tokenizer_dir,
+                                                                encoders, kinds):
     out = tmp_path / "out"
     cmd = cli("convert", str(many_tars), "--out", str(out), "--tokenizer-opt", f"path={tokenizer_dir}",
-              "--engine", "ray", "--quiet", "--retries", "3")
+              "--engine", "ray", "--encoders", encoders, "--quiet", "--retries", "3")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True)
     killed = set()
     try:
         deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline and len(killed) < 2:
-            for kind in ("_decode_task", "_Encoder"):
+        while proc.poll() is None and time.time() < deadline and len(killed) < len(kinds):
+            for kind in kinds:
                 pids = [p for p in ray_workers(kind) if p not in killed]
                 if pids and kind not in {k for k, _ in killed}:
                     os.kill(pids[0], signal.SIGKILL)
@@ -137,7 +142,7 @@ def test_kill_9_of_workers_mid_job_still_completes_exactly_once(tmp_path, many_t
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert {k for k, _ in killed} == {"_decode_task", "_Encoder"}, "the job ended before both were killed"
+    assert {k for k, _ in killed} == set(kinds), "the job ended before every kind was killed"
     assert proc.returncode == 0, stderr
     convert(convert_config([many_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
     assert tree(out) == tree(tmp_path / "clean")
