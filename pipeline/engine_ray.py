@@ -91,8 +91,11 @@ def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: in
 class _Encoder:
     """A tokenizer, loaded once per actor from the artifact the driver shipped."""
 
-    def __init__(self, name: str, options: dict, files: dict, identity, shape, clip_frames, threads: int):
-        self.tok = _load_tokenizer(name, options, files, identity, threads)
+    def __init__(self, name: str, options: dict, files: list, identity, shape, clip_frames, threads: int):
+        import ray
+        # files is [ref]: the artifact is fetched here, not passed by value, so a
+        # restarted actor re-reads it from the object store (the driver holds the ref).
+        self.tok = _load_tokenizer(name, options, ray.get(files[0]), identity, threads)
         self.shape, self.clip_frames = shape, clip_frames
 
     def encode(self, item):
@@ -148,7 +151,8 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
                                                max_restarts=3, max_task_retries=3)
     threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
     clip_frames = ctx.clip.frames if ctx.clip is not None else None
-    pool = [encoder_cls.remote(tokenizer_name, options, artifact_files(tok), tok.identity(), ctx.sample_shape,
+    files = ray.put(artifact_files(tok))
+    pool = [encoder_cls.remote(tokenizer_name, options, [files], tok.identity(), ctx.sample_shape,
                                clip_frames, threads) for _ in range(encoders)]
     decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
                                               _generator_backpressure_num_objects=2)
