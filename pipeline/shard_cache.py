@@ -10,9 +10,14 @@ listing and our read; callers treat that as a miss and fetch again.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 from tokshard.pipeline.storage import TMP_MARK
+
+# A temporary file untouched this long belongs to a process killed mid-write
+# (a live writer finishes one shard in seconds); eviction removes it.
+STALE_TMP_S = 3600.0
 
 
 class ShardCache:
@@ -54,12 +59,18 @@ class ShardCache:
 
     def _entries(self):
         out = []
+        now = time.time()
         for entry in os.scandir(self.directory):
-            if entry.name.startswith(TMP_MARK):  # another process is writing it
-                continue
             try:
                 st = entry.stat()
             except FileNotFoundError:
+                continue
+            if entry.name.startswith(TMP_MARK):  # another process is writing it, or was killed
+                if now - st.st_mtime > STALE_TMP_S:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass
                 continue
             out.append((st.st_mtime, entry.path, st.st_size))
         return out

@@ -3,6 +3,8 @@ shard or the manifest does not hold its promise."""
 
 import io
 import json
+import os
+import time
 from collections import Counter
 
 import numpy as np
@@ -11,6 +13,8 @@ import pytest
 
 import tokshard
 from tokshard.pipeline.errors import CodecError, ManifestError, ShardError
+from tokshard.pipeline.shard_cache import STALE_TMP_S, ShardCache
+from tokshard.pipeline.storage import TMP_MARK
 from tokshard.schemas.v1 import METADATA_KEY
 
 
@@ -172,3 +176,16 @@ def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, token
                            storage_options=options), quiet=True)
     for rel in ("manifest.parquet", "shards/000000.parquet", "shards/000001.parquet", "shards/000002.parquet"):
         assert fs.cat_file(f"{bucket}/out/{rel}") == fs.cat_file(f"{bucket}/clean/{rel}"), rel
+
+
+def test_cache_evicts_temporaries_of_killed_writers_but_not_live_ones(tmp_path):
+    cache = ShardCache(str(tmp_path), limit_bytes=10_000)
+    stale, live = tmp_path / f"{TMP_MARK}killed", tmp_path / f"{TMP_MARK}writing"
+    stale.write_bytes(b"x" * 100)
+    live.write_bytes(b"y" * 100)
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    cache.put("ab" * 32, "parquet", b"shard bytes")
+    assert not stale.exists() and live.exists()
+    assert cache.get("ab" * 32, "parquet") == b"shard bytes"
+    assert cache.size() == len(b"shard bytes")      # temporaries never count against the bound
