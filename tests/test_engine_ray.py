@@ -148,11 +148,13 @@ def test_kill_9_of_workers_mid_job_still_completes_exactly_once(tmp_path, many_t
     assert tree(out) == tree(tmp_path / "clean")
 
 
-def test_s3_end_to_end_on_ray(ray_cluster, tmp_path, photo_tars, tokenizer_dir, s3_bucket):
+@pytest.mark.parametrize("encoders", [0, 1])
+def test_s3_end_to_end_on_ray(ray_cluster, tmp_path, photo_tars, tokenizer_dir, s3_bucket, encoders):
     fs, bucket, options = s3_bucket
     fs.put(str(photo_tars) + "/", f"{bucket}/laion/", recursive=True)
     src, dest = f"s3://{bucket}/laion", f"s3://{bucket}/tokens"
-    result = convert(convert_config([src], dest, tokenizer_dir, engine="ray", storage_options=options), quiet=True)
+    result = convert(convert_config([src], dest, tokenizer_dir, engine="ray", storage_options=options,
+                                    encoders=encoders), quiet=True)
     assert result["dataset"]["totals"]["samples"] == 19
     assert fs.exists(f"{bucket}/tokens/manifest.parquet")
     # No credential reaches what is written.
@@ -193,7 +195,8 @@ def test_job_entry_point_runs_a_config_file(tmp_path, photo_tars, tokenizer_dir)
     assert done.returncode == 2 and "unknown field(s) ['engines']" in done.stderr
 
 
-def test_video_clips_on_ray_match_the_local_engine(ray_cluster, tmp_path, photos, tokenizer_dir):
+@pytest.mark.parametrize("encoders", [0, 1])
+def test_video_clips_on_ray_match_the_local_engine(ray_cluster, tmp_path, photos, tokenizer_dir, encoders):
     from test_video import make_video
     src = tmp_path / "videos"
     src.mkdir()
@@ -202,7 +205,7 @@ def test_video_clips_on_ray_match_the_local_engine(ray_cluster, tmp_path, photos
         (src / f"v{i}.mp4").write_bytes(make_video(wide[i], 20))
     local, distributed = tmp_path / "local", tmp_path / "ray"
     convert(convert_config([src], local, tokenizer_dir, clip_frames=8, shard_size=2), quiet=True)
-    result = convert(convert_config([src], distributed, tokenizer_dir, clip_frames=8, shard_size=2, engine="ray"),
-                     quiet=True)
+    result = convert(convert_config([src], distributed, tokenizer_dir, clip_frames=8, shard_size=2, engine="ray",
+                                    encoders=encoders), quiet=True)
     assert result["dataset"]["totals"]["samples"] == 6 and result["dataset"]["shards"] == 2
     assert tree(local) == tree(distributed)
