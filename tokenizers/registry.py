@@ -22,6 +22,7 @@ BUILTIN = {
     "cosmos-dv": "tokshard.tokenizers.cosmos:CosmosVideoTokenizer",
     "vqgan-taming": "tokshard.tokenizers.vqgan:TamingVQGAN",
     "llamagen-vq16": "tokshard.tokenizers.vqgan:LlamaGenVQ",
+    "maskgit-vqgan": "tokshard.tokenizers.maskgit_vqgan:MaskGitVQGAN",
 }
 _registered: dict[str, str | type] = {}
 

@@ -228,15 +228,16 @@ class VQAutoencoder(nn.Module):
         return self.decoder(self.post_quant_conv(zq))
 
 
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, l2_norm: bool) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, l2_norm: bool, fused: bool = False) -> torch.Tensor:
     """(N, D, h, w) latents -> (N, h, w) index of the nearest codebook row.
 
     The distance is the originals' expansion, op for op: ||z||^2 + ||e||^2 - 2 z.e
     (VectorQuantizer2 in taming; LlamaGen's VectorQuantizer after L2-normalising both
     sides when codebook_l2_norm). ||z||^2 does not change the argmin in exact
     arithmetic, but it does change float rounding, so it stays, to resolve near-ties
-    as the reference does. Always float32, also under bf16 autocast: a bf16 distance
-    would merge distinct codes into ties.
+    as the reference does. `fused`: MaskGIT-VQGAN's form, the same expansion as one
+    addmm(||z||^2 + ||e||^2, z, e^T, alpha=-2). Always float32, also under bf16
+    autocast: a bf16 distance would merge distinct codes into ties.
     """
     n, d, h, w = z.shape
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -244,5 +245,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, l2_norm: bool) -> torc
         book = codebook.float()
         if l2_norm:
             flat, book = F.normalize(flat, p=2, dim=-1), F.normalize(book, p=2, dim=-1)
-        dist = (flat ** 2).sum(1, keepdim=True) + (book ** 2).sum(1) - 2 * (flat @ book.T)
+        if fused:
+            dist = torch.addmm(flat.pow(2.0).sum(dim=1, keepdim=True) + book.T.pow(2.0).sum(dim=0, keepdim=True),
+                               flat, book.T, alpha=-2.0)
+        else:
+            dist = (flat ** 2).sum(1, keepdim=True) + (book ** 2).sum(1) - 2 * (flat @ book.T)
         return dist.argmin(dim=1).view(n, h, w)

@@ -196,6 +196,8 @@ class VQGANTokenizer(Tokenizer):
     state_keys: ClassVar[tuple[str, ...]]      # where in a .pt/.ckpt the weights live, by preference
     ignored_keys: ClassVar[tuple[str, ...]]    # prefixes/names of checkpoint entries that are not the model
     l2_norm: bool = False
+    input_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)   # pixel range the network was trained on
+    fused_distance: ClassVar[bool] = False     # the family's quantiser computes distances with one addmm
 
     def __init__(self, state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any], *,
                  resolution: int | None = None, device: str | torch.device | None = None,
@@ -216,7 +218,7 @@ class VQGANTokenizer(Tokenizer):
         self.channels_last = False if channels_last is None else bool(channels_last)
         self.batch_size, self.micro_batch = int(batch_size), int(micro_batch)
         self._resolution = int(resolution or self.default_resolution(self._arch))
-        levels = len(self._model_kwargs(self._arch)["enc_mult"]) - 1
+        levels = self.downsample_levels(self._arch)
         if self._resolution % (2 ** levels):
             raise TokenizerError(f"resolution {self._resolution} is not a multiple of the downsampling factor {2 ** levels}")
         self._grid = (self._resolution // 2 ** levels,) * 2
@@ -225,7 +227,7 @@ class VQGANTokenizer(Tokenizer):
         # Built on the meta device, then the checked weights are assigned: no time is
         # spent initialising 72M parameters (f16 configs) only to overwrite them.
         with torch.device("meta"):
-            model = VQAutoencoder(self.naming, **self._model_kwargs(self._arch))
+            model = self.build_model(self._arch)
         weights = _check_state(dict(state_dict), model.state_dict(), self.ignored_keys, label)
         model.load_state_dict(weights, strict=True, assign=True)
         self._digest = _digest(weights)
@@ -240,6 +242,15 @@ class VQGANTokenizer(Tokenizer):
     @classmethod
     def canonical_arch(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
+
+    @classmethod
+    def build_model(cls, arch: Mapping[str, Any]) -> torch.nn.Module:
+        """A module with .latents(x), .reconstruct(zq) and .quantize.embedding, named as the original."""
+        return VQAutoencoder(cls.naming, **cls._model_kwargs(arch))
+
+    @classmethod
+    def downsample_levels(cls, arch: Mapping[str, Any]) -> int:
+        return len(cls._model_kwargs(arch)["enc_mult"]) - 1
 
     @classmethod
     def _model_kwargs(cls, arch: Mapping[str, Any]) -> dict[str, Any]:
@@ -266,7 +277,7 @@ class VQGANTokenizer(Tokenizer):
         return {
             "arch": dict(self._arch),
             "resolution": self._resolution,
-            "input_range": [-1.0, 1.0],
+            "input_range": list(self.input_range),
             "precision": self.precision,
             "channels_last": self.channels_last,
             "micro_batch": self.micro_batch,
@@ -286,9 +297,11 @@ class VQGANTokenizer(Tokenizer):
                               enabled=self.precision == "bf16")
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, R, R, 3) uint8 on the device -> quant_conv output (n, D, h, w), as the quantiser sees it."""
-        # x / 255 * 2 - 1 in float32: torchvision's ToTensor then the projects' `2 * x - 1`.
-        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).mul_(2.0).sub_(1.0)
+        """(n, R, R, 3) uint8 on the device -> latents (n, D, h, w), as the quantiser sees them."""
+        # x / 255 in float32 (torchvision's ToTensor), then `2 * x - 1` for [-1, 1] models.
+        x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        if self.input_range == (-1.0, 1.0):
+            x = x.mul_(2.0).sub_(1.0)
         with self._autocast():
             return self.model.latents(x.contiguous(memory_format=self._memory_format()))
 
@@ -307,7 +320,7 @@ class VQGANTokenizer(Tokenizer):
                 if len(part) < m:
                     part = torch.cat([part, part.new_zeros((m - len(part), *part.shape[1:]))])
                 codes.append(nearest_code(self.latents(part), self.model.quantize.embedding.weight,
-                                          self.l2_norm)[:len(chunk) - i])
+                                          self.l2_norm, fused=self.fused_distance)[:len(chunk) - i])
             out[start:start + len(chunk)] = torch.cat(codes).cpu().numpy()
         return out
 
@@ -324,7 +337,8 @@ class VQGANTokenizer(Tokenizer):
             zq = self._book[idx].permute(0, 3, 1, 2).contiguous(memory_format=self._memory_format())
             with self._autocast():
                 img = self.model.reconstruct(zq)
-            img = ((img.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+            lo, hi = self.input_range
+            img = ((img.float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
         r = self._resolution
         return np.concatenate(out) if out else np.empty((0, r, r, 3), np.uint8)
