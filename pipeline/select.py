@@ -16,13 +16,16 @@ from itertools import islice
 from tokshard.pipeline.errors import UsageError
 
 CHUNK = 512
+# The predicate is data, often from a job config: the connection it runs in can
+# read no file, write none, load no extension, and cannot be reconfigured.
+SANDBOX = {"enable_external_access": False, "lock_configuration": True}
 
 
 def check_predicate(where: str) -> None:
     """Fail early on SQL that cannot be valid whatever the metadata holds."""
     import duckdb
     try:
-        duckdb.connect().execute(
+        duckdb.connect(config=SANDBOX).execute(
             f"SELECT 1 FROM (SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS caption, NULL::BIGINT AS label) "
             f"WHERE {where}")
     except duckdb.BinderException:
@@ -56,7 +59,7 @@ def _table(rows: list[dict]):
 def select_records(records, where: str):
     """Yield the records `where` keeps; dropped ones come back marked not_selected."""
     import duckdb
-    con = duckdb.connect()
+    con = duckdb.connect(config=SANDBOX)
     records = iter(records)
     while chunk := list(islice(records, CHUNK)):
         live = [i for i, r in enumerate(chunk) if not r.skip]

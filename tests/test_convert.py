@@ -272,3 +272,20 @@ def test_where_keeps_only_selected_source_samples(tmp_path, photo_tars, tokenize
     with pytest.raises(JobError, match="no_such_field"):
         convert(convert_config([photo_tars], tmp_path / "y", tokenizer_dir, where="no_such_field > 1", retries=0),
                 quiet=True)
+
+
+def test_where_cannot_touch_files(tmp_path, photo_tars, tokenizer_dir):
+    """The predicate runs in a DuckDB connection without file access: no reading a local
+    file into the selection, no writing one through a second statement."""
+    secret = tmp_path / "secret.csv"
+    secret.write_text("key\nanything\n")
+    planted = tmp_path / "planted.csv"
+    from tokshard.pipeline.errors import JobError
+    with pytest.raises(UsageError, match="--where is not valid: Permission Error"):
+        convert(convert_config([photo_tars], tmp_path / "z", tokenizer_dir,
+                               where=f"key IN (SELECT key FROM read_csv('{secret}'))"), quiet=True)
+    # `width` is a metadata field, unknown before the samples are read: this one fails per shard.
+    with pytest.raises(JobError, match="Permission Error"):
+        convert(convert_config([photo_tars], tmp_path / "z", tokenizer_dir, retries=0,
+                               where=f"width > 1; COPY (SELECT 1) TO '{planted}'"), quiet=True)
+    assert not planted.exists()
