@@ -33,12 +33,13 @@ from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Manifest queries at scale"
 SHARDS, PER_SHARD, INDEXED = 200_000, 10_000, 40
+LABELS_PER_SHARD = 50
 
 
 def synthesise(root: Path) -> None:
     from tokshard.pipeline.manifest import write_manifest
     from tokshard.pipeline.storage import filesystem
-    from tokshard.schemas.v1 import SAMPLES, SHARDS as SHARD_SCHEMA
+    from tokshard.schemas.v1 import LABELS, SAMPLES, SHARDS as SHARD_SCHEMA
     rng = np.random.default_rng(0)
     stored = rng.integers(2_000_000, 3_000_000, SHARDS)
     skipped = rng.integers(0, 400, SHARDS)
@@ -58,9 +59,16 @@ def synthesise(root: Path) -> None:
     }
     table = pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
     fs, dest = filesystem(str(root))
-    dataset = {"format": "parquet", "shards": SHARDS, "totals": {"samples": SHARDS * PER_SHARD},
+    dataset = {"format": "parquet", "shards": SHARDS, "totals": {"samples": SHARDS * PER_SHARD}, "labels": "labels.parquet",
                "tokenizer": {"tokenizer_id": "kmeans-vq/1", "vocab_size": 1024}}
     write_manifest(fs, dest, table.to_pylist(), dataset)
+    # labels.parquet: each shard holds LABELS_PER_SHARD of 1,000 classes (ImageNet-like).
+    shard_col = np.repeat(np.array(names, dtype=object), LABELS_PER_SHARD)
+    label_col = (np.arange(SHARDS)[:, None] * 7 + np.arange(LABELS_PER_SHARD)[None, :]) % 1000
+    pq.write_table(pa.Table.from_pydict({
+        "shard": pa.array(shard_col, pa.string()), "label": label_col.reshape(-1),
+        "count": np.full(SHARDS * LABELS_PER_SHARD, PER_SHARD // LABELS_PER_SHARD)}, schema=LABELS),
+        root / "labels.parquet", compression="zstd")
     (root / "samples").mkdir()
     for s in np.linspace(0, SHARDS - 1, INDEXED).astype(int):
         n = names[s]
@@ -100,6 +108,9 @@ def main() -> int:
              "SELECT shard FROM shards WHERE list_contains(source_shards, 's3://laion/laion2b/12345.tar')"),
             ("skips by reason", "SELECT r.reason, sum(r.count) FROM (SELECT unnest(skipped_by_reason) AS r "
                                 "FROM shards) GROUP BY 1 ORDER BY 2 DESC"),
+            (f"label histogram (labels.parquet, {SHARDS * LABELS_PER_SHARD / 1e6:.0f}M rows)",
+             "SELECT label, sum(count) FROM labels GROUP BY label"),
+            ("the shards holding one label", "SELECT shard FROM labels WHERE label = 123"),
         ]
         rows = []
         for name, sql in queries:

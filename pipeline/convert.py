@@ -17,7 +17,7 @@ from tokshard import __version__
 from tokshard.pipeline.codecs import get_codec, token_dtype
 from tokshard.pipeline.decode import DecodeConfig
 from tokshard.pipeline.errors import JobError, UsageError
-from tokshard.pipeline.manifest import write_manifest, write_timings
+from tokshard.pipeline.manifest import LABELS_FILE, write_labels, write_manifest, write_timings
 from tokshard.pipeline.shard_writers import FORMATS
 from tokshard.pipeline.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
@@ -205,7 +205,9 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         "shards": len(rows), "totals": totals, "skipped_by_reason": dict(sorted(skips.items())),
         "codec_state": "codec/state.bin" if state is not None else None,
         "codec_state_bytes": len(state or b""),
+        "labels": LABELS_FILE,
     }
+    write_labels(fs, root, receipts)
     write_manifest(fs, root, rows, dataset)
     write_timings(fs, root, [{"shard": r["shard"]["shard"], **{
         k: float(r["timings"].get(k, 0.0)) for k in ("decode_s", "encode_s", "write_s")}} for r in receipts])

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 
 from tokshard.pipeline.errors import ManifestError
 from tokshard.pipeline.storage import atomic_write, filesystem, join
-from tokshard.schemas.v1 import METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
+from tokshard.schemas.v1 import LABELS, METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
 
 MANIFEST = "manifest.parquet"
 TIMINGS_FILE = "timings.parquet"   # run statistics: kept apart so manifests stay byte-identical
+LABELS_FILE = "labels.parquet"     # per-shard label counts (schema 1.2)
 
 
 def write_manifest(fs, root: str, rows: list[dict], dataset: dict) -> bytes:
@@ -28,6 +29,15 @@ def write_manifest(fs, root: str, rows: list[dict], dataset: dict) -> bytes:
     data = buf.getvalue()
     atomic_write(fs, join(root, MANIFEST), data)
     return data
+
+
+def write_labels(fs, root: str, receipts: list[dict]) -> None:
+    """labels.parquet from the shards' receipts, in shard order then label order."""
+    rows = [{"shard": r["shard"]["shard"], "label": label, "count": count}
+            for r in receipts for label, count in r["labels"]]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS), buf, compression="zstd")
+    atomic_write(fs, join(root, LABELS_FILE), buf.getvalue())
 
 
 def write_timings(fs, root: str, rows: list[dict]) -> None:

@@ -3,7 +3,10 @@
 - `shards`: the manifest, one row per shard (Arrow, zero-copy);
 - `samples`: the per-sample index, `samples/*.parquet` read by DuckDB itself
   (so a large index is scanned lazily and filters are pushed down);
-- `dataset`: one row: the dataset record's scalar fields, plus `record` (JSON).
+- `dataset`: one row: the dataset record's scalar fields, plus `record` (JSON);
+- `labels`: (shard, label, count) for every labelled sample's label, per shard
+  (`labels.parquet`, schema 1.2; empty for older datasets): label statistics at
+  any scale without scanning the per-sample index.
 
 Remote datasets (s3://...) go through the same fsspec filesystem as the rest
 of tokshard, registered with DuckDB.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 
 from tokshard.pipeline.errors import UsageError
-from tokshard.pipeline.manifest import read_manifest
+from tokshard.pipeline.manifest import LABELS_FILE, read_manifest
 from tokshard.pipeline.storage import filesystem, join
 
 FORMATS = ("table", "csv", "json")
@@ -33,14 +36,19 @@ def connect(url: str, storage_options: dict | None = None):
     dataset = pa.Table.from_pylist([{**scalars, "record": json.dumps(record, sort_keys=True)}])
     con.register("dataset_arrow", dataset)
     con.execute("CREATE VIEW dataset AS SELECT * FROM dataset_arrow")
-    index = join(root, "samples", "*.parquet")
+    index, labels = join(root, "samples", "*.parquet"), join(root, record.get("labels") or LABELS_FILE)
     if getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
         con.register_filesystem(fs)
-        index = fs.unstrip_protocol(index)
+        index, labels = fs.unstrip_protocol(index), fs.unstrip_protocol(labels)
     if shards.num_rows:
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({_literal(index)})")
     else:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
+    if record.get("labels"):
+        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({_literal(labels)})")
+    else:
+        con.execute("CREATE VIEW labels AS SELECT NULL::VARCHAR AS shard, NULL::BIGINT AS label, "
+                    "NULL::BIGINT AS count WHERE false")
     return con
 
 

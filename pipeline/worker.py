@@ -279,7 +279,9 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail)
         "key_min": min((s.key for s in samples), default=None),
         "key_max": max((s.key for s in samples), default=None),
     }
-    receipt = {"unit_hash": unit_hash(unit, ctx.job_hash), "shard": row, "timings": timings}
+    labels = Counter(s.label for s in samples if s.label is not None)
+    receipt = {"unit_hash": unit_hash(unit, ctx.job_hash), "shard": row, "timings": timings,
+               "labels": sorted(labels.items())}
     # The receipt is written last: its presence means the unit is committed.
     atomic_write(ctx.fs, receipt_path(ctx, unit), json.dumps(receipt, sort_keys=True).encode())
     return receipt
@@ -297,4 +299,11 @@ def load_receipt(unit: WorkUnit, ctx: UnitContext) -> dict | None:
     shard = join(ctx.root, receipt["shard"]["path"])
     if not ctx.fs.exists(shard) or ctx.fs.size(shard) != receipt["shard"]["stored_bytes"]:
         return None
+    if "labels" not in receipt:     # committed before schema 1.2: count them from the shard's index
+        try:
+            index = pq.read_table(io.BytesIO(ctx.fs.cat_file(
+                join(ctx.root, "samples", f"{receipt['shard']['shard']}.parquet"))), columns=["label"])
+        except (FileNotFoundError, pa.ArrowInvalid):
+            return None             # no readable index: redo the unit
+        receipt["labels"] = sorted(Counter(v for v in index.column("label").to_pylist() if v is not None).items())
     return receipt

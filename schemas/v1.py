@@ -6,7 +6,7 @@ adds nullable columns or metadata keys.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"   # 1.1: shards.key_min/key_max
+SCHEMA_VERSION = "1.2"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet
 METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
 
 
@@ -61,6 +61,15 @@ SHARDS = pa.schema([
     ("skipped_by_reason", pa.list_(SKIP)),
     ("key_min", pa.string()),               # smallest / largest sample key in the shard (byte order):
     ("key_max", pa.string()),               # routes a key lookup to one sample-index file
+])
+
+# labels.parquet: how many samples of each label every shard holds (labelled samples
+# only), so label statistics and label-to-shard routing need neither the per-sample
+# index nor a manifest that grows with the number of classes.
+LABELS = pa.schema([
+    ("shard", pa.string()),
+    ("label", pa.int64()),
+    ("count", pa.int64()),
 ])
 
 TIMINGS = pa.schema([

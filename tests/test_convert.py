@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -122,6 +123,23 @@ def test_rerun_skips_committed_shards_and_redoes_missing(tmp_path, photo_tars, t
     third = convert(cfg, quiet=True)
     assert third["units_reused"] == first["dataset"]["shards"] - 1
     assert victim.exists() and (out / "manifest.parquet").read_bytes() == manifest
+
+
+def test_receipts_from_before_label_counts_are_completed_from_the_index(tmp_path, photo_tars, tokenizer_dir):
+    """A job resumed over shards committed by a tokshard without labels.parquet (schema < 1.2)."""
+    out = tmp_path / "out"
+    cfg = convert_config([photo_tars], out, tokenizer_dir)
+    convert(cfg, quiet=True)
+    labels = (out / "labels.parquet").read_bytes()
+    assert pq.read_table(out / "labels.parquet").num_rows > 1
+    for path in (out / "_work" / "units").glob("*.json"):
+        receipt = json.loads(path.read_text())
+        del receipt["labels"]
+        path.write_text(json.dumps(receipt))
+    (out / "labels.parquet").unlink()
+    again = convert(cfg, quiet=True)
+    assert again["units_reused"] == again["dataset"]["shards"]
+    assert (out / "labels.parquet").read_bytes() == labels
 
 
 def test_different_config_into_same_destination_is_refused(tmp_path, photo_tars, tokenizer_dir):
@@ -250,13 +268,12 @@ def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tok
 
 def test_where_keeps_only_selected_source_samples(tmp_path, photo_tars, tokenizer_dir):
     from tokshard.pipeline.errors import JobError
-    import json as _json
     metas = {}
     for tar_path in sorted(Path(photo_tars).glob("*.tar")):
         with tarfile.open(tar_path) as t:
             for m in t:
                 if m.name.endswith(".json"):
-                    meta = _json.loads(t.extractfile(m).read())
+                    meta = json.loads(t.extractfile(m).read())
                     metas[meta["key"]] = meta
     wide = {k for k, m in metas.items() if m["width"] > 500 and "coffee" not in m["caption"]}
     assert 0 < len(wide) < len(metas)

@@ -28,6 +28,16 @@ def test_sql_over_shards_samples_and_dataset(dataset, capsys):
         labels[label] = labels.get(label, 0) + 1
     _, rows = run(str(dataset), "SELECT label, count(*) FROM samples GROUP BY label")
     assert dict(rows) == labels
+    # The same histogram from labels.parquet, per shard, without the sample index.
+    _, rows = run(str(dataset), "SELECT label, sum(count) FROM labels GROUP BY label")
+    assert dict(rows) == {k: v for k, v in labels.items() if k is not None} and len(rows) > 1
+    per_shard = {}
+    for i, name in enumerate(ds.shard_names):
+        for label in ds.shard(i)["label"]:
+            if label is not None:
+                per_shard[(name, label)] = per_shard.get((name, label), 0) + 1
+    _, rows = run(str(dataset), "SELECT shard, label, count FROM labels")
+    assert {(s, l): c for s, l, c in rows} == per_shard
     key = ds.shard(3)["key"][4]
     _, rows = run(str(dataset), f"SELECT shard, row FROM samples WHERE key = '{key}'")
     assert rows == [(ds.shard_names[3], 4)]
