@@ -362,8 +362,8 @@ class TokenIterable(IterableDataset):
 
 def _select(ds, where: str) -> np.ndarray:
     """Sorted global sample ids of the samples matching `where` (SQL over the sample index)."""
-    from tokshard.pipeline.query import run
-    _, rows = run(ds.url, f"SELECT shard, row FROM samples WHERE {where}", ds.storage_options)
+    from tokshard.pipeline.query import select_rows
+    rows = select_rows(ds.url, where, ds.storage_options)
     index = {name: i for i, name in enumerate(ds.shard_names)}
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
     return np.unique(ids)

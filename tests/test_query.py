@@ -8,7 +8,7 @@ import pytest
 
 import tokshard
 from tokshard.jobs.cli import main
-from tokshard.pipeline.query import run
+from tokshard.pipeline.query import run, select_rows
 from tokshard.pipeline.verify import verify
 
 
@@ -110,3 +110,23 @@ def test_lookup_routes_a_key_to_its_shard(dataset, capsys):
     assert lookup(str(dataset), key)[1] == rows
     assert main(["lookup", str(dataset), key, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["key"] == key
+
+
+def test_label_selections_read_only_the_shards_that_hold_the_labels(dataset):
+    def scan(where):
+        return sorted(run(str(dataset), f"SELECT shard, row FROM samples WHERE {where}")[1])
+    wanted = "label IN (1, 4)"
+    rows = select_rows(str(dataset), wanted)
+    assert rows == scan(wanted) and rows
+    for where in ("label IS NULL OR label = 2", "label > 1 AND key LIKE '%0%'", "label = -12345"):
+        assert select_rows(str(dataset), where) == scan(where)
+    # Index files of shards without label 1 or 4 are never opened: remove them and the
+    # label-only selection is unchanged, while a predicate on other columns needs them all.
+    holding = {s for (s,) in run(str(dataset), f"SELECT DISTINCT shard FROM labels WHERE {wanted}")[1]}
+    others = [p for p in (dataset / "samples").glob("*.parquet") if p.stem not in holding]
+    assert others
+    for p in others:
+        p.unlink()
+    assert select_rows(str(dataset), wanted) == rows
+    assert select_rows(str(dataset), "label = -12345") == []
+    assert {s for s, _ in select_rows(str(dataset), "key LIKE '%'")} == holding   # scans what is left
