@@ -41,16 +41,18 @@ def _connect(url: str, storage_options: dict | None):
     dataset = pa.Table.from_pylist([{**scalars, "record": json.dumps(record, sort_keys=True)}])
     con.register("dataset_arrow", dataset)
     con.execute("CREATE VIEW dataset AS SELECT * FROM dataset_arrow")
-    index, labels = join(root, "samples", "*.parquet"), join(root, record.get("labels") or LABELS_FILE)
+    remote = getattr(fs, "protocol", "file") not in ("file", ("file", "local"))
+
+    def as_read(path: str) -> str:
+        """A path as DuckDB reads it: through the registered fsspec filesystem when remote."""
+        return fs.unstrip_protocol(path) if remote else path
 
     def index_file(shard: str) -> str:
-        return join(root, "samples", f"{shard}.parquet")
-    if getattr(fs, "protocol", "file") not in ("file", ("file", "local")):
+        return as_read(join(root, "samples", f"{shard}.parquet"))
+    if remote:
         con.register_filesystem(fs)
-        index, labels = fs.unstrip_protocol(index), fs.unstrip_protocol(labels)
-
-        def index_file(shard: str) -> str:
-            return fs.unstrip_protocol(join(root, "samples", f"{shard}.parquet"))
+    index = as_read(join(root, "samples", "*.parquet"))
+    labels = as_read(join(root, record.get("labels") or LABELS_FILE))
     if shards.num_rows:
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({_literal(index)})")
     else:
@@ -123,8 +125,7 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     many shards there are (shards of pre-1.1 manifests, without ranges, are
     all searched).
     """
-    import io
-
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -140,7 +141,7 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     rows = []
     for shard in candidates:
         data = fs.cat_file(join(root, "samples", f"{shard}.parquet"))
-        table = pq.read_table(io.BytesIO(data), filters=[("key", "=", key)])
+        table = pq.read_table(pa.BufferReader(data), filters=[("key", "=", key)])
         rows += [tuple(r.values()) for r in table.to_pylist()]
     return list(SAMPLES.names), rows
 

@@ -46,7 +46,7 @@ def _labels(values) -> np.ndarray:
 
 
 def _parse_parquet(data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
-    table = pq.read_table(io.BytesIO(data), columns=["key", "tokens", "label"])
+    table = pq.read_table(pa.BufferReader(data), columns=["key", "tokens", "label"])
     col = table.column("tokens").combine_chunks()
     if codec == "raw":
         if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != n_tokens:

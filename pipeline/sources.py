@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
@@ -233,7 +234,9 @@ def _read_parquet(unit: WorkUnit, storage_options, image_column=None, caption_co
     stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
     try:
         with fsspec.open(unit.url, "rb", **(storage_options or {})) as f:
-            table = pq.read_table(f)
+            # An Arrow buffer, not the Python file object: pyarrow's thread pool, after reading
+            # through a Python file, can abort the interpreter at exit (apache/arrow#34314).
+            table = pq.read_table(pa.BufferReader(f.read()))
     except Exception as e:
         yield Record(f"{stem}#unreadable", None, unit.url, skip="unreadable_source", detail=str(e))
         return

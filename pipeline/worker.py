@@ -301,7 +301,7 @@ def load_receipt(unit: WorkUnit, ctx: UnitContext) -> dict | None:
         return None
     if "labels" not in receipt:     # committed before schema 1.2: count them from the shard's index
         try:
-            index = pq.read_table(io.BytesIO(ctx.fs.cat_file(
+            index = pq.read_table(pa.BufferReader(ctx.fs.cat_file(
                 join(ctx.root, "samples", f"{receipt['shard']['shard']}.parquet"))), columns=["label"])
         except (FileNotFoundError, pa.ArrowInvalid):
             return None             # no readable index: redo the unit
