@@ -21,6 +21,7 @@ per worker process.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -64,12 +65,17 @@ def _commit_task(unit, ctx, *items):
     return commit_unit(unit, ctx, list(batches), tail)
 
 
-# Per worker process: the tokenizers this process has loaded, by identity.
+# Per worker process: the tokenizer of the current job, by the ref of its spec.
 _LOADED: dict = {}
 
 
 def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: int):
-    """The job's tokenizer, rebuilt from the artifact files the driver shipped."""
+    """The job's tokenizer, rebuilt from the artifact files the driver shipped.
+
+    The files are written to a temporary folder that is removed once `load`
+    returns (a worker would otherwise leave a copy per job: hundreds of MB for a
+    VQGAN). Tokenizers read their artifact in `load` (docs/tokenizers.md); files
+    they keep open or memory-mapped stay readable after the unlink."""
     import torch
 
     from tokshard.tokenizers.registry import tokenizer_class
@@ -77,11 +83,14 @@ def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: in
     # the tokenizer is the heavy stage and may use more cores than it reserves.
     torch.set_num_threads(threads)
     directory = tempfile.mkdtemp(prefix="tokshard-tok-")
-    for rel, data in files.items():
-        path = Path(directory, rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    tok = tokenizer_class(name).from_options(path=directory, **options)
+    try:
+        for rel, data in files.items():
+            path = Path(directory, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        tok = tokenizer_class(name).from_options(path=directory, **options)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     if tok.identity() != identity:
         raise TokenizerError(f"tokenizer on {os.uname().nodename} has identity {tok.identity()}, "
                              f"the job expects {identity}")

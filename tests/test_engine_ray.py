@@ -48,10 +48,14 @@ def test_ray_and_local_engines_write_identical_datasets(ray_cluster, tmp_path, p
                                                         fmt, codec, encoders):
     """encoders=2: decode tasks + tokenizer actors + commit tasks; 0 on a cluster
     without GPUs: whole-unit tasks."""
+    import tempfile
+    copies = set(Path(tempfile.gettempdir()).glob("tokshard-tok-*"))
     local, distributed = tmp_path / "local", tmp_path / "ray"
     convert(convert_config([photo_tars], local, tokenizer_dir, format=fmt, codec=codec), quiet=True)
     result = convert(convert_config([photo_tars], distributed, tokenizer_dir, format=fmt, codec=codec,
                                     engine="ray", encoders=encoders), quiet=True)
+    # Workers rebuild the tokenizer from a temporary copy of the artifact and remove it.
+    assert set(Path(tempfile.gettempdir()).glob("tokshard-tok-*")) <= copies
     assert result["dataset"]["shards"] == 3 and result["units_reused"] == 0
     a, b = tree(local), tree(distributed)
     assert a.keys() == b.keys() and "manifest.parquet" in a
