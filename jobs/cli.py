@@ -229,17 +229,20 @@ def _cmd_verify(a) -> int:
     opts = _storage_options(a.storage_opt)
     checked, problems = verify(a.dataset, opts)
     for p in problems:
-        print(f"shard {p.shard} ({p.path}): {p.what}")
+        print(f"{p.path}" + (f" (shard {p.shard})" if p.unit >= 0 else "") + f": {p.what}")
     if not problems:
         print(f"ok: {checked} shards match the manifest")
         return 0
+    bad = len({p.shard for p in problems if p.unit >= 0})
     if not a.repair:
-        print(f"{len(problems)} of {checked} shards do not match the manifest (re-run with --repair)")
+        print(f"{len(problems)} problem(s): {bad} of {checked} shards do not match the manifest"
+              + (", and dataset files" if bad < len({(p.shard, p.unit) for p in problems}) else "")
+              + " (re-run with --repair)")
         return 1
     repair(a.dataset, problems, opts)
     _, still = verify(a.dataset, opts)
-    print(f"repaired {len(problems) - len(still)} of {len(problems)} shards"
-          + ("" if not still else f"; still bad: {', '.join(p.shard for p in still)}"))
+    print(f"repaired {len(problems) - len(still)} of {len(problems)} problem(s)"
+          + ("" if not still else f"; still bad: {', '.join(p.path for p in still)}"))
     return 1 if still else 0
 
 

@@ -1,5 +1,7 @@
 """`tokshard verify`: every shard the manifest lists exists, has its size and
-its sha256; `--repair` re-converts the ones that do not, from the sources.
+its sha256, and has its sample-index file; the label table is readable;
+`--repair` re-converts the shards that fail, from the sources, and rewrites
+the label table with the manifest.
 
 Repair re-runs the dataset's own job (`_work/job.json`) with the tokenizer
 copy stored in the dataset, after forgetting the bad shards' receipts: the
@@ -20,20 +22,26 @@ from tokshard.pipeline.storage import filesystem, join
 
 @dataclass
 class Problem:
-    shard: str
+    shard: str      # the shard it belongs to, or "-" for a dataset-wide file
     path: str
-    unit: int
+    unit: int       # -1 for a dataset-wide file: rewritten with the manifest
     what: str
 
 
 def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Problem]]:
     """(shards checked, problems found)."""
     import hashlib
-    table, _ = read_manifest(url, storage_options)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table, record = read_manifest(url, storage_options)
     fs, root = filesystem(url, storage_options)
     problems = []
     rows = table.select(["shard", "path", "unit", "stored_bytes", "sha256"]).to_pylist()
     for row in rows:
+        index = f"samples/{row['shard']}.parquet"
+        if not fs.exists(join(root, index)):
+            problems.append(Problem(row["shard"], index, row["unit"], "sample index missing"))
         path = join(root, row["path"])
         try:
             size = fs.size(path)
@@ -51,6 +59,11 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
         if digest.hexdigest() != row["sha256"]:
             problems.append(Problem(row["shard"], row["path"], row["unit"],
                                     f"sha256 {digest.hexdigest()[:16]}..., the manifest says {row['sha256'][:16]}..."))
+    if record.get("labels"):
+        try:
+            pq.read_table(pa.BufferReader(fs.cat_file(join(root, record["labels"]))))
+        except (FileNotFoundError, pa.ArrowInvalid) as e:
+            problems.append(Problem("-", record["labels"], -1, f"missing or unreadable ({type(e).__name__})"))
     return len(rows), problems
 
 
@@ -64,9 +77,12 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
         raise UsageError(f"{url} has no readable _work/job.json: cannot tell how it was converted") from None
     _, record = read_manifest(url, storage_options)
     for p in problems:
-        for stale in (join(root, "_work", "units", f"{p.shard}.json"), join(root, p.path)):
-            if fs.exists(stale):
-                fs.rm_file(stale)
+        # A shard's receipt goes with its files, so the job redoes the unit; a dataset-wide
+        # file (the label table) is rewritten from the receipts with the manifest.
+        stale = [join(root, p.path)] + ([join(root, "_work", "units", f"{p.shard}.json")] if p.unit >= 0 else [])
+        for path in stale:
+            if fs.exists(path):
+                fs.rm_file(path)
     with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp:
         # The dataset's own tokenizer copy: same weights, so the same job hash.
         fs.get(join(root, record["tokenizer"]["path"]) + "/", tmp + "/", recursive=True)

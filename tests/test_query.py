@@ -72,6 +72,7 @@ def test_bad_sql_missing_or_newer_manifest_are_one_line_errors(dataset, tmp_path
 def test_verify_finds_and_repairs_bad_shards(dataset, capsys):
     original = {p.name: p.read_bytes() for p in (dataset / "shards").iterdir()}
     manifest = (dataset / "manifest.parquet").read_bytes()
+    derived = {p: (dataset / p).read_bytes() for p in ("labels.parquet", "samples/000007.parquet")}
     assert main(["verify", str(dataset)]) == 0
     assert capsys.readouterr().out.startswith("ok: 9 shards")
     (dataset / "shards" / "000002.parquet").unlink()
@@ -79,15 +80,18 @@ def test_verify_finds_and_repairs_bad_shards(dataset, capsys):
     data = bytearray(victim.read_bytes())
     data[100] ^= 1                                   # same size, other bytes
     victim.write_bytes(bytes(data))
+    (dataset / "samples" / "000007.parquet").unlink()   # the lookup/selection index of a good shard
+    (dataset / "labels.parquet").write_bytes(b"not parquet")
     checked, problems = verify(str(dataset))
-    assert checked == 9 and [(p.shard, p.what.split()[0]) for p in problems] == [("000002", "missing"),
-                                                                                 ("000005", "sha256")]
+    assert checked == 9 and [(p.shard, p.what.split()[0]) for p in problems] == [
+        ("000002", "missing"), ("000005", "sha256"), ("000007", "sample"), ("-", "missing")]
     assert main(["verify", str(dataset)]) == 1
-    assert "2 of 9 shards do not match" in capsys.readouterr().out
+    assert "4 problem(s): 3 of 9 shards do not match the manifest, and dataset files" in capsys.readouterr().out
     assert main(["verify", str(dataset), "--repair"]) == 0
-    assert "repaired 2 of 2" in capsys.readouterr().out
+    assert "repaired 4 of 4" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (dataset / "shards").iterdir()} == original
     assert (dataset / "manifest.parquet").read_bytes() == manifest
+    assert {p: (dataset / p).read_bytes() for p in derived} == derived
 
 
 def test_lookup_routes_a_key_to_its_shard(dataset, capsys):
