@@ -4,8 +4,8 @@ Self-contained (inline SVG charts, the preview grid as an embedded PNG), so it
 can be mailed or dropped into a bucket. Sections: summary, storage per image
 (source JPEG bytes vs raw / coded / stored token bytes), token frequency
 (rank vs count, log-log: how far from uniform the codes are, which is what
-entropy coding exploits), samples per shard, skips by reason, and originals
-beside reconstructions.
+entropy coding exploits), samples per shard, samples per label (from the label
+table), skips by reason, and originals beside reconstructions.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from tokshard.pipeline.errors import TokshardError
 
 MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
+TOP_LABELS = 30
 
 
 def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
@@ -67,7 +68,16 @@ def token_counts(ds, max_shards: int = MAX_FREQUENCY_SHARDS) -> np.ndarray:
     return counts
 
 
-def build(ds, preview: dict | None, preview_png: bytes | None) -> str:
+def label_counts(url: str, storage_options: dict | None = None) -> tuple[list[tuple[str, float]], int]:
+    """(the TOP_LABELS most frequent labels with their sample counts, how many labels there are)."""
+    from tokshard.pipeline.query import run
+    _, rows = run(url, "SELECT label, sum(count) AS n, count(*) OVER () FROM labels GROUP BY label "
+                       f"ORDER BY n DESC, label LIMIT {TOP_LABELS}", storage_options)
+    return [(str(label), float(n)) for label, n, _ in rows], (rows[0][2] if rows else 0)
+
+
+def build(ds, preview: dict | None, preview_png: bytes | None,
+          labels: tuple[list[tuple[str, float]], int] = ([], 0)) -> str:
     rec = ds.record
     totals = rec.get("totals", {})
     n = max(1, int(totals.get("samples", 0)))
@@ -94,6 +104,9 @@ def build(ds, preview: dict | None, preview_png: bytes | None) -> str:
         '<h2 id="shards">Samples per shard</h2>' + _bars(
             f"samples per shard (first {len(shown)} of {ds.num_shards}; min {sizes.min() if len(sizes) else 0}, "
             f"max {sizes.max() if len(sizes) else 0})", shown),
+        '<h2 id="labels">Samples per label</h2>' + (_bars(
+            f"samples per label (top {len(labels[0])} of {labels[1]})", labels[0]) if labels[0]
+            else "<p>no labelled samples</p>"),
         '<h2 id="skips">Skipped inputs</h2>' + (_bars("skipped by reason", [(k, float(v)) for k, v in skips])
                                                 if skips else "<p>none</p>"),
     ]
@@ -122,7 +135,7 @@ def write_report(url: str, out: str, n_preview: int = 8, storage_options: dict |
         png = grid_png(preview)
     except (NotImplementedError, TokshardError):
         pass  # a tokenizer without a decoder, a remote dataset, no samples: no preview section
-    page = build(ds, preview, png)
+    page = build(ds, preview, png, label_counts(url, storage_options))
     with open(out, "w", encoding="utf-8") as f:
         f.write(page)
     return page

@@ -3,6 +3,7 @@
 import re
 import shutil
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 
 import numpy as np
@@ -49,13 +50,18 @@ def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsy
     parser = Elements()
     parser.feed(dom.stdout)
     charts = [a.get("aria-label") for t, a in parser.found if t == "svg"]
-    assert charts == ["bytes per sample", "code frequency, rank vs count",
-                      next(c for c in charts if c.startswith("samples per shard")), "skipped by reason"]
     ds = tokshard.open(dest)
+    labels = Counter(int(label) for _, _, _, label in ds)
+    assert charts == ["bytes per sample", "code frequency, rank vs count",
+                      next(c for c in charts if c.startswith("samples per shard")),
+                      f"samples per label (top {len(labels)} of {len(labels)})", "skipped by reason"]
     used = int((token_counts(ds) > 0).sum())
     points = re.search(r'<polyline class="line" points="([^"]+)"', dom.stdout).group(1).split()
     assert len(points) == used > 1
-    assert len([1 for t, a in parser.found if t == "rect" and a.get("class") == "bar"]) == 4 + ds.num_shards + 1
+    assert len([1 for t, a in parser.found if t == "rect" and a.get("class") == "bar"]) == \
+        4 + ds.num_shards + len(labels) + 1
+    top = max(labels.values())
+    assert f"{top:,.1f}</text>" in dom.stdout.split('aria-label="samples per label')[1].split("</svg>")[0]
     assert "not_an_image" in dom.stdout and "mean PSNR" in dom.stdout
     assert any(t == "img" and a.get("src", "").startswith("data:image/png;base64,") for t, a in parser.found)
 
