@@ -67,7 +67,7 @@ def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Tab
         raise ManifestError(f"no manifest at {url} (expected {MANIFEST}); is the convert finished?") from None
     try:
         # Never through a Python file object (io.BytesIO): pyarrow's thread pool can then
-        # abort the interpreter at exit, ~1 run in 10 here (apache/arrow#34314).
+        # abort the interpreter at exit, up to 1 run in 4 here (apache/arrow#34314).
         table = pq.read_table(pa.BufferReader(data))
         meta = json.loads(table.schema.metadata[METADATA_KEY])
     except Exception as e:

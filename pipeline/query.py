@@ -49,6 +49,7 @@ def _connect(url: str, storage_options: dict | None):
 
     def index_file(shard: str) -> str:
         return as_read(join(root, "samples", f"{shard}.parquet"))
+
     if remote:
         con.register_filesystem(fs)
     index = as_read(join(root, "samples", "*.parquet"))
