@@ -234,20 +234,22 @@ def _read_parquet(unit: WorkUnit, storage_options, image_column=None, caption_co
     stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
     try:
         with fsspec.open(unit.url, "rb", **(storage_options or {})) as f:
-            # An Arrow buffer, not the Python file object: pyarrow's thread pool, after reading
-            # through a Python file, can abort the interpreter at exit (apache/arrow#34314).
-            table = pq.read_table(pa.BufferReader(f.read()))
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            img_col = _pick(names, image_column, _IMAGE_COLUMNS)
+            if img_col is None:
+                raise SourceError(f"{unit.url} has no image column (looked for {image_column or _IMAGE_COLUMNS})")
+            cap_col = _pick(names, caption_column, _CAPTION_COLUMNS)
+            lab_col = _pick(names, label_column, _LABEL_COLUMNS)
+            key_col = _pick(names, key_column, _KEY_COLUMNS)
+            table, first = _read_rows(pf, unit.start, unit.stop,
+                                      [c for c in (img_col, cap_col, lab_col, key_col) if c])
+    except SourceError:
+        raise
     except Exception as e:
         yield Record(f"{stem}#unreadable", None, unit.url, skip="unreadable_source", detail=str(e))
         return
-    table = table.slice(unit.start, unit.stop - unit.start)
-    names = table.column_names
-    img_col = _pick(names, image_column, _IMAGE_COLUMNS)
-    if img_col is None:
-        raise SourceError(f"{unit.url} has no image column (looked for {image_column or _IMAGE_COLUMNS})")
-    cap_col = _pick(names, caption_column, _CAPTION_COLUMNS)
-    lab_col = _pick(names, label_column, _LABEL_COLUMNS)
-    key_col = _pick(names, key_column, _KEY_COLUMNS)
+    table = table.slice(unit.start - first, unit.stop - unit.start)
     images = table.column(img_col).to_pylist()
     caps = table.column(cap_col).to_pylist() if cap_col else [None] * len(images)
     labs = table.column(lab_col).to_pylist() if lab_col else [None] * len(images)
@@ -267,6 +269,24 @@ def _read_parquet(unit: WorkUnit, storage_options, image_column=None, caption_co
             rec.skip, rec.detail, rec.image = "duplicate_key", rec.key, None
         seen.add(rec.key)
         yield rec
+
+
+def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: list[str]) -> tuple[pa.Table, int]:
+    """The row groups of `pf` that hold rows [start, stop), only `columns`, and the
+    file row number of the table's first row: a unit of a multi-GB Parquet file of
+    image bytes reads its own slice, not the whole file once per unit."""
+    md, groups, first, row = pf.metadata, [], None, 0
+    for g in range(md.num_row_groups):
+        n = md.row_group(g).num_rows
+        if row < stop and row + n > start:
+            groups.append(g)
+            first = row if first is None else first
+        row += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns), start
+    # use_threads=False: pyarrow's thread pool, after reading through a Python file
+    # object, can abort the interpreter at exit (apache/arrow#34314).
+    return pf.read_row_groups(groups, columns=columns, use_threads=False), first
 
 
 def _read_folder(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:

@@ -69,3 +69,27 @@ def test_convert_reads_and_writes_fsspec_urls(photo_tars, tokenizer_dir):
     assert fs.exists("/out/tokenizer/model.safetensors")
     for row in table.to_pylist():
         assert fs.size(f"/out/{row['path']}") == row["stored_bytes"]
+
+
+def test_parquet_units_read_only_their_row_groups_and_columns(tmp_path, photo_jpegs):
+    """A 10-row-group file cut into units that straddle row groups: every row once, in
+    order, with its own caption and label; a unit reads the groups that hold its rows,
+    and only the columns it uses (not, e.g., LAION's embedding columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokshard.pipeline.sources import _read_rows
+    rows = [(f"k{i:03d}", photo_jpegs[i % len(photo_jpegs)][1], i % 5) for i in range(70)]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"key": [k for k, _, _ in rows], "jpg": [d for _, d, _ in rows],
+                             "caption": [f"c{k}" for k, _, _ in rows], "label": [lab for _, _, lab in rows],
+                             "embedding": [[0.5] * 8] * len(rows)}), path, row_group_size=7)
+    pf = pq.ParquetFile(path)
+    assert pf.metadata.num_row_groups == 10
+    table, first = _read_rows(pf, 15, 30, ["key", "label"])
+    assert first == 14 and table.num_rows == 21 and table.column_names == ["key", "label"]
+    assert table.slice(15 - first, 15).column("key").to_pylist() == [k for k, _, _ in rows[15:30]]
+    units = plan_units([str(path)], 10)
+    assert [(u.start, u.stop) for u in units] == [(s, min(s + 10, 70)) for s in range(0, 70, 10)]
+    got = [(r.key, r.caption, r.label, r.image) for u in units for r in read_unit(u)]
+    assert got == [(k, f"c{k}", lab, data) for k, data, lab in rows]
