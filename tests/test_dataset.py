@@ -154,6 +154,10 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
     victim = files[0]
     victim.write_bytes(b"garbage")
     assert [b["id"].tolist() for b in ds.loader(16, rank=0, world_size=1, seed=5)] == want
+    # Selections on S3: routed through labels.parquet, and a full index scan.
+    for where in ("label IN (1, 4)", "label IN (1, 4) AND key LIKE '%'"):
+        want = [b["id"].tolist() for b in tokshard.open(local).loader(8, rank=0, world_size=1, where=where)]
+        assert want and [b["id"].tolist() for b in ds.loader(8, rank=0, world_size=1, where=where)] == want
 
 
 @pytest.mark.parametrize("faults", [("503", "500"), ("reset", "slow")], ids=["errors", "resets-and-slow"])
