@@ -86,10 +86,9 @@ def encode_seconds(out: Path) -> float:
     return float(sum(pq.read_table(out / "timings.parquet").column("encode_s").to_pylist()))
 
 
-def best_of(runs: int, fn, key: int = 0):
-    """The fastest of `runs` runs (by wall time, or by the `key`-th figure, e.g. CPU time):
-    a 2-core virtual machine shared with Ray's daemons is noisy."""
-    return min((fn() for _ in range(runs)), key=lambda r: r[key])
+def best_of(runs: int, fn):
+    """The fastest of `runs` runs by wall time: a 2-core machine shared with Ray's daemons is noisy."""
+    return min((fn() for _ in range(runs)), key=lambda r: r[0])
 
 
 def one_core_run(src: Path, out: Path) -> tuple[float, float, float]:
