@@ -298,10 +298,12 @@ class VQGANTokenizer(Tokenizer):
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         """(n, R, R, 3) uint8 on the device -> latents (n, D, h, w), as the quantiser sees them."""
-        # x / 255 in float32 (torchvision's ToTensor), then `2 * x - 1` for [-1, 1] models.
+        # x / 255 in float32 (torchvision's ToTensor), then onto the model's range: the
+        # projects' `2 * x - 1` for [-1, 1] (x + (-1) is x - 1 exactly).
         x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        if self.input_range == (-1.0, 1.0):
-            x = x.mul_(2.0).sub_(1.0)
+        lo, hi = self.input_range
+        if (lo, hi) != (0.0, 1.0):
+            x = x.mul_(hi - lo).add_(lo)
         with self._autocast():
             return self.model.latents(x.contiguous(memory_format=self._memory_format()))
 
