@@ -102,6 +102,20 @@ class Tokenizer(abc.ABC):
                 f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
             )
 
+    def check_codes(self, codes, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """`codes` as an array of (N, *shape) integers in [0, vocab_size) (shape: the grid),
+        for `decode`; a ValueError otherwise."""
+        shape = tuple(self.grid_shape if shape is None else shape)
+        codes = np.asarray(codes)
+        if codes.ndim != len(shape) + 1 or tuple(codes.shape[1:]) != shape:
+            raise ValueError(f"{self.name} expects codes of shape (N, {', '.join(map(str, shape))}), "
+                             f"got {codes.shape}")
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"{self.name} expects integer codes, got {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
+            raise ValueError(f"{self.name}: codes out of range [0, {self.vocab_size})")
+        return codes
+
 
 def artifact_files(tok: "Tokenizer") -> dict[str, bytes]:
     """The files `tok.save()` writes, as {relative posix path: bytes}, in sorted order:

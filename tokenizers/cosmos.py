@@ -384,17 +384,6 @@ class _CosmosDiscrete(Tokenizer):
         img = img.permute(0, *range(2, img.ndim), 1)
         return (img * _UINT8_MAX_F + 0.5).to(torch.uint8).cpu().numpy()
 
-    def _check_codes(self, codes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.ndim != len(shape) + 1 or tuple(codes.shape[1:]) != tuple(shape):
-            raise ValueError(f"{self.name} expects codes of shape (N, {', '.join(map(str, shape))}), "
-                             f"got {codes.shape}")
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"{self.name} expects integer codes, got {codes.dtype}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise ValueError(f"codes out of range [0, {self.vocab_size}) for FSQ levels {list(self._levels)}")
-        return codes
-
     def _probe(self) -> None:
         """One sample through the encoder at load: the output contract is checked up front, and
         an unknown spatial compression is read off the grid."""
@@ -541,7 +530,7 @@ class CosmosImageTokenizer(_CosmosDiscrete):
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = self._check_codes(codes, self.grid_shape)
+        codes = self.check_codes(codes)
         r = self.resolution
         out = np.empty((len(codes), r, r, 3), dtype=np.uint8)
         for start in range(0, len(codes), self.batch_size):
@@ -667,7 +656,7 @@ class CosmosVideoTokenizer(_CosmosDiscrete):
         if codes.ndim != 4 or codes.shape[1] < 1:
             raise ValueError(f"{self.name} expects clip codes of shape (N, t, {', '.join(map(str, self.grid_shape))})"
                              f", got {codes.shape}")
-        codes = self._check_codes(codes, (codes.shape[1], *self.grid_shape))
+        codes = self.check_codes(codes, (codes.shape[1], *self.grid_shape))
         r, ct = self.resolution, self._temporal
         wins = self._latent_windows(codes.shape[1])
         frames = [1 + (e - s - 1) * ct for s, e in wins]
@@ -685,5 +674,5 @@ class CosmosVideoTokenizer(_CosmosDiscrete):
         return self.encode_clips(images[:, None])[:, 0]
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = self._check_codes(codes, self.grid_shape)
+        codes = self.check_codes(codes)
         return self.decode_clips(codes[:, None])[:, 0]

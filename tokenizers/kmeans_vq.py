@@ -139,11 +139,7 @@ class KMeansVQ(Tokenizer):
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.ndim != 3 or codes.shape[1:] != self.grid_shape:
-            raise ValueError(f"expected codes of shape (N, {self.grid_shape}), got {codes.shape}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise ValueError("codes out of range for this codebook")
+        codes = self.check_codes(codes)
         idx = torch.from_numpy(codes.astype(np.int64)).to(self.device)
         n, (h, w), p = len(codes), self.grid_shape, self.patch_size
         patches = self._decoder[idx.view(-1)].view(n, h, w, p, p, 3)

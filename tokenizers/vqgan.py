@@ -328,11 +328,7 @@ class VQGANTokenizer(Tokenizer):
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.ndim != 3 or codes.shape[1:] != self._grid:
-            raise ValueError(f"expected codes of shape (N, {self._grid[0]}, {self._grid[1]}), got {codes.shape}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):
-            raise ValueError("codes out of range for this codebook")
+        codes = self.check_codes(codes)
         out = []
         for i in range(0, len(codes), self.micro_batch):
             idx = torch.from_numpy(codes[i:i + self.micro_batch].astype(np.int64)).to(self.device)
