@@ -74,7 +74,7 @@ def img2dataset_loop(src: Path, size: int = 256) -> tuple[float, float, int]:
 def tokshard_convert(src: Path, out: Path, **kw) -> tuple[float, float, dict]:
     import shutil
 
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = convert(ConvertConfig(sources=[str(src)], out=str(out), **kw), quiet=True)
@@ -122,7 +122,7 @@ def main() -> int:
         assert base_n == n
         one_wall, one_cpu, encode_cpu = min(one_runs, key=lambda r: r[1])
         loc_wall, loc_cpu, local = best_of(2, lambda: tokshard_convert(src, tmp / "local", decode_workers=2))
-        from tokshard.pipeline.engine_ray import init_ray
+        from tokshard.pipeline.convert.engines.ray import init_ray
         t = time.perf_counter()
         ray = init_ray(None)
         ray_start = time.perf_counter() - t

@@ -26,8 +26,8 @@ HEADING = "## Tokenizer fidelity"
 def main() -> int:
     from PIL import Image
 
-    from tokshard.pipeline.decode import DecodeConfig, decode_image
-    from tokshard.pipeline.preview import psnr
+    from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+    from tokshard.pipeline.tools.preview import psnr
     from tokshard.pipeline.sample_data import jpeg_bytes, sample_images
     from tokshard.tokenizers.kmeans_fit import default_artifact
     from tokshard.tokenizers.kmeans_vq import KMeansVQ

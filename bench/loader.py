@@ -47,7 +47,7 @@ TARGET_SAMPLES = 200_000
 
 
 def build(tmp: Path) -> tuple[Path, Path, int]:
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import write_img2dataset_shards
     src = tmp / "src"
     write_img2dataset_shards(src, crops_per_photo=60, shard_size=256)
@@ -80,7 +80,7 @@ def token_loader_rate(dataset: Path, samples: int, augment: bool) -> tuple[float
     import torch
 
     import tokshard
-    from tokshard.pipeline.augment import Compose, TokenHFlip, TokenRandomResizedCrop
+    from tokshard.pipeline.stream.augment import Compose, TokenHFlip, TokenRandomResizedCrop
     torch.set_num_threads(1)
     ds = tokshard.open(dataset)
     aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()]) if augment else None
@@ -137,7 +137,7 @@ def jpeg_loader_rate(src: Path, samples: int) -> tuple[float, int]:
 
 RSS_CHILD = r"""
 import sys, torch, tokshard
-from tokshard.pipeline.augment import Compose, TokenHFlip, TokenRandomResizedCrop
+from tokshard.pipeline.stream.augment import Compose, TokenHFlip, TokenRandomResizedCrop
 
 def rss():
     # VmRSS, not ru_maxrss: a child's ru_maxrss can carry its parent's high-water mark.

@@ -37,7 +37,7 @@ LABELS_PER_SHARD = 50
 
 
 def synthesise(root: Path) -> None:
-    from tokshard.pipeline.manifest import write_manifest
+    from tokshard.pipeline.format.manifest import write_manifest
     from tokshard.pipeline.storage import filesystem
     from tokshard.schemas.v1 import LABELS, SAMPLES, SHARDS as SHARD_SCHEMA
     rng = np.random.default_rng(0)
@@ -91,7 +91,7 @@ def timed(fn, repeat: int = 5) -> tuple[float, object]:
 
 
 def main() -> int:
-    from tokshard.pipeline.query import lookup, run
+    from tokshard.pipeline.tools.query import lookup, run
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
         root = Path(tmp) / "laion2b-tokens"

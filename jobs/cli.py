@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tokshard.pipeline.errors import TokshardError, UsageError
+from tokshard.errors import TokshardError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,7 +145,7 @@ def _summary(result: dict) -> str:
 
 
 def _cmd_convert(a) -> int:
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     cols = {f"{c}_column": getattr(a, f"{c}_column") for c in ("image", "caption", "label", "key")
             if getattr(a, f"{c}_column")}
     cfg = ConvertConfig(
@@ -163,7 +163,7 @@ def _cmd_convert(a) -> int:
 
 
 def _cmd_fit(a) -> int:
-    from tokshard.pipeline.convert import fit_tokenizer_from_sources
+    from tokshard.pipeline.convert.job import fit_tokenizer_from_sources
     # Unset options take the default tokenizer's fit settings (DEFAULT_FIT).
     given = {k: getattr(a, k) for k in ("codebook_size", "patch_size", "resolution", "pca_dim", "iters", "seed")
              if getattr(a, k) is not None}
@@ -175,7 +175,7 @@ def _cmd_fit(a) -> int:
 
 def _cmd_demo(a) -> int:
     from pathlib import Path
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import write_img2dataset_shards
     src = Path(a.out) / "source"
     if not src.exists():
@@ -191,7 +191,7 @@ def _cmd_preview(a) -> int:
     import math
 
     import tokshard
-    from tokshard.pipeline.preview import grid_png, reconstruct
+    from tokshard.pipeline.tools.preview import grid_png, reconstruct
     if a.n < 1:
         raise UsageError("-n must be at least 1")
     result = reconstruct(tokshard.open(a.dataset), a.n, a.seed)
@@ -208,14 +208,14 @@ def _cmd_preview(a) -> int:
 
 
 def _cmd_query(a) -> int:
-    from tokshard.pipeline.query import render, run
+    from tokshard.pipeline.tools.query import render, run
     columns, rows = run(a.dataset, a.sql, _storage_options(a.storage_opt))
     print(render(columns, rows, a.format))
     return 0
 
 
 def _cmd_lookup(a) -> int:
-    from tokshard.pipeline.query import lookup, render
+    from tokshard.pipeline.tools.query import lookup, render
     columns, rows = lookup(a.dataset, a.key, _storage_options(a.storage_opt))
     if not rows:
         print(f"tokshard: no sample with key {a.key!r}", file=sys.stderr)
@@ -225,7 +225,7 @@ def _cmd_lookup(a) -> int:
 
 
 def _cmd_verify(a) -> int:
-    from tokshard.pipeline.verify import repair, verify
+    from tokshard.pipeline.tools.verify import repair, verify
     opts = _storage_options(a.storage_opt)
     checked, problems = verify(a.dataset, opts)
     for p in problems:
@@ -247,14 +247,14 @@ def _cmd_verify(a) -> int:
 
 
 def _cmd_report(a) -> int:
-    from tokshard.pipeline.report import write_report
+    from tokshard.pipeline.tools.report import write_report
     write_report(a.dataset, a.out, a.n)
     print(f"report: {a.out}")
     return 0
 
 
 def _cmd_info(a) -> int:
-    from tokshard.pipeline.manifest import read_manifest
+    from tokshard.pipeline.format.manifest import read_manifest
     table, meta = read_manifest(a.dataset)
     if a.json:
         print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))

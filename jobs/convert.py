@@ -17,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from tokshard.pipeline.errors import TokshardError, UsageError
+from tokshard.errors import TokshardError, UsageError
 
 
 def load_config(path: str):
-    from tokshard.pipeline.convert import ConvertConfig
+    from tokshard.pipeline.convert.job import ConvertConfig
     text = Path(path).read_text()
     if path.endswith(".toml"):
         import tomllib
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         from tokshard.jobs.cli import _summary
-        from tokshard.pipeline.convert import convert
+        from tokshard.pipeline.convert.job import convert
         cfg = load_config(args.config)
         if args.address:
             cfg.address = args.address

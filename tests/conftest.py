@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokshard.pipeline.decode import DecodeConfig, resize_array
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.pipeline.sample_data import jpeg_bytes, sample_images, write_img2dataset_shards
 from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
 
@@ -74,7 +74,7 @@ def photo_tars(tmp_path):
 
 
 def convert_config(sources, out, tokenizer_dir, **kw):
-    from tokshard.pipeline.convert import ConvertConfig
+    from tokshard.pipeline.convert.job import ConvertConfig
     return ConvertConfig(sources=[str(s) for s in sources], out=str(out),
                          tokenizer_options={"path": str(tokenizer_dir)}, decode_workers=2, **kw)
 
@@ -88,7 +88,7 @@ LOADER_VARIANTS = (("parquet", "zstd"), ("wds", "raw"), ("parquet", "raw"), ("wd
 @pytest.fixture(scope="session")
 def loader_datasets(tmp_path_factory, tokenizer_dir):
     """{(format, codec): dataset dir} of 213 real photo crops in 9 uneven shards."""
-    from tokshard.pipeline.convert import convert
+    from tokshard.pipeline.convert.job import convert
     root = tmp_path_factory.mktemp("loader")
     images = [(k, resize_array(img, DecodeConfig(resolution=RES)), lab)
               for k, img, lab in sample_images(crops_per_photo=12, seed=0)]

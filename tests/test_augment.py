@@ -1,11 +1,11 @@
-"""Semantics of the batched token / embedding augmentations (tokshard.pipeline.augment)."""
+"""Semantics of the batched token / embedding augmentations (tokshard.pipeline.stream.augment)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tokshard.pipeline.augment import (
+from tokshard.pipeline.stream.augment import (
     ColorAdapt, Compose, EmbeddingMixup, EmbeddingNoise, EmbeddingRandomResizedCrop, TokenCutMix,
     TokenEmbed, TokenHFlip, TokenPatchSwap, TokenRandomResizedCrop, TokenSynonymReplace,
     codebook_neighbours,

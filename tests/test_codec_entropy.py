@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tokshard.pipeline.codec_entropy import RansCtxCodec, RansUnigramCodec
-from tokshard.pipeline.codecs import CODECS, codec_from_description, get_codec, token_dtype
-from tokshard.pipeline.errors import CodecError
+from tokshard.pipeline.format.codecs.rans import RansCtxCodec, RansUnigramCodec
+from tokshard.pipeline.format.codecs import CODECS, codec_from_description, get_codec, token_dtype
+from tokshard.errors import CodecError
 
 NAMES = ["rans-unigram", "rans-ctx"]
 VOCABS = [1, 2, 3, 256, 1024, 4095, 4096, 16384, 65536, 65537, 2**20]

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tokshard.pipeline.codecs import (
+from tokshard.pipeline.format.codecs import (
     CODECS, TokenCodec, codec_from_description, get_codec, token_dtype,
 )
-from tokshard.pipeline.errors import CodecError
+from tokshard.errors import CodecError
 
 VOCABS = [1, 2, 3, 255, 256, 257, 1024, 16384, 65536, 65537, 2**20]
 NAMES = sorted(CODECS)

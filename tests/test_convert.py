@@ -16,11 +16,11 @@ import pytest
 import webdataset as wds
 
 from conftest import RES, convert_config
-from tokshard.pipeline.codecs import codec_from_description
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.errors import UsageError
-from tokshard.pipeline.manifest import read_manifest
+from tokshard.pipeline.format.codecs import codec_from_description
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.errors import UsageError
+from tokshard.pipeline.format.manifest import read_manifest
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 
@@ -219,8 +219,8 @@ def test_folder_non_images_and_unreadable_parquet(tmp_path, photo_jpegs, tokeniz
 
 def test_failed_unit_leaves_no_visible_partial_output_and_resumes(tmp_path, photo_tars, tokenizer_dir,
                                                                   monkeypatch):
-    import tokshard.pipeline.worker as worker
-    from tokshard.pipeline.errors import JobError
+    import tokshard.pipeline.convert.stages as worker
+    from tokshard.errors import JobError
     real = worker.atomic_write
     calls = Counter()
 
@@ -248,7 +248,7 @@ def test_failed_unit_leaves_no_visible_partial_output_and_resumes(tmp_path, phot
 
 
 def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tokenizer_dir, monkeypatch):
-    import tokshard.pipeline.worker as worker
+    import tokshard.pipeline.convert.stages as worker
     real = worker.atomic_write
     calls = {"n": 0}
 
@@ -267,7 +267,7 @@ def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tok
 
 
 def test_where_keeps_only_selected_source_samples(tmp_path, photo_tars, tokenizer_dir):
-    from tokshard.pipeline.errors import JobError
+    from tokshard.errors import JobError
     metas = {}
     for tar_path in sorted(Path(photo_tars).glob("*.tar")):
         with tarfile.open(tar_path) as t:
@@ -297,7 +297,7 @@ def test_where_cannot_touch_files(tmp_path, photo_tars, tokenizer_dir):
     secret = tmp_path / "secret.csv"
     secret.write_text("key\nanything\n")
     planted = tmp_path / "planted.csv"
-    from tokshard.pipeline.errors import JobError
+    from tokshard.errors import JobError
     with pytest.raises(UsageError, match="--where is not valid: Permission Error"):
         convert(convert_config([photo_tars], tmp_path / "z", tokenizer_dir,
                                where=f"key IN (SELECT key FROM read_csv('{secret}'))"), quiet=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.errors import TokenizerError, UsageError
 from tokshard.tokenizers.cosmos import (
     CosmosImageTokenizer,
     CosmosVideoTokenizer,
@@ -432,7 +432,7 @@ def test_images_and_videos_round_trip_through_convert_and_the_loader(tmp_path, d
     """Both built-ins as a user runs them: convert (the jit files copied into the
     dataset), then stream the codes back and decode them with the dataset's copy."""
     import tokshard
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import jpeg_bytes
     from test_video import make_video
 

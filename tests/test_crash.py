@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tokshard.pipeline.convert import convert
+from tokshard.pipeline.convert.job import convert
 
 from conftest import convert_config
 

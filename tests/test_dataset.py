@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import tokshard
-from tokshard.pipeline.errors import CodecError, ManifestError, ShardError
-from tokshard.pipeline.shard_cache import STALE_TMP_S, ShardCache
+from tokshard.errors import CodecError, ManifestError, ShardError
+from tokshard.pipeline.stream.shard_cache import STALE_TMP_S, ShardCache
 from tokshard.pipeline.storage import TMP_MARK
 from tokshard.schemas.v1 import METADATA_KEY
 
@@ -164,7 +164,7 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
 def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, tokenizer_dir, tmp_path, faults):
     from conftest import convert_config
     from faulty_s3 import FaultyS3Proxy
-    from tokshard.pipeline.convert import convert
+    from tokshard.pipeline.convert.job import convert
     fs, bucket, options = s3_bucket
     fs.put(str(photo_tars) + "/", f"{bucket}/src/", recursive=True)
     with FaultyS3Proxy(options["endpoint_url"], every=4, faults=faults) as proxy:
@@ -204,7 +204,7 @@ def test_processes_that_read_a_dataset_exit_cleanly(loader_datasets):
     root = loader_datasets[("parquet", "zstd")]
     # As `tokshard info` runs: read the manifest, exit (no torch imported: it makes the abort rarer).
     script = ("import sys\n"
-              "from tokshard.pipeline.manifest import read_manifest\n"
+              "from tokshard.pipeline.format.manifest import read_manifest\n"
               "assert read_manifest(sys.argv[1])[0].num_rows > 0 and 'torch' not in sys.modules\n")
     results = []
     for _ in range(2):

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from tokshard.pipeline import decode
-from tokshard.pipeline.decode import RESIZE_MODES, DecodeConfig, Decoded, decode_image
-from tokshard.pipeline.errors import SKIP_REASONS, SkipSample
+from tokshard.pipeline.convert.job import decode
+from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig, Decoded, decode_image
+from tokshard.errors import SKIP_REASONS, SkipSample
 
 SK = Path(skimage.data.__file__).parent
 CFG = DecodeConfig()
@@ -475,8 +475,8 @@ def test_bomb_warning_is_not_printed(tmp_path):
     path.write_bytes(bilevel_png(10000))  # 1e8 pixels: warned about, not refused, by Pillow
     code = (
         "import sys, pathlib\n"
-        "from tokshard.pipeline.decode import DecodeConfig, decode_image\n"
-        "from tokshard.pipeline.errors import SkipSample\n"
+        "from tokshard.pipeline.convert.decode import DecodeConfig, decode_image\n"
+        "from tokshard.errors import SkipSample\n"
         "try:\n"
         "    decode_image(pathlib.Path(sys.argv[1]).read_bytes(), DecodeConfig())\n"
         "except SkipSample as e:\n"

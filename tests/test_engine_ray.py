@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import tokshard
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.errors import JobError
+from tokshard.pipeline.convert.job import convert
+from tokshard.errors import JobError
 from tokshard.pipeline.sample_data import write_img2dataset_shards
 
 from conftest import convert_config
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("ray")   # one Ray cluster per test worker 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from tokshard.pipeline.engine_ray import init_ray
+    from tokshard.pipeline.convert.engines.ray import init_ray
     ray = init_ray(None)
     yield ray
     ray.shutdown()

@@ -61,7 +61,7 @@ def test_convert_is_byte_identical_to_the_golden_dataset(name, sources, tmp_path
 
 @pytest.mark.parametrize("name", sorted(make.CONFIGS))
 def test_golden_dataset_opens_reads_and_resumes(name, sources, tmp_path):
-    from tokshard.pipeline.verify import verify
+    from tokshard.pipeline.tools.verify import verify
     old = tmp_path / "old"
     shutil.copytree(GOLDEN / "datasets" / name, old)
     ds = tokshard.open(str(old))

@@ -31,10 +31,10 @@ import tokshard
 from conftest import RES, convert_config
 from test_decode import bilevel_png, enc, jpeg_with_size, png_raw
 from test_video import frames_of, make_video
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, resize_array
-from tokshard.pipeline.errors import CodecError, ManifestError, ShardError
-from tokshard.pipeline.shard_reader import parse_shard
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.errors import CodecError, ManifestError, ShardError
+from tokshard.pipeline.format.shards import parse_shard
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 CFG = DecodeConfig(resolution=RES)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tokshard
-from tokshard.pipeline.errors import UsageError
+from tokshard.errors import UsageError
 
 from conftest import LOADER_VARIANTS
 
@@ -209,7 +209,7 @@ def test_rank_and_world_size_default_from_the_environment(loader_datasets, monke
 
 
 def test_real_augmentations_in_workers_keep_semantics_and_resume(loader_datasets):
-    from tokshard.pipeline.augment import Compose, TokenCutMix, TokenHFlip, TokenRandomResizedCrop
+    from tokshard.pipeline.stream.augment import Compose, TokenCutMix, TokenHFlip, TokenRandomResizedCrop
     ds = tokshard.open(loader_datasets[("parquet", "zstd")])
     ref = reference(ds)
     aug = Compose([TokenRandomResizedCrop(6, scale=(0.3, 1.0)), TokenHFlip(), TokenCutMix(num_classes=32)])

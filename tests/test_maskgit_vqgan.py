@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 from tokshard.tokenizers.maskgit_vqgan import MaskGitVQGAN
 
 from test_vqgan import R, assert_nearest, images_for, nearest_reference
@@ -241,8 +241,8 @@ def test_a_taming_checkpoint_or_a_wrong_config_is_one_clear_error(tmp_path, sd):
 def test_round_trip_through_convert_and_the_loader(tmp_path, ckpt_dir, photos):
     """By registry name with CLI-style options, convert, stream back, decode with the dataset's copy."""
     import tokshard
-    from tokshard.pipeline.convert import ConvertConfig, convert
-    from tokshard.pipeline.decode import DecodeConfig, decode_image
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
+    from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
     from tokshard.pipeline.sample_data import jpeg_bytes
     from tokshard.tokenizers import registry
     assert registry.tokenizer_class("maskgit-vqgan") is MaskGitVQGAN

@@ -3,7 +3,7 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from tokshard.pipeline.order import (BufferShuffle, consumed_positions, mix64, permutation, plan_chunks,
+from tokshard.pipeline.stream.order import (BufferShuffle, consumed_positions, mix64, permutation, plan_chunks,
                                      plan_length, plan_lookup, plan_positions, rank_slice, shard_order)
 
 

@@ -8,9 +8,9 @@ from PIL import Image
 
 import tokshard
 from tokshard.jobs.cli import main
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.preview import psnr, reconstruct
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.pipeline.tools.preview import psnr, reconstruct
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 from conftest import RES, convert_config

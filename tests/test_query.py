@@ -8,8 +8,8 @@ import pytest
 
 import tokshard
 from tokshard.jobs.cli import main
-from tokshard.pipeline.query import run, select_rows
-from tokshard.pipeline.verify import verify
+from tokshard.pipeline.tools.query import run, select_rows
+from tokshard.pipeline.tools.verify import verify
 
 
 @pytest.fixture()
@@ -101,7 +101,7 @@ def test_lookup_routes_a_key_to_its_shard(dataset, capsys):
     for i in range(ds.num_shards):
         keys = ds.shard(i)["key"]
         assert (lo[i], hi[i]) == (min(keys), max(keys))
-    from tokshard.pipeline.query import lookup
+    from tokshard.pipeline.tools.query import lookup
     key = ds.shard(6)["key"][2]
     columns, rows = lookup(str(dataset), key)
     assert len(rows) == 1 and dict(zip(columns, rows[0]))["shard"] == ds.shard_names[6]

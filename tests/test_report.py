@@ -11,8 +11,8 @@ from PIL import Image
 
 import tokshard
 from tokshard.jobs.cli import main
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.report import token_counts
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.tools.report import token_counts
 
 from conftest import convert_config
 

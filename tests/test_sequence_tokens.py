@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import tokshard
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.errors import TokenizerError, UsageError
 from tokshard.tokenizers import registry
 from tokshard.tokenizers.base import Tokenizer
 from tokshard.tokenizers.kmeans_vq import KMeansVQ

@@ -5,8 +5,8 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from tokshard.pipeline.errors import SourceError
-from tokshard.pipeline.sources import plan_units, read_unit, safe_key
+from tokshard.errors import SourceError
+from tokshard.pipeline.convert.sources import plan_units, read_unit, safe_key
 
 
 def test_brace_patterns_and_globs_plan_one_unit_per_tar(photo_tars):
@@ -57,8 +57,8 @@ def test_safe_key(name, key):
 def test_convert_reads_and_writes_fsspec_urls(photo_tars, tokenizer_dir):
     """Sources and destination both through an fsspec URL (the in-memory filesystem)."""
     from conftest import convert_config
-    from tokshard.pipeline.convert import convert
-    from tokshard.pipeline.manifest import read_manifest
+    from tokshard.pipeline.convert.job import convert
+    from tokshard.pipeline.format.manifest import read_manifest
 
     fs = fsspec.filesystem("memory")
     for tar in sorted(photo_tars.glob("*.tar")):
@@ -78,7 +78,7 @@ def test_parquet_units_read_only_their_row_groups_and_columns(tmp_path, photo_jp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokshard.pipeline.sources import _read_rows
+    from tokshard.pipeline.convert.sources import _read_rows
     rows = [(f"k{i:03d}", photo_jpegs[i % len(photo_jpegs)][1], i % 5) for i in range(70)]
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"key": [k for k, _, _ in rows], "jpg": [d for _, d, _ in rows],

@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import RES
-from tokshard.pipeline.decode import DecodeConfig, resize_array
-from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.errors import TokenizerError, UsageError
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 from tokshard.tokenizers.registry import available, load_tokenizer
 

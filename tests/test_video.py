@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import tokshard
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, resize_array
-from tokshard.pipeline.errors import UsageError
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.errors import UsageError
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 from conftest import RES, convert_config

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import tokshard
-from tokshard.pipeline.convert import convert
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.errors import UsageError
-from tokshard.pipeline.views import make_views
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.errors import UsageError
+from tokshard.pipeline.convert.views import make_views
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 from conftest import RES, convert_config

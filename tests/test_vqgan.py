@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.errors import TokenizerError, UsageError
 from tokshard.tokenizers.vqgan import LlamaGenVQ, TamingVQGAN
 
 R = 32                      # input resolution of the tiny models (grid 16x16)
@@ -615,7 +615,7 @@ def test_round_trip_through_convert_and_the_loader(family, tmp_path, taming_ckpt
     """As a user runs them: by registry name with CLI-style options, convert, then
     stream the codes back and decode them with the dataset's own copy."""
     import tokshard
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import jpeg_bytes
     src = tmp_path / "images"
     src.mkdir()
@@ -635,7 +635,7 @@ def test_round_trip_through_convert_and_the_loader(family, tmp_path, taming_ckpt
     assert ds.record["tokenizer"]["codebook_hash"] == reference.identity().codebook_hash
     batch = next(iter(ds.loader(5, rank=0, world_size=1, shuffle=False)))
     assert batch["tokens"].shape == (5, *reference.grid_shape)
-    from tokshard.pipeline.decode import DecodeConfig, decode_image
+    from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
     jpegs = {k: jpeg_bytes(img, 90) for k, img, _ in photos[:5]}
     pixels = np.stack([decode_image(jpegs[k], DecodeConfig(resolution=R)).image for k in batch["key"]])
     assert np.array_equal(batch["tokens"].numpy(), reference.encode(pixels))

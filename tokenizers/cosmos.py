@@ -61,7 +61,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
 from tokshard.tokenizers.device import host_to_device, pick_device

@@ -129,7 +129,7 @@ def cache_dir() -> Path:
 def default_artifact() -> Path:
     """The default tokenizer: fitted once on the bundled photos, then cached."""
     from tokshard.pipeline.sample_data import sample_images
-    from tokshard.pipeline.decode import DecodeConfig, resize_array
+    from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 
     key = sha256_hex(canonical_json({"fit": DEFAULT_FIT, "data": "bundled-photos/2"}))[:16]
     path = cache_dir() / "tokenizers" / f"kmeans-vq-default-{key}"

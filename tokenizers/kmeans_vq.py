@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 from tokshard.tokenizers.base import Tokenizer, sha256_hex
 from tokshard.tokenizers.device import host_to_device, pick_device
 

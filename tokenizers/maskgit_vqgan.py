@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 from tokshard.tokenizers.vq_layers import Codebook, _norm
 from tokshard.tokenizers.vqgan import VQGANTokenizer, _group_norm_ok, _positive_ints
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 
 
 def as_bool(value: Any, name: str) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from importlib import import_module
 from importlib.metadata import entry_points
 
-from tokshard.pipeline.errors import TokenizerError, UsageError
+from tokshard.errors import TokenizerError, UsageError
 from tokshard.tokenizers.base import Tokenizer
 
 GROUP = "tokshard.tokenizers"

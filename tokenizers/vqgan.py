@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokshard.pipeline.errors import TokenizerError
+from tokshard.errors import TokenizerError
 from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.base import Tokenizer, canonical_json
 from tokshard.tokenizers.device import host_to_device, pick_device

@@ -8,5 +8,5 @@ def open(url, **options):  # noqa: A001 - tokshard.open(URL), like gzip.open
 
     Returns a `tokshard.pipeline.dataset.TokenDataset`; see its `loader()`.
     """
-    from tokshard.pipeline.dataset import open_dataset
+    from tokshard.pipeline.stream.dataset import open_dataset
     return open_dataset(url, **options)

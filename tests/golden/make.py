@@ -40,7 +40,7 @@ CONFIGS = {
 
 
 def _images() -> list[tuple[str, np.ndarray, int]]:
-    from tokshard.sample_data import sample_images
+    from tokshard.pipeline.sample_data import sample_images
     out = []
     for key, img, label in sample_images(0)[:8]:
         im = Image.fromarray(img)
@@ -78,7 +78,7 @@ def write_sources(dest: Path) -> None:
 
 
 def write_tokenizer(dest: Path) -> None:
-    from tokshard.pipeline.decode import DecodeConfig, resize_array
+    from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
     from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
     images = [resize_array(img, DecodeConfig(resolution=32)) for _, img, _ in _images()]
     tok = fit_kmeans_vq(images, codebook_size=32, patch_size=8, resolution=32, pca_dim=8,
@@ -87,7 +87,7 @@ def write_tokenizer(dest: Path) -> None:
 
 
 def convert_golden(name: str, out: Path, tokenizer: Path, quiet: bool = True) -> dict:
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     cfg = dict(CONFIGS[name])
     sources = [str(SOURCE_ROOT / s) for s in cfg.pop("sources")]
     return convert(ConvertConfig(sources=sources, out=str(out), tokenizer="kmeans-vq",

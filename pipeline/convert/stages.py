@@ -26,15 +26,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokshard.pipeline.codecs import TokenCodec, token_dtype
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.errors import SkipSample
-from tokshard.pipeline.select import select_records
-from tokshard.pipeline.shard_writers import EXTENSIONS, WRITERS, EncodedSample
-from tokshard.pipeline.sources import Record, WorkUnit, read_unit
+from tokshard.pipeline.format.codecs import TokenCodec, token_dtype
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.errors import SkipSample
+from tokshard.pipeline.convert.select import select_records
+from tokshard.pipeline.format.shards import EXTENSIONS, WRITERS, EncodedSample
+from tokshard.pipeline.convert.sources import Record, WorkUnit, read_unit
 from tokshard.pipeline.storage import atomic_write, join, sha256
-from tokshard.pipeline.video import ClipConfig, clip_meta, decode_clips
-from tokshard.pipeline.views import make_views, view_names
+from tokshard.pipeline.convert.video import ClipConfig, clip_meta, decode_clips
+from tokshard.pipeline.convert.views import make_views, view_names
 from tokshard.schemas.v1 import SAMPLES
 from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
 

@@ -1,7 +1,7 @@
 """Stage-1 augmentations: integer token grids in, integer token grids out.
 
 These run on CPU in the loader workers, before any embedding lookup, so they
-only ever move, copy or substitute token ids. See `tokshard.pipeline.augment`
+only ever move, copy or substitute token ids. See `tokshard.pipeline.stream.augment`
 for the batch contract and `docs/augmentations.md` for the overview table.
 
 Every random number is drawn from the caller's CPU `torch.Generator`, in a

@@ -15,8 +15,8 @@ import json
 import tempfile
 from dataclasses import dataclass
 
-from tokshard.pipeline.errors import UsageError
-from tokshard.pipeline.manifest import read_manifest
+from tokshard.errors import UsageError
+from tokshard.pipeline.format.manifest import read_manifest
 from tokshard.pipeline.storage import filesystem, join
 
 
@@ -69,7 +69,7 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
 
 def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True) -> dict:
     """Re-convert the shards in `problems` from the dataset's sources."""
-    from tokshard.pipeline.convert import ConvertConfig, convert
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     fs, root = filesystem(url, storage_options)
     try:
         job = json.loads(fs.cat_file(join(root, "_work", "job.json")))["config"]

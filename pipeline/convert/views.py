@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokshard.pipeline.errors import UsageError
+from tokshard.errors import UsageError
 
 _FIVE = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 VIEWS = {

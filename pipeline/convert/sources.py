@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
-from tokshard.pipeline.errors import SourceError
+from tokshard.errors import SourceError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")

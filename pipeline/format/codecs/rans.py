@@ -92,9 +92,9 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import zstandard
 
-from . import codecs as _codecs
-from .codecs import TokenCodec, _bytes_view
-from .errors import CodecError
+from tokshard.errors import CodecError
+from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view
+from tokshard.pipeline.format.codecs.registry import register_codec
 
 __all__ = ["RansCtxCodec", "RansUnigramCodec"]
 
@@ -861,6 +861,7 @@ class _RansCodec(TokenCodec):
         return out.T.astype(self.dtype), x
 
 
+@register_codec
 class RansUnigramCodec(_RansCodec):
     """rANS with one static order-0 distribution fitted per dataset (see module doc)."""
 
@@ -869,6 +870,7 @@ class RansUnigramCodec(_RansCodec):
     param_defaults: ClassVar[dict[str, Any]] = {"max_symbols": 4095}
 
 
+@register_codec
 class RansCtxCodec(_RansCodec):
     """rANS with a spatial/temporal context model fitted per dataset (see module doc)."""
 
@@ -878,6 +880,3 @@ class RansCtxCodec(_RansCodec):
     param_defaults: ClassVar[dict[str, Any]] = {"width": None, "plane": None, "classes": 12,
                                                  "max_symbols": 4095}
 
-
-for _cls in (RansUnigramCodec, RansCtxCodec):
-    _codecs.CODECS.setdefault(_cls.name, _cls)

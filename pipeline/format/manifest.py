@@ -11,7 +11,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokshard.pipeline.errors import ManifestError
+from tokshard.errors import ManifestError
 from tokshard.pipeline.storage import atomic_write, filesystem, join
 from tokshard.schemas.v1 import LABELS, METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
 

@@ -2,7 +2,7 @@
 shuffle, exact mid-epoch resume (also under a changed world size), batched
 augmentation in the workers.
 
-Guarantees (see `tokshard.pipeline.order` for the plan itself):
+Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
 - Per epoch every sample reaches exactly one rank exactly once (`drop_last=False`),
   for any world size and any number of DataLoader workers.
 - A rank's batches do not depend on `num_workers`: counting from the batch the
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tokshard.pipeline.errors import ShardError, UsageError
-from tokshard.pipeline.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks, plan_lookup,
+from tokshard.errors import ShardError, UsageError
+from tokshard.pipeline.stream.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks, plan_lookup,
                                      plan_length, plan_slice, rank_slice,
                                      shard_order)
 
@@ -362,7 +362,7 @@ class TokenIterable(IterableDataset):
 
 def _select(ds, where: str) -> np.ndarray:
     """Sorted global sample ids of the samples matching `where` (SQL over the sample index)."""
-    from tokshard.pipeline.query import select_rows
+    from tokshard.pipeline.tools.query import select_rows
     rows = select_rows(ds.url, where, ds.storage_options)
     index = {name: i for i, name in enumerate(ds.shard_names)}
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))

@@ -21,7 +21,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from .errors import SkipSample
+from tokshard.errors import SkipSample
 
 RESIZE_MODES = ("center_crop", "pad", "stretch")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 
-from tokshard.pipeline.errors import UsageError
-from tokshard.pipeline.manifest import LABELS_FILE, read_manifest
+from tokshard.errors import UsageError
+from tokshard.pipeline.format.manifest import LABELS_FILE, read_manifest
 from tokshard.pipeline.storage import filesystem, join
 
 FORMATS = ("table", "csv", "json")

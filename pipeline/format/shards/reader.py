@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokshard.pipeline.errors import ShardError
+from tokshard.errors import ShardError
 
 
 class ShardColumns(dict):

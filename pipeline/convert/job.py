@@ -14,17 +14,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from tokshard import __version__
-from tokshard.pipeline.codecs import get_codec, token_dtype
-from tokshard.pipeline.decode import DecodeConfig
-from tokshard.pipeline.errors import JobError, UsageError
-from tokshard.pipeline.manifest import LABELS_FILE, write_labels, write_manifest, write_timings
-from tokshard.pipeline.shard_writers import FORMATS
-from tokshard.pipeline.sources import plan_units
+from tokshard.pipeline.format.codecs import get_codec, token_dtype
+from tokshard.pipeline.convert.decode import DecodeConfig
+from tokshard.errors import JobError, UsageError
+from tokshard.pipeline.format.manifest import LABELS_FILE, write_labels, write_manifest, write_timings
+from tokshard.pipeline.format.shards import FORMATS
+from tokshard.pipeline.convert.sources import plan_units
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, filesystem, join
-from tokshard.pipeline.select import check_predicate
-from tokshard.pipeline.video import ClipConfig
-from tokshard.pipeline.views import decode_resolution, view_names
-from tokshard.pipeline.worker import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
+from tokshard.pipeline.convert.select import check_predicate
+from tokshard.pipeline.convert.video import ClipConfig
+from tokshard.pipeline.convert.views import decode_resolution, view_names
+from tokshard.pipeline.convert.stages import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
 from tokshard.tokenizers.base import artifact_files, canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
 
@@ -164,12 +164,12 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     progress = _Progress(len(units), len(committed), quiet)
     try:
         if cfg.engine == "ray":
-            from tokshard.pipeline import engine_ray
+            from tokshard.pipeline.convert.engines import ray as engine_ray
             engine_ray.run(todo, ctx, tok, retries=cfg.retries, on_receipt=progress.receipt,
                            on_failure=progress.failure, address=cfg.address, tokenizer_name=cfg.tokenizer,
                            tokenizer_options=opts, encoders=cfg.encoders, gpus_per_encoder=cfg.gpus_per_encoder)
         else:
-            from tokshard.pipeline import engine_local
+            from tokshard.pipeline.convert.engines import local as engine_local
             engine_local.run(todo, ctx, tok, retries=cfg.retries, on_receipt=progress.receipt,
                              on_failure=progress.failure)
     finally:
@@ -281,8 +281,8 @@ def _fit_codec(ctx: UnitContext, tok, units, limit: int) -> None:
 def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = 5000, **fit_kwargs):
     """`tokshard fit-tokenizer`: decode up to `max_images` source images and fit k-means VQ
     (settings not given: those of the default tokenizer)."""
-    from tokshard.pipeline.sources import read_unit
-    from tokshard.pipeline.worker import decode_records
+    from tokshard.pipeline.convert.sources import read_unit
+    from tokshard.pipeline.convert.stages import decode_records
     from tokshard.tokenizers.kmeans_fit import DEFAULT_FIT, fit_kmeans_vq
 
     fit_kwargs = {**DEFAULT_FIT, **fit_kwargs}

@@ -1,158 +1,20 @@
-"""Token codecs: one sample's integer tokens <-> a compact, bit-exact payload.
-
-A codec is named and versioned because the manifest records which codec
-(version, params, trained state) wrote the shards and readers rebuild it from
-that record (`describe()` -> `codec_from_description()`).
-
-Decoding is defensive: a payload that can be detected as bad (wrong length,
-out-of-vocabulary value, broken zstd frame, trailing bytes) raises
-`CodecError`, never another exception type and never a wrong array. What a
-codec cannot detect (e.g. a bit flip that still yields in-range tokens) is the
-shard sha256's job.
-"""
+"""The general-purpose codecs: `raw` (the reference), `bitpack` (fixed width),
+`zstd` (per sample) and `zstd-dict` (a dictionary trained per dataset)."""
 
 from __future__ import annotations
 
-import abc
-import hashlib
-import operator
 import threading
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import zstandard
 
-from .errors import CodecError
-
-__all__ = [
-    "CODECS", "BitpackCodec", "RawCodec", "TokenCodec", "ZstdCodec", "ZstdDictCodec",
-    "codec_from_description", "get_codec", "token_dtype",
-]
+from tokshard.errors import CodecError
+from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _count
+from tokshard.pipeline.format.codecs.registry import register_codec
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype that holds every token id below `vocab_size`."""
-    if isinstance(vocab_size, bool):
-        raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}")
-    v = operator.index(vocab_size)
-    if not 1 <= v <= 2**32:
-        raise ValueError(f"vocab_size must be in [1, 2**32], got {v}")
-    return np.dtype(np.uint16) if v <= 65536 else np.dtype(np.uint32)
-
-
-def _count(n_tokens: Any) -> int:
-    # n_tokens comes from a shard index, i.e. from data, so a bad one is a CodecError too.
-    try:
-        n = operator.index(n_tokens)
-    except TypeError:
-        raise CodecError(f"n_tokens must be an integer, got {n_tokens!r}") from None
-    if n < 0:
-        raise CodecError(f"n_tokens must be >= 0, got {n}")
-    return n
-
-
-def _bytes_view(payload: Any) -> memoryview:
-    try:
-        mv = memoryview(payload)
-    except TypeError:
-        raise CodecError(f"payload must be bytes-like, got {type(payload).__name__}") from None
-    return mv if mv.format == "B" and mv.ndim == 1 else memoryview(mv.tobytes())
-
-
-class TokenCodec(abc.ABC):
-    """Base class; subclasses set `name`, `version`, `param_defaults` and the codec proper."""
-
-    name: ClassVar[str]
-    version: ClassVar[int]
-    needs_fit: ClassVar[bool] = False
-    # Every accepted parameter with its default; describe() records all of them so a
-    # reader does not depend on this code's defaults.
-    param_defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, vocab_size: int, **params: Any):
-        unknown = sorted(set(params) - set(self.param_defaults))
-        if unknown:
-            raise CodecError(f"codec {self.name!r} has no parameter(s) {unknown}; "
-                             f"known: {sorted(self.param_defaults)}")
-        try:
-            self.dtype = token_dtype(vocab_size)
-        except (TypeError, ValueError) as e:
-            raise CodecError(f"codec {self.name!r}: {e}") from None
-        self.vocab_size = operator.index(vocab_size)
-        self._le = self.dtype.newbyteorder("<")   # the on-disk byte order, whatever the host's
-        self.params = {**self.param_defaults, **params}
-
-    # -- trained state (stateless by default) --------------------------------------
-    def fit(self, samples: Sequence[np.ndarray]) -> None:
-        """Train state from sample tokens; a no-op for codecs that need none."""
-
-    def state(self) -> bytes | None:
-        return None
-
-    def load_state(self, state: bytes) -> None:
-        raise CodecError(f"codec {self.name!r} is stateless; it cannot load a state")
-
-    def describe(self) -> dict:
-        st = self.state()
-        return {
-            "name": self.name,
-            "version": self.version,
-            "params": dict(sorted(self.params.items())),
-            "state_sha256": None if st is None else hashlib.sha256(st).hexdigest(),
-        }
-
-    # -- the codec proper ---------------------------------------------------------
-    @abc.abstractmethod
-    def encode(self, tokens: np.ndarray) -> bytes: ...
-
-    @abc.abstractmethod
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray: ...
-
-    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
-        return [self.encode(t) for t in batch]
-
-    def decode_batch(self, payloads: Sequence[bytes],
-                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
-        return [self.decode(p, n) for p, n in zip(payloads, self._counts(payloads, n_tokens))]
-
-    # -- helpers for subclasses ---------------------------------------------------
-    def _counts(self, payloads: Sequence[bytes], n_tokens: int | Sequence[int]) -> list[int]:
-        if isinstance(n_tokens, (int, np.integer)):
-            return [_count(n_tokens)] * len(payloads)
-        counts = [_count(n) for n in n_tokens]
-        if len(counts) != len(payloads):
-            raise CodecError(f"{len(payloads)} payloads but {len(counts)} token counts")
-        return counts
-
-    def _to_le(self, tokens: np.ndarray) -> np.ndarray:
-        """Validated, flattened (C order) little-endian copy/view of `tokens`."""
-        a = np.asarray(tokens)
-        if a.dtype.kind not in "iu":
-            raise CodecError(f"tokens must be an integer array, got dtype {a.dtype}")
-        a = a.reshape(-1)
-        if a.size:
-            lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= self.vocab_size:
-                raise CodecError(f"token values must be in [0, {self.vocab_size}), "
-                                 f"got min {lo} max {hi}")
-        return a.astype(self._le, copy=False)
-
-    def _check_range(self, values: np.ndarray, what: str = "payload") -> None:
-        if values.size and self.vocab_size < 2 ** (8 * self.dtype.itemsize):
-            hi = int(values.max())
-            if hi >= self.vocab_size:
-                raise CodecError(f"{what} decodes to token {hi} >= vocab_size {self.vocab_size}")
-
-    def _from_raw(self, raw: bytes | memoryview, n: int) -> np.ndarray:
-        expected = n * self.dtype.itemsize
-        if len(raw) != expected:
-            raise CodecError(f"{self.name}: {len(raw)} bytes where {n} tokens need {expected}")
-        # Copy: frombuffer over bytes is read-only, and the host may be big-endian.
-        out = np.frombuffer(raw, dtype=self._le).astype(self.dtype)
-        self._check_range(out)
-        return out
-
-
+@register_codec
 class RawCodec(TokenCodec):
     """Little-endian token_dtype bytes: the reference codec, no compression."""
 
@@ -166,6 +28,7 @@ class RawCodec(TokenCodec):
         return self._from_raw(_bytes_view(payload), _count(n_tokens))
 
 
+@register_codec
 class BitpackCodec(TokenCodec):
     """Each token in exactly `bits` bits, LSB-first, zero-padded to a whole byte.
 
@@ -253,6 +116,7 @@ class BitpackCodec(TokenCodec):
         return list(self._unpack(data, n))
 
 
+@register_codec
 class ZstdCodec(TokenCodec):
     """zstd of the raw little-endian bytes.
 
@@ -339,6 +203,7 @@ class ZstdCodec(TokenCodec):
         return self._from_raw(raw, n)
 
 
+@register_codec
 class ZstdDictCodec(ZstdCodec):
     """zstd with a dictionary trained by `fit()` on sample tokens.
 
@@ -412,58 +277,3 @@ class ZstdDictCodec(ZstdCodec):
         dict_type = (zstandard.DICT_TYPE_FULLDICT if self._state[:1] == b"T"
                      else zstandard.DICT_TYPE_RAWCONTENT)
         return zstandard.ZstdCompressionDict(self._state[1:], dict_type=dict_type)
-
-
-CODECS: dict[str, type[TokenCodec]] = {
-    c.name: c for c in (RawCodec, BitpackCodec, ZstdCodec, ZstdDictCodec)
-}
-
-
-def get_codec(name: str, vocab_size: int, **params: Any) -> TokenCodec:
-    try:
-        cls = CODECS[name]
-    except (KeyError, TypeError):
-        raise CodecError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
-    return cls(vocab_size, **params)
-
-
-def codec_from_description(desc: dict, vocab_size: int, state: bytes | None) -> TokenCodec:
-    """Rebuild the codec that `describe()` described, verifying its state."""
-    if not isinstance(desc, dict):
-        raise CodecError(f"codec description must be a dict, got {type(desc).__name__}")
-    name, version = desc.get("name"), desc.get("version")
-    params = desc.get("params", {})
-    if name not in CODECS:
-        raise CodecError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}")
-    cls = CODECS[name]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise CodecError(f"codec {name!r}: version must be an int, got {version!r}")
-    if version > cls.version:
-        raise CodecError(f"codec {name!r} version {version} is newer than supported "
-                         f"(this tokshard reads version {cls.version}); upgrade tokshard")
-    if version != cls.version:
-        raise CodecError(f"codec {name!r} version {version} is not readable "
-                         f"(this tokshard reads version {cls.version})")
-    if not isinstance(params, dict):
-        raise CodecError(f"codec {name!r}: params must be a dict, got {params!r}")
-    codec = cls(vocab_size, **params)
-    want = desc.get("state_sha256")
-    if want is None:
-        if state is not None:
-            raise CodecError(f"codec {name!r}: a state was given but the description records none")
-        if cls.needs_fit:
-            raise CodecError(f"codec {name!r} needs a trained state; the description has none")
-        return codec
-    if state is None:
-        raise CodecError(f"codec {name!r}: state missing (description expects sha256 {want})")
-    got = hashlib.sha256(_bytes_view(state)).hexdigest()
-    if got != want:
-        raise CodecError(f"codec {name!r}: state sha256 {got} does not match "
-                         f"the description's {want}")
-    codec.load_state(state)
-    return codec
-
-
-# The rANS entropy codecs ("rans-unigram", "rans-ctx"). That module adds its codecs to
-# CODECS itself, so it works whichever of the two modules is imported first.
-from . import codec_entropy as _codec_entropy  # noqa: E402,F401

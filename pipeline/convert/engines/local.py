@@ -7,7 +7,7 @@ reference the Ray engine must match byte for byte.
 
 from __future__ import annotations
 
-from tokshard.pipeline.worker import process_unit
+from tokshard.pipeline.convert.stages import process_unit
 
 
 def run(units, ctx, tok, *, retries: int, on_receipt, on_failure) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from itertools import islice
 
-from tokshard.pipeline.errors import UsageError
+from tokshard.errors import UsageError
 
 CHUNK = 512
 # The predicate is data, often from a job config: the connection it runs in can

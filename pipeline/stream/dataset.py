@@ -13,11 +13,11 @@ import os
 import numpy as np
 from pyarrow import ArrowException
 
-from tokshard.pipeline.codecs import codec_from_description
-from tokshard.pipeline.errors import CodecError, ManifestError, ShardError, UsageError
-from tokshard.pipeline.manifest import read_manifest
-from tokshard.pipeline.shard_cache import ShardCache
-from tokshard.pipeline.shard_reader import ShardColumns, parse_shard
+from tokshard.pipeline.format.codecs import codec_from_description
+from tokshard.errors import CodecError, ManifestError, ShardError, UsageError
+from tokshard.pipeline.format.manifest import read_manifest
+from tokshard.pipeline.stream.shard_cache import ShardCache
+from tokshard.pipeline.format.shards import ShardColumns, parse_shard
 from tokshard.pipeline.storage import filesystem, join, sha256
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
@@ -200,13 +200,13 @@ class TokenDataset:
     # -- training ---------------------------------------------------------------
     def iterable(self, batch_size: int = 256, **options):
         """A torch IterableDataset of ready batches (see `TokenIterable`)."""
-        from tokshard.pipeline.loader import TokenIterable
+        from tokshard.pipeline.stream.loader import TokenIterable
         return TokenIterable(self, batch_size=batch_size, **options)
 
     def loader(self, batch_size: int = 256, *, num_workers: int = 0, pin_memory: bool | None = None,
                prefetch_factor: int | None = None, multiprocessing_context=None, **options):
         """A resumable loader of batches for this rank (see `TokenLoader`)."""
-        from tokshard.pipeline.loader import TokenLoader
+        from tokshard.pipeline.stream.loader import TokenLoader
         return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers,
                            pin_memory=pin_memory, prefetch_factor=prefetch_factor,
                            multiprocessing_context=multiprocessing_context)

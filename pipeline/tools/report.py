@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from tokshard.pipeline.errors import TokshardError
+from tokshard.errors import TokshardError
 
 MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
 TOP_LABELS = 30
@@ -70,7 +70,7 @@ def token_counts(ds, max_shards: int = MAX_FREQUENCY_SHARDS) -> np.ndarray:
 
 def label_counts(url: str, storage_options: dict | None = None) -> tuple[list[tuple[str, float]], int]:
     """(the TOP_LABELS most frequent labels with their sample counts, how many labels there are)."""
-    from tokshard.pipeline.query import run
+    from tokshard.pipeline.tools.query import run
     _, rows = run(url, "SELECT label, sum(count) AS n, count(*) OVER () FROM labels GROUP BY label "
                        f"ORDER BY n DESC, label LIMIT {TOP_LABELS}", storage_options)
     return [(str(label), float(n)) for label, n, _ in rows], (rows[0][2] if rows else 0)
@@ -127,7 +127,7 @@ def build(ds, preview: dict | None, preview_png: bytes | None,
 
 def write_report(url: str, out: str, n_preview: int = 8, storage_options: dict | None = None) -> str:
     import tokshard
-    from tokshard.pipeline.preview import grid_png, reconstruct
+    from tokshard.pipeline.tools.preview import grid_png, reconstruct
     ds = tokshard.open(url, storage_options=storage_options)
     preview = png = None
     try:

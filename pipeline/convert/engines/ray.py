@@ -26,8 +26,8 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
-from tokshard.pipeline.errors import TokenizerError, UsageError
-from tokshard.pipeline.worker import UnitTail, commit_unit, decode_unit, encode_batch, process_unit
+from tokshard.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.stages import UnitTail, commit_unit, decode_unit, encode_batch, process_unit
 from tokshard.tokenizers.base import artifact_files
 
 ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks

@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
-from tokshard.pipeline.decode import DecodeConfig, decode_image
-from tokshard.pipeline.errors import SkipSample, TokshardError, UsageError
-from tokshard.pipeline.sources import plan_units, read_unit
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.errors import SkipSample, TokshardError, UsageError
+from tokshard.pipeline.convert.sources import plan_units, read_unit
 from tokshard.pipeline.storage import join
 
 

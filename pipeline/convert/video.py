@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokshard.pipeline.decode import DecodeConfig, resize_array
-from tokshard.pipeline.errors import SkipSample
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.errors import SkipSample
 
 @dataclass(frozen=True)
 class ClipConfig:
