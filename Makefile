@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install system-deps demo test test-slow bench clean
+.PHONY: install system-deps demo lint test test-slow bench clean
 
 # torch is installed first, pinned: it is the CPU build on the build machines'
 # disk, and asking for it alone keeps pip from resolving a CUDA build.
@@ -11,6 +11,16 @@ install:
 
 demo:
 	tokshard demo --out demo-out
+
+# ruff over everything; mypy over the package as it is imported (tokshard.*),
+# laid out by symlinks because the design card's folders map onto one name.
+TYPECHECK := build/typecheck
+lint:
+	ruff check .
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/tokshard
+	@for f in tokshard/*.py; do ln -s ../../../$$f $(TYPECHECK)/tokshard/; done
+	@for d in pipeline tokenizers schemas jobs; do ln -s ../../../$$d $(TYPECHECK)/tokshard/$$d; done
+	cd $(TYPECHECK) && mypy --config-file ../../pyproject.toml -p tokshard
 
 # Headless Chromium renders `tokshard report` pages in the tests (Debian's package).
 system-deps:

@@ -98,8 +98,8 @@ def one_core_run(src: Path, out: Path) -> tuple[float, float, float]:
 
 
 def main() -> int:
+    from tokshard.pipeline.convert.default_tokenizer import default_artifact
     from tokshard.pipeline.sample_data import write_img2dataset_shards
-    from tokshard.tokenizers.kmeans_fit import default_artifact
     default_artifact()          # fitted once and cached; not part of any timing
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:

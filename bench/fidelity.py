@@ -17,7 +17,6 @@ import io
 import time
 
 import numpy as np
-
 from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Tokenizer fidelity"
@@ -27,9 +26,9 @@ def main() -> int:
     from PIL import Image
 
     from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
-    from tokshard.pipeline.tools.preview import psnr
+    from tokshard.pipeline.convert.default_tokenizer import default_artifact
     from tokshard.pipeline.sample_data import jpeg_bytes, sample_images
-    from tokshard.tokenizers.kmeans_fit import default_artifact
+    from tokshard.pipeline.tools.preview import psnr
     from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
     t0 = time.perf_counter()

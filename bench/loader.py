@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Loader throughput"

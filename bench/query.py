@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 HEADING = "## Manifest queries at scale"
@@ -39,7 +38,8 @@ LABELS_PER_SHARD = 50
 def synthesise(root: Path) -> None:
     from tokshard.pipeline.format.manifest import write_manifest
     from tokshard.pipeline.storage import filesystem
-    from tokshard.schemas.v1 import LABELS, SAMPLES, SHARDS as SHARD_SCHEMA
+    from tokshard.schemas.v1 import LABELS, SAMPLES
+    from tokshard.schemas.v1 import SHARDS as SHARD_SCHEMA
     rng = np.random.default_rng(0)
     stored = rng.integers(2_000_000, 3_000_000, SHARDS)
     skipped = rng.integers(0, 400, SHARDS)

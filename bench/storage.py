@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from tokshard.pipeline.format.codecs import codec_from_description, get_codec
-from tokshard.pipeline.convert.job import ConvertConfig, convert
-from tokshard.pipeline.sample_data import write_img2dataset_shards
-
 from results_md import write_section  # bench/ is the script's folder, so on sys.path
+
+from tokshard.pipeline.convert.job import ConvertConfig, convert
+from tokshard.pipeline.format.codecs import codec_from_description, get_codec
+from tokshard.pipeline.sample_data import write_img2dataset_shards
 
 HEADING = "## Storage per codec (bundled photos)"
 CODECS = ("raw", "bitpack", "zstd", "zstd-dict", "rans-unigram", "rans-ctx")

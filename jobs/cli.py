@@ -7,6 +7,8 @@ import json
 import sys
 
 from tokshard.errors import TokshardError, UsageError
+from tokshard.pipeline.convert.config import CHOICES, default
+from tokshard.pipeline.tools.query import FORMATS as OUTPUT_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,28 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("sources", nargs="+", metavar="SRC",
                    help="folder, .tar/.parquet file, glob or {00000..00099} pattern; local or fsspec URL")
     c.add_argument("--out", required=True, help="destination dataset folder")
-    c.add_argument("--format", default="parquet", choices=["parquet", "wds"])
-    c.add_argument("--codec", default="zstd",
-                   help="raw | bitpack | zstd | zstd-dict | rans-unigram | rans-ctx (default zstd)")
+    c.add_argument("--format", default=default("format"), choices=CHOICES["format"])
+    c.add_argument("--codec", default=default("codec"), choices=CHOICES["codec"],
+                   help=f"token codec (default {default('codec')})")
     c.add_argument("--codec-opt", action="append", metavar="KEY=VALUE", help="codec parameter, e.g. level=19")
-    c.add_argument("--tokenizer", default="kmeans-vq")
+    c.add_argument("--tokenizer", default=default("tokenizer"))
     c.add_argument("--tokenizer-opt", action="append", metavar="KEY=VALUE",
                    help="tokenizer option, e.g. path=DIR (a fitted artifact) or device=cuda")
-    c.add_argument("--shard-size", type=int, default=10_000,
+    c.add_argument("--shard-size", type=int, default=default("shard_size"),
                    help="samples per output shard for folder and Parquet inputs (a tar maps to one shard)")
     c.add_argument("--resolution", type=int, help="override the tokenizer's input resolution")
-    c.add_argument("--resize-mode", default="center_crop", choices=["center_crop", "pad", "stretch"])
-    c.add_argument("--input-format", default="auto", choices=["auto", "folder", "wds", "parquet"])
-    c.add_argument("--min-image-size", type=int, default=0)
-    c.add_argument("--max-image-pixels", type=int, default=89_478_485)
-    c.add_argument("--decode-workers", type=int, default=2)
-    c.add_argument("--engine", default="local", choices=["local", "ray"],
+    c.add_argument("--resize-mode", default=default("resize_mode"), choices=CHOICES["resize_mode"])
+    c.add_argument("--input-format", default=default("input_format"), choices=CHOICES["input_format"])
+    c.add_argument("--min-image-size", type=int, default=default("min_image_size"))
+    c.add_argument("--max-image-pixels", type=int, default=default("max_pixels"))
+    c.add_argument("--decode-workers", type=int, default=default("decode_workers"))
+    c.add_argument("--engine", default=default("engine"), choices=CHOICES["engine"],
                    help="local: this process (default); ray: decode tasks + tokenizer actors on a Ray cluster")
     c.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    c.add_argument("--encoders", type=int, default=0,
+    c.add_argument("--encoders", type=int, default=default("encoders"),
                    help="Ray tokenizer actors (default: one per GPU; without GPUs none: each shard runs whole in one task)")
     c.add_argument("--gpus-per-encoder", type=float, help="GPUs per tokenizer actor (default 1 if any, else 0)")
-    c.add_argument("--retries", type=int, default=2, help="extra attempts for a shard that fails (default 2)")
+    c.add_argument("--retries", type=int, default=default("retries"),
+                   help=f"extra attempts for a shard that fails transiently (I/O, a lost worker; default "
+                        f"{default('retries')}); deterministic failures are not retried")
     c.add_argument("--storage-opt", action="append", metavar="KEY=VALUE",
                    help="fsspec storage option for s3:// etc., e.g. endpoint_url=http://127.0.0.1:9000")
     c.add_argument("--where", help="keep only source samples this SQL predicate selects, over key, caption, "
@@ -71,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip-frames", type=int, help="video job: one sample per clip of N frames (mp4/webm/mkv/...)")
     c.add_argument("--clip-fps", type=float, help="sample video frames at this rate (default: the source's)")
     c.add_argument("--clip-stride", type=int, help="sampled frames between clip starts (default: --clip-frames)")
-    c.add_argument("--max-clips", type=int, default=64, help="clips per video at most (default 64)")
-    c.add_argument("--views", default="none", choices=["none", "hflip", "tencrop"],
+    c.add_argument("--max-clips", type=int, default=default("max_clips"),
+                   help=f"clips per video at most (default {default('max_clips')})")
+    c.add_argument("--views", default=default("views"), choices=CHOICES["views"],
                    help="also store the tokens of the flipped image (hflip) or of ten crops "
                         "(tencrop, LlamaGen-style); the loader picks one per sample")
     for col in ("image", "caption", "label", "key"):
@@ -92,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="convert the bundled real photos end to end (no network, no GPU)")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--format", default="parquet", choices=["parquet", "wds"])
-    d.add_argument("--codec", default="zstd")
+    d.add_argument("--format", default=default("format"), choices=CHOICES["format"])
+    d.add_argument("--codec", default=default("codec"), choices=CHOICES["codec"])
 
     v = sub.add_parser("preview", help="originals beside reconstructions from the stored tokens, with PSNR")
     v.add_argument("dataset")
@@ -104,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="SQL (DuckDB) over a dataset's views: shards, samples, dataset")
     q.add_argument("dataset")
     q.add_argument("sql")
-    q.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    q.add_argument("--format", default=OUTPUT_FORMATS[0], choices=OUTPUT_FORMATS)
     q.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
     k = sub.add_parser("lookup", help="where a sample key lives (shard, row, offset, ...)")
     k.add_argument("dataset")
     k.add_argument("key")
-    k.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    k.add_argument("--format", default=OUTPUT_FORMATS[0], choices=OUTPUT_FORMATS)
     k.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
     r = sub.add_parser("verify", help="check every shard's existence, size and sha256 against the manifest")
@@ -163,7 +168,7 @@ def _cmd_convert(a) -> int:
 
 
 def _cmd_fit(a) -> int:
-    from tokshard.pipeline.convert.job import fit_tokenizer_from_sources
+    from tokshard.pipeline.convert.default_tokenizer import fit_tokenizer_from_sources
     # Unset options take the default tokenizer's fit settings (DEFAULT_FIT).
     given = {k: getattr(a, k) for k in ("codebook_size", "patch_size", "resolution", "pca_dim", "iters", "seed")
              if getattr(a, k) is not None}
@@ -175,6 +180,7 @@ def _cmd_fit(a) -> int:
 
 def _cmd_demo(a) -> int:
     from pathlib import Path
+
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import write_img2dataset_shards
     src = Path(a.out) / "source"
@@ -253,31 +259,32 @@ def _cmd_report(a) -> int:
     return 0
 
 
-def _cmd_info(a) -> int:
-    from tokshard.pipeline.format.manifest import read_manifest
-    table, meta = read_manifest(a.dataset)
+def _cmd_info(a: argparse.Namespace) -> int:
+    from tokshard.pipeline.format.layout import DatasetLayout
+    from tokshard.pipeline.format.manifest import read_record
+    table, rec, meta = read_record(DatasetLayout.at(a.dataset), a.dataset)
     if a.json:
         print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))
         return 0
-    t, tok, codec = meta.get("totals", {}), meta.get("tokenizer", {}), meta.get("codec", {})
+    t, tok, codec = rec.totals, rec.tokenizer, rec.codec
     n = max(1, t.get("samples", 0))
-    skips = ", ".join(f"{k} {v:,}" for k, v in meta.get("skipped_by_reason", {}).items()) or "none"
-    video = meta.get("video")
+    skips = ", ".join(f"{k} {v:,}" for k, v in rec.skipped_by_reason.items()) or "none"
+    video = rec.video
     lines = [
-        f"dataset     {a.dataset}  (schema {meta.get('schema_version')}, tokshard {meta.get('tokshard_version')})",
-        f"samples     {t.get('samples', 0):,} in {table.num_rows:,} {meta.get('format')} shards",
-        f"tokenizer   {tok.get('tokenizer_id')}  {tok.get('vocab_size')} codes, grid {meta.get('grid')}, "
-        f"stored per sample {meta.get('sample_shape', meta.get('grid'))}",
-        f"            codebook {str(tok.get('codebook_hash'))[:16]}  config {str(tok.get('tokenizer_config_hash'))[:16]}",
+        f"dataset     {a.dataset}  (schema {rec.schema_version}, tokshard {rec.tokshard_version})",
+        f"samples     {t.get('samples', 0):,} in {table.num_rows:,} {rec.format} shards",
+        f"tokenizer   {tok.tokenizer_id}  {tok.vocab_size} codes, grid {rec.grid}, "
+        f"stored per sample {list(rec.stored_shape())}",
+        f"            codebook {tok.codebook_hash[:16]}  config {tok.tokenizer_config_hash[:16]}",
         f"codec       {codec.get('name')} v{codec.get('version')} {codec.get('params') or ''}".rstrip(),
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
         f"skipped     {skips}",
-        f"sources     {', '.join(meta.get('sources', []))}",
+        f"sources     {', '.join(rec.sources)}",
     ]
     if video:
-        lines.append(f"video       clips of {video['frames']} frames, fps {video['fps'] or 'source'}, "
-                     f"{video['tokenized'].replace('_', ' ')}")
+        lines.append(f"video       clips of {video.get('frames')} frames, fps {video.get('fps') or 'source'}, "
+                     f"{str(video.get('tokenized')).replace('_', ' ')}")
     print("\n".join(lines))
     return 0
 

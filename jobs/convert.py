@@ -21,7 +21,7 @@ from tokshard.errors import TokshardError, UsageError
 
 
 def load_config(path: str):
-    from tokshard.pipeline.convert.job import ConvertConfig
+    from tokshard.pipeline.convert.config import ConvertConfig
     text = Path(path).read_text()
     if path.endswith(".toml"):
         import tomllib

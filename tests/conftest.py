@@ -3,7 +3,6 @@ every supported source kind."""
 
 from __future__ import annotations
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -74,7 +73,7 @@ def photo_tars(tmp_path):
 
 
 def convert_config(sources, out, tokenizer_dir, **kw):
-    from tokshard.pipeline.convert.job import ConvertConfig
+    from tokshard.pipeline.convert.config import ConvertConfig
     return ConvertConfig(sources=[str(s) for s in sources], out=str(out),
                          tokenizer_options={"path": str(tokenizer_dir)}, decode_workers=2, **kw)
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from tokshard.pipeline.stream.augment import (
-    ColorAdapt, Compose, EmbeddingMixup, EmbeddingNoise, EmbeddingRandomResizedCrop, TokenCutMix,
-    TokenEmbed, TokenHFlip, TokenPatchSwap, TokenRandomResizedCrop, TokenSynonymReplace,
+    ColorAdapt,
+    Compose,
+    EmbeddingMixup,
+    EmbeddingNoise,
+    EmbeddingRandomResizedCrop,
+    TokenCutMix,
+    TokenEmbed,
+    TokenHFlip,
+    TokenPatchSwap,
+    TokenRandomResizedCrop,
+    TokenSynonymReplace,
     codebook_neighbours,
 )
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tokshard.pipeline.format.codecs.rans import RansCtxCodec, RansUnigramCodec
-from tokshard.pipeline.format.codecs import CODECS, codec_from_description, get_codec, token_dtype
 from tokshard.errors import CodecError
+from tokshard.pipeline.format.codecs import CODECS, codec_from_description, get_codec, token_dtype
+from tokshard.pipeline.format.codecs.rans import RansCtxCodec, RansUnigramCodec
 
 NAMES = ["rans-unigram", "rans-ctx"]
 VOCABS = [1, 2, 3, 256, 1024, 4095, 4096, 16384, 65536, 65537, 2**20]
@@ -49,7 +49,7 @@ def smooth_grids(n: int, vocab: int, shape=(16, 16), seed: int = 0, frames: int 
     return np.stack(out) if out else np.zeros((0, *shape), np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fitted(name: str, vocab: int, width: int | None = None, plane: int | None = None):
     params = {} if name == "rans-unigram" else {"width": width, "plane": plane}
     c = get_codec(name, vocab, **params)

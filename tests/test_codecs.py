@@ -15,10 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tokshard.pipeline.format.codecs import (
-    CODECS, TokenCodec, codec_from_description, get_codec, token_dtype,
-)
 from tokshard.errors import CodecError
+from tokshard.pipeline.format.codecs import (
+    CODECS,
+    TokenCodec,
+    codec_from_description,
+    get_codec,
+    token_dtype,
+)
 
 VOCABS = [1, 2, 3, 255, 256, 257, 1024, 16384, 65536, 65537, 2**20]
 NAMES = sorted(CODECS)
@@ -36,7 +40,7 @@ def _samples(vocab: int, n: int = 40, length: int = 128, seed: int = 0) -> list[
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def codec(name: str, vocab: int) -> TokenCodec:
     c = get_codec(name, vocab)
     if c.needs_fit:

@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-
 from conftest import RES, convert_config
-from tokshard.pipeline.format.codecs import codec_from_description
-from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+
 from tokshard.errors import UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.pipeline.convert.job import convert
+from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.pipeline.format.manifest import read_manifest
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 

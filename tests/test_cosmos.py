@@ -7,7 +7,6 @@ decoder maps indices back to pixels in [-1, 1]; video models are causal (1 + k*c
 from __future__ import annotations
 
 import json
-from typing import List, Tuple
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from tokshard.tokenizers.cosmos import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-LEVELS: List[int] = [8, 8, 8, 5, 5, 5]
+LEVELS: list[int] = [8, 8, 8, 5, 5, 5]
 VOCAB = 64000
 R = 32          # image side in the tests
 C = 8           # spatial compression of the tiny models
@@ -36,12 +35,12 @@ RV = 16         # video frame side
 class FSQ(nn.Module):
     """Cosmos' FSQuantizer.forward (modules/quantizers.py) for channels-first latents."""
 
-    def __init__(self, levels: List[int]):
+    def __init__(self, levels: list[int]):
         super().__init__()
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.int32))
         self.register_buffer("basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0).to(torch.int32))
 
-    def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = z.movedim(1, -1).float()
         levels = self.levels.float()
         half_l = (levels - 1) * (1 + 1e-3) / 2
@@ -57,7 +56,7 @@ class FSQ(nn.Module):
 class InvFSQ(nn.Module):
     """Cosmos' InvQuantizerJit: indices -> normalised codes, channels first."""
 
-    def __init__(self, levels: List[int]):
+    def __init__(self, levels: list[int]):
         super().__init__()
         self.register_buffer("levels", torch.tensor(levels, dtype=torch.int64))
         self.register_buffer("basis", torch.cumprod(torch.tensor([1] + levels[:-1]), 0))
@@ -80,7 +79,7 @@ class ImageEncoder(nn.Module):
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) * self.gain
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, codes = self.fsq(self.latent(x))
         return idx + self.shift_indices, codes, torch.zeros(1)
 
@@ -109,7 +108,7 @@ class VideoEncoder(nn.Module):
         pad = x[:, :, :1].expand(-1, -1, self.ct - 1, -1, -1)
         return self.conv(torch.cat([pad, x], 2)) * 4.0
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, codes = self.fsq(self.latent(x))
         return idx, codes, torch.zeros(1)
 
@@ -138,7 +137,7 @@ class SingleTensor(nn.Module):
 
 
 class FloatIndices(ImageEncoder):
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, codes = self.fsq(self.latent(x))
         return idx.float(), codes, torch.zeros(1)
 
@@ -431,10 +430,11 @@ def test_registry_loads_it_by_name(di_dir):
 def test_images_and_videos_round_trip_through_convert_and_the_loader(tmp_path, di_dir, dv_dir, photos):
     """Both built-ins as a user runs them: convert (the jit files copied into the
     dataset), then stream the codes back and decode them with the dataset's copy."""
+    from test_video import make_video
+
     import tokshard
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import jpeg_bytes
-    from test_video import make_video
 
     src = tmp_path / "images"
     src.mkdir()

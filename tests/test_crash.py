@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import convert_config
 
 from tokshard.pipeline.convert.job import convert
-
-from conftest import convert_config
 
 
 def tree(root: Path) -> dict[str, bytes]:

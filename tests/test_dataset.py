@@ -13,8 +13,8 @@ import pytest
 
 import tokshard
 from tokshard.errors import CodecError, ManifestError, ShardError
-from tokshard.pipeline.stream.shard_cache import STALE_TMP_S, ShardCache
 from tokshard.pipeline.storage import TMP_MARK
+from tokshard.pipeline.stream.shard_cache import STALE_TMP_S, ShardCache
 from tokshard.schemas.v1 import METADATA_KEY
 
 
@@ -164,6 +164,7 @@ def test_stream_from_s3_through_a_bounded_cache(loader_datasets, s3_bucket, tmp_
 def test_transient_s3_errors_are_retried_end_to_end(s3_bucket, photo_tars, tokenizer_dir, tmp_path, faults):
     from conftest import convert_config
     from faulty_s3 import FaultyS3Proxy
+
     from tokshard.pipeline.convert.job import convert
     fs, bucket, options = s3_bucket
     fs.put(str(photo_tars) + "/", f"{bucket}/src/", recursive=True)

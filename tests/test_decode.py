@@ -9,7 +9,7 @@ import sys
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from tokshard.pipeline.convert.job import decode
-from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig, Decoded, decode_image
 from tokshard.errors import SKIP_REASONS, SkipSample
+from tokshard.pipeline.convert import decode
+from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig, Decoded, decode_image
 
 SK = Path(skimage.data.__file__).parent
 CFG = DecodeConfig()
@@ -38,7 +38,7 @@ def enc(img, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> np.ndarray:
     """(H, W, 3) or (H, W) uint8, read-only."""
     a = getattr(skimage.data, name)()
@@ -84,7 +84,7 @@ def png_raw(width: int, height: int, bit_depth: int, color_type: int, rows) -> b
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@lru_cache(maxsize=None)
+@cache
 def bilevel_png(side: int) -> bytes:
     """A real, valid side x side 1-bit PNG: a few KB on disk, side**2 pixels."""
     return png_raw(side, side, 1, 0, [bytes((side + 7) // 8)] * side)
@@ -538,7 +538,7 @@ def test_thread_safety():
 FUZZ_CFG = DecodeConfig(resolution=24, resize_mode="pad")
 
 
-@lru_cache(maxsize=None)
+@cache
 def fuzz_seeds() -> tuple[bytes, ...]:
     small = photo("chelsea")[100:148, 200:264]
     return (enc(small, "JPEG", quality=80), enc(small, "JPEG", progressive=True),

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import convert_config
 
 import tokshard
-from tokshard.pipeline.convert.job import convert
 from tokshard.errors import JobError
+from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.sample_data import write_img2dataset_shards
-
-from conftest import convert_config
 
 pytestmark = pytest.mark.xdist_group("ray")   # one Ray cluster per test worker process
 

@@ -23,17 +23,17 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import RES, convert_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
-
-import tokshard
-from conftest import RES, convert_config
 from test_decode import bilevel_png, enc, jpeg_with_size, png_raw
 from test_video import frames_of, make_video
-from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+
+import tokshard
 from tokshard.errors import CodecError, ManifestError, ShardError
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.format.shards import parse_shard
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 

@@ -6,11 +6,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import LOADER_VARIANTS
 
 import tokshard
 from tokshard.errors import UsageError
-
-from conftest import LOADER_VARIANTS
 
 OPTS = dict(seed=3, shuffle_buffer=40)
 

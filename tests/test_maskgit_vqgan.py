@@ -17,11 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from test_vqgan import R, assert_nearest, images_for, nearest_reference
 
 from tokshard.errors import TokenizerError
 from tokshard.tokenizers.maskgit_vqgan import MaskGitVQGAN
-
-from test_vqgan import R, assert_nearest, images_for, nearest_reference
 
 CFG = {"hidden_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 2, "z_channels": 32,
        "num_embeddings": 64, "resolution": R}
@@ -218,7 +217,8 @@ def test_safetensors_and_save_load_keep_the_identity(tmp_path, ckpt_dir, sd):
 
 
 def test_a_taming_checkpoint_or_a_wrong_config_is_one_clear_error(tmp_path, sd):
-    from test_vqgan import TAMING_CFG, random_state as taming_state
+    from test_vqgan import TAMING_CFG
+    from test_vqgan import random_state as taming_state
     torch.save(taming_state("taming", TAMING_CFG, 0), tmp_path / "taming.bin")
     with pytest.raises(TokenizerError, match=r"missing=\[.*decoder\.mid\.0\..*unexpected=\[.*attn_1.*"
                                              r"wrong_shapes=\[.*nin_shortcut"):
@@ -241,8 +241,8 @@ def test_a_taming_checkpoint_or_a_wrong_config_is_one_clear_error(tmp_path, sd):
 def test_round_trip_through_convert_and_the_loader(tmp_path, ckpt_dir, photos):
     """By registry name with CLI-style options, convert, stream back, decode with the dataset's copy."""
     import tokshard
-    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import jpeg_bytes
     from tokshard.tokenizers import registry
     assert registry.tokenizer_class("maskgit-vqgan") is MaskGitVQGAN

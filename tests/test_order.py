@@ -1,10 +1,21 @@
 """The epoch plan is integer arithmetic: check it without any data."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tokshard.pipeline.stream.order import (BufferShuffle, consumed_positions, mix64, permutation, plan_chunks,
-                                     plan_length, plan_lookup, plan_positions, rank_slice, shard_order)
+from tokshard.pipeline.stream.order import (
+    BufferShuffle,
+    consumed_positions,
+    mix64,
+    permutation,
+    plan_chunks,
+    plan_length,
+    plan_lookup,
+    plan_positions,
+    rank_slice,
+    shard_order,
+)
 
 
 def run_shuffle(length, size, key, chunks):

@@ -4,16 +4,15 @@ import math
 import shutil
 
 import numpy as np
+from conftest import RES, convert_config
 from PIL import Image
 
 import tokshard
 from tokshard.jobs.cli import main
-from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.tools.preview import psnr, reconstruct
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
-
-from conftest import RES, convert_config
 
 
 def test_psnr_values():

@@ -7,14 +7,13 @@ from collections import Counter
 from html.parser import HTMLParser
 
 import numpy as np
+from conftest import convert_config
 from PIL import Image
 
 import tokshard
 from tokshard.jobs.cli import main
 from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.tools.report import token_counts
-
-from conftest import convert_config
 
 CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]

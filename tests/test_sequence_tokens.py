@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import convert_config
 
 import tokshard
-from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.pipeline.convert.job import convert
 from tokshard.tokenizers import registry
 from tokshard.tokenizers.base import Tokenizer
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 from tokshard.tokenizers.registry import available, load_tokenizer, register, tokenizer_class
-
-from conftest import convert_config
 
 ORDER_FILE = "sequence.json"
 
@@ -121,7 +120,7 @@ class CoarseToFineVQ(Tokenizer):
         (Path(directory) / ORDER_FILE).write_text(json.dumps({"tokenizer": self.name, **self.config()}))
 
     @classmethod
-    def load(cls, directory, **kwargs) -> "CoarseToFineVQ":
+    def load(cls, directory, **kwargs) -> CoarseToFineVQ:
         try:
             doc = json.loads((Path(directory) / ORDER_FILE).read_text())
         except FileNotFoundError:
@@ -132,7 +131,7 @@ class CoarseToFineVQ(Tokenizer):
         return tok
 
     @classmethod
-    def from_options(cls, path: str | None = None, device: str | None = None, **kw) -> "CoarseToFineVQ":
+    def from_options(cls, path: str | None = None, device: str | None = None, **kw) -> CoarseToFineVQ:
         """`path`: a k-means VQ artifact to wrap (or a saved coarse-to-fine one)."""
         if path is None:
             raise TokenizerError(f"tokenizer {cls.name!r} needs path=DIR of a k-means VQ artifact")

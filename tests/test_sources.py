@@ -57,6 +57,7 @@ def test_safe_key(name, key):
 def test_convert_reads_and_writes_fsspec_urls(photo_tars, tokenizer_dir):
     """Sources and destination both through an fsspec URL (the in-memory filesystem)."""
     from conftest import convert_config
+
     from tokshard.pipeline.convert.job import convert
     from tokshard.pipeline.format.manifest import read_manifest
 

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import RES
 from safetensors.numpy import load_file, save_file
 
-from conftest import RES
-from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 from tokshard.tokenizers.registry import available, load_tokenizer
 

@@ -8,14 +8,13 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import RES, convert_config
 
 import tokshard
-from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.errors import UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+from tokshard.pipeline.convert.job import convert
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
-
-from conftest import RES, convert_config
 
 
 def make_video(photo: np.ndarray, frames: int, fps: int = 30, container: str = "mp4",

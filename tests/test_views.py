@@ -5,15 +5,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import RES, convert_config
 
 import tokshard
-from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.errors import UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
+from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.convert.views import make_views
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
-
-from conftest import RES, convert_config
 
 
 def expected_codes(photo_jpegs, tokenizer_dir, views, resolution):

@@ -1,7 +1,9 @@
 """The tokenizer interface every plugin implements.
 
 A tokenizer maps a batch of square uint8 RGB images to integer codes on a
-fixed grid, and (optionally) back. Its identity is three hashes: the id of the
+fixed grid, and (optionally) back. A `ClipTokenizer` also takes whole video
+clips (T frames -> one 3-D grid of codes); the convert job tells the two
+apart by type. Its identity is three hashes: the id of the
 family and version, the hash of its config, and the hash of its codebook/
 weights. The manifest records all three so a dataset says exactly which
 tokenizer wrote it, and an append with a different one can be refused.
@@ -12,10 +14,13 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+
+from tokshard.errors import TokenizerError
 
 
 def canonical_json(obj: Any) -> str:
@@ -44,10 +49,32 @@ class TokenizerIdentity:
 
 
 class Tokenizer(abc.ABC):
-    """Images (N, R, R, 3) uint8 -> codes (N, h, w) of integers < vocab_size."""
+    """Images (N, R, R, 3) uint8 -> codes (N, h, w) of integers < vocab_size.
+
+    Everything the pipeline calls on a tokenizer is declared here. Subclasses
+    implement the abstract members; `load`/`from_options` (how an artifact and
+    CLI options become an instance), `decode`, `codebook` and `save` have
+    defaults that say the tokenizer cannot do it.
+    """
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
+    # Images per `encode` call the convert job makes (an instance may set its own).
+    batch_size: int = 64
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, **options: Any) -> Tokenizer:
+        """Rebuild from the artifact `save` wrote (the copy a dataset keeps, or what a
+        distributed engine shipped). Read the files here: the folder may be deleted
+        once this returns."""
+        raise NotImplementedError(f"tokenizer {cls.name!r} cannot be loaded from an artifact")
+
+    @classmethod
+    def from_options(cls, path: str | None = None, **options: Any) -> Tokenizer:
+        """Build from `--tokenizer-opt` values (strings) or Python values; `path` is the artifact."""
+        if path is None:
+            raise TokenizerError(f"tokenizer {cls.name!r} needs path=DIR (its artifact)")
+        return cls.load(path, **options)
 
     @property
     @abc.abstractmethod
@@ -117,7 +144,22 @@ class Tokenizer(abc.ABC):
         return codes
 
 
-def artifact_files(tok: "Tokenizer") -> dict[str, bytes]:
+class ClipTokenizer(Tokenizer):
+    """A video tokenizer: a clip of T frames -> one (t, h, w) grid of codes.
+
+    `encode` still takes single images (frames); the convert job hands a video
+    job's clips to `encode_clips` whole."""
+
+    @abc.abstractmethod
+    def clip_grid_shape(self, num_frames: int) -> tuple[int, ...]:
+        """Shape of one clip's codes; a ValueError for a clip length it cannot take."""
+
+    @abc.abstractmethod
+    def encode_clips(self, clips: np.ndarray) -> np.ndarray:
+        """(N, T, R, R, 3) uint8 -> (N, *clip_grid_shape(T)) integer codes."""
+
+
+def artifact_files(tok: Tokenizer) -> dict[str, bytes]:
     """The files `tok.save()` writes, as {relative posix path: bytes}, in sorted order:
     what a dataset keeps a copy of and what a distributed engine ships to its workers."""
     import tempfile

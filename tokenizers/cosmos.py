@@ -62,9 +62,9 @@ import numpy as np
 import torch
 
 from tokshard.errors import TokenizerError
-from tokshard.tokenizers.options import as_bool, as_int
-from tokshard.tokenizers.base import Tokenizer, canonical_json, sha256_hex
+from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, canonical_json, sha256_hex
 from tokshard.tokenizers.device import host_to_device, pick_device
+from tokshard.tokenizers.options import as_bool, as_int
 
 ENCODER_FILE = "encoder.jit"
 DECODER_FILE = "decoder.jit"
@@ -438,7 +438,7 @@ class _CosmosDiscrete(Tokenizer):
         os.replace(tmp, config_path)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **options) -> "_CosmosDiscrete":
+    def load(cls, directory: str | os.PathLike, **options) -> _CosmosDiscrete:
         """Load from a folder with encoder.jit [+ decoder.jit] [+ config.json].
 
         Without config.json (a folder as NVIDIA ships it) the compression factors come from
@@ -483,7 +483,7 @@ class _CosmosDiscrete(Tokenizer):
         return {}
 
     @classmethod
-    def from_options(cls, path: str | None = None, **options) -> "_CosmosDiscrete":
+    def from_options(cls, path: str | None = None, **options) -> _CosmosDiscrete:
         """Build from CLI options (strings): path=DIR is required; see `load` for the rest."""
         return cls.load(path, **options)
 
@@ -539,7 +539,7 @@ class CosmosImageTokenizer(_CosmosDiscrete):
         return out
 
 
-class CosmosVideoTokenizer(_CosmosDiscrete):
+class CosmosVideoTokenizer(_CosmosDiscrete, ClipTokenizer):
     """Cosmos-Tokenizer DV4x8x8 / DV8x8x8 / DV8x16x16 (causal video, FSQ, 64000 codes).
 
     `encode_clips((N, T, R, R, 3) uint8) -> (N, t, R/c, R/c)`: the clip is cut into windows of

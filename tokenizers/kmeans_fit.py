@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-from tokshard.tokenizers.base import canonical_json, sha256_hex
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
 
 DEFAULT_FIT = {
@@ -118,37 +113,3 @@ def fit_kmeans_vq(images: Iterable[np.ndarray], *, codebook_size: int = 1024, pa
     fit_info = {"patches": int(len(patches)), "iters": iters, "seed": seed,
                 "used_codes": int((counts > 0).sum()), **(provenance or {})}
     return KMeansVQ(weights, patch_size=patch_size, resolution=resolution, fit_info=fit_info)
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TOKSHARD_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tokshard")
-    return Path(root)
-
-
-def default_artifact() -> Path:
-    """The default tokenizer: fitted once on the bundled photos, then cached."""
-    from tokshard.pipeline.sample_data import sample_images
-    from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
-
-    key = sha256_hex(canonical_json({"fit": DEFAULT_FIT, "data": "bundled-photos/2"}))[:16]
-    path = cache_dir() / "tokenizers" / f"kmeans-vq-default-{key}"
-    if (path / "config.json").exists():
-        return path
-    fit = dict(DEFAULT_FIT)
-    cfg = DecodeConfig(resolution=fit["resolution"])
-    images = [resize_array(img, cfg) for _, img, _ in sample_images(crops_per_photo=24, seed=fit["seed"])]
-    tok = fit_kmeans_vq(images, **fit, provenance={"data": "bundled-photos/2", "images": len(images)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent first uses (workers, tests) each fit; the first rename wins.
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
-        tok.save(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path

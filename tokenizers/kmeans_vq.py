@@ -167,7 +167,7 @@ class KMeansVQ(Tokenizer):
         (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **kwargs) -> "KMeansVQ":
+    def load(cls, directory: str | os.PathLike, **kwargs) -> KMeansVQ:
         directory = Path(directory)
         try:
             doc = json.loads((directory / CONFIG_FILE).read_text())
@@ -196,13 +196,13 @@ class KMeansVQ(Tokenizer):
 
     @classmethod
     def from_options(cls, path: str | None = None, device: str | None = None,
-                     batch_size: str | int = 64, resolution: str | int | None = None) -> "KMeansVQ":
-        """Build from CLI options; without `path`, the default fitted on the bundled photos."""
+                     batch_size: str | int = 64, resolution: str | int | None = None) -> KMeansVQ:
+        """Build from CLI options. `path` is required here: the convert job supplies the
+        default artifact (fitted on the bundled photos) when none is given."""
         kwargs = {"device": device, "batch_size": int(batch_size),
                   "resolution": int(resolution) if resolution else None}
         if path is None:
-            from tokshard.tokenizers.kmeans_fit import default_artifact
-            path = default_artifact()
+            raise TokenizerError("kmeans-vq needs path=DIR (an artifact from `tokshard fit-tokenizer`)")
         return cls.load(path, **kwargs)
 
 

@@ -17,8 +17,8 @@ conv), so public state dicts load without renaming. Only the containers differ:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -34,9 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokshard.errors import TokenizerError
-from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.base import Tokenizer, canonical_json
 from tokshard.tokenizers.device import host_to_device, pick_device
+from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.vq_layers import LLAMAGEN, TAMING, Naming, VQAutoencoder, nearest_code
 
 CONFIG_FILE = "config.json"
@@ -356,7 +356,7 @@ class VQGANTokenizer(Tokenizer):
     def load(cls, path: str | os.PathLike, *, config: Any = None, device: str | None = None,
              batch_size: int | str = 32, precision: str | None = None, channels_last: Any = None,
              micro_batch: int | str | None = None, resolution: int | str | None = None,
-             weights_key: str | None = None) -> "VQGANTokenizer":
+             weights_key: str | None = None) -> VQGANTokenizer:
         """A saved artifact directory, a directory holding one public checkpoint, or a checkpoint file.
 
         The architecture comes from the artifact's/directory's config.json, else `config`,
@@ -420,7 +420,7 @@ class VQGANTokenizer(Tokenizer):
     def from_options(cls, path: str | None = None, device: str | None = None, batch_size: str | int = 32,
                      config: Any = None, precision: str | None = None, channels_last: Any = None,
                      micro_batch: str | int | None = None, resolution: str | int | None = None,
-                     weights_key: str | None = None) -> "VQGANTokenizer":
+                     weights_key: str | None = None) -> VQGANTokenizer:
         """Build from `--tokenizer-opt` strings. `path` is required: nothing is downloaded."""
         if not path:
             raise TokenizerError(f"{cls.name} needs path=<local checkpoint file or directory>; "

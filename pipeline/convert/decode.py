@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
-import torch
 from PIL import Image
 
 from tokshard.errors import SkipSample
@@ -303,6 +302,7 @@ def _resample(arr: np.ndarray, width: int, height: int) -> np.ndarray:
     # NCHW views of HWC memory = channels_last, the layout of the AVX2 kernel.
     # F.interpolate would return NCHW and the transposing copy back to HWC
     # costs half as much as the resize; the out= form writes HWC directly.
+    import torch  # here, not at module level: the CLI reads decode's constants without loading torch
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
     out = torch.empty((1, height, width, 3), dtype=torch.uint8)
     torch.ops.aten._upsample_bicubic2d_aa.out(x, [height, width], False, None, None,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa

@@ -15,7 +15,6 @@ and the job alone, so both engines write the same bytes.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -26,17 +25,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokshard.pipeline.format.codecs import TokenCodec, token_dtype
-from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.errors import SkipSample
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.pipeline.convert.select import select_records
-from tokshard.pipeline.format.shards import EXTENSIONS, WRITERS, EncodedSample
 from tokshard.pipeline.convert.sources import Record, WorkUnit, read_unit
-from tokshard.pipeline.storage import atomic_write, join, sha256
 from tokshard.pipeline.convert.video import ClipConfig, clip_meta, decode_clips
 from tokshard.pipeline.convert.views import make_views, view_names
+from tokshard.pipeline.format.codecs import TokenCodec, token_dtype
+from tokshard.pipeline.format.layout import DatasetLayout, shard_name
+from tokshard.pipeline.format.shards import EncodedSample, get_format
+from tokshard.pipeline.format.work import read_receipt, write_receipt
+from tokshard.pipeline.storage import atomic_write, sha256
+from tokshard.schemas.records import Receipt, ShardEntry
 from tokshard.schemas.v1 import SAMPLES
-from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
+from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,15 @@ class TokenizerInfo:
     batch_size: int
 
     @classmethod
-    def of(cls, tok: Tokenizer) -> "TokenizerInfo":
+    def of(cls, tok: Tokenizer) -> TokenizerInfo:
         return cls(tok.name, tok.identity(), tuple(tok.grid_shape), int(tok.vocab_size),
-                   int(tok.resolution), int(getattr(tok, "batch_size", 64)))
+                   int(tok.resolution), int(tok.batch_size))
 
 
 @dataclass
 class UnitContext:
     """Everything a stage needs besides the unit; picklable, so Ray can ship it."""
-    fs: object
-    root: str
+    layout: DatasetLayout
     format: str
     tokenizer: TokenizerInfo
     codec: TokenCodec
@@ -101,14 +102,6 @@ class UnitTail:
     """The last item a unit's decode yields: what was skipped, and the time spent."""
     skips: Counter = field(default_factory=Counter)
     decode_s: float = 0.0
-
-
-def shard_name(unit: WorkUnit) -> str:
-    return f"{unit.index:06d}"
-
-
-def receipt_path(ctx: UnitContext, unit: WorkUnit) -> str:
-    return join(ctx.root, "_work", "units", f"{shard_name(unit)}.json")
 
 
 def unit_hash(unit: WorkUnit, job_hash: str) -> str:
@@ -212,7 +205,7 @@ def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...], clip_frames: int 
         return item
     t0 = time.perf_counter()
     images = item.images
-    if clip_frames is not None and hasattr(tok, "encode_clips"):
+    if clip_frames is not None and isinstance(tok, ClipTokenizer):
         codes = tok.encode_clips(images.reshape(-1, clip_frames, *images.shape[1:]))
     else:
         codes = tok.encode(images)
@@ -237,7 +230,7 @@ def process_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer) -> dict:
     return commit_unit(unit, ctx, *tokenize_unit(unit, ctx, tok))
 
 
-def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail) -> dict:
+def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail) -> Receipt:
     """Code, serialise and write the shard and its index, then its receipt."""
     t0 = time.perf_counter()
     info, codec = ctx.tokenizer, ctx.codec
@@ -249,11 +242,12 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail)
     samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
                for (rec, w, h), p, c in zip(kept, payloads, codes)]
     identity = info.identity
-    name = shard_name(unit)
-    rel = f"shards/{name}.{EXTENSIONS[ctx.format]}"
+    name = shard_name(unit.index)
+    shard_format = get_format(ctx.format)
+    rel = ctx.layout.shard_rel(name, shard_format.extension)
     file_meta = {"tokenizer": identity.tokenizer_id, "codebook_hash": identity.codebook_hash}
-    data, offsets = WRITERS[ctx.format](samples, codec.name, ctx.sample_shape, dtype, file_meta)
-    atomic_write(ctx.fs, join(ctx.root, rel), data)
+    data, offsets = shard_format.write(samples, codec.name, ctx.sample_shape, dtype, file_meta)
+    atomic_write(ctx.layout.fs, ctx.layout.resolve(rel), data)
     index = pa.Table.from_pydict({
         "key": [s.key for s in samples], "shard": [name] * len(samples),
         "row": list(range(len(samples))), "offset": offsets,
@@ -262,48 +256,31 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail)
         "source": [s.source for s in samples]}, schema=SAMPLES)
     buf = io.BytesIO()
     pq.write_table(index, buf, compression="zstd")
-    atomic_write(ctx.fs, join(ctx.root, "samples", f"{name}.parquet"), buf.getvalue())
+    atomic_write(ctx.layout.fs, ctx.layout.index(name), buf.getvalue())
     timings = {"decode_s": tail.decode_s, "encode_s": sum(b.encode_s for b in batches),
                "write_s": time.perf_counter() - t0}  # coding, serialising and writing
     n_tokens = int(np.prod(ctx.sample_shape))
     skips = tail.skips
-    row = {
-        "shard": name, "path": rel, "format": ctx.format, "codec": codec.name,
-        "codec_version": codec.version, "samples": len(samples), "tokens": len(samples) * n_tokens,
-        "raw_bytes": len(samples) * n_tokens * dtype.itemsize,
-        "payload_bytes": sum(len(p) for p in payloads), "stored_bytes": len(data),
-        "source_bytes": sum(rec.source_bytes for rec, _, _ in kept), "sha256": sha256(data),
-        **identity.as_dict(), "grid": list(info.grid_shape), "source_shards": [unit.url],
-        "unit": unit.index, "skipped": sum(skips.values()),
-        "skipped_by_reason": [{"reason": r, "count": c} for r, c in sorted(skips.items())],
-        "key_min": min((s.key for s in samples), default=None),
-        "key_max": max((s.key for s in samples), default=None),
-    }
+    entry = ShardEntry(
+        shard=name, path=rel, format=ctx.format, codec=codec.name,
+        codec_version=codec.version, samples=len(samples), tokens=len(samples) * n_tokens,
+        raw_bytes=len(samples) * n_tokens * dtype.itemsize,
+        payload_bytes=sum(len(p) for p in payloads), stored_bytes=len(data),
+        source_bytes=sum(rec.source_bytes for rec, _, _ in kept), sha256=sha256(data),
+        **identity.as_dict(), grid=list(info.grid_shape), source_shards=[unit.url],
+        unit=unit.index, skipped=sum(skips.values()),
+        skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
+        key_min=min((s.key for s in samples), default=None),
+        key_max=max((s.key for s in samples), default=None),
+    )
     labels = Counter(s.label for s in samples if s.label is not None)
-    receipt = {"unit_hash": unit_hash(unit, ctx.job_hash), "shard": row, "timings": timings,
-               "labels": sorted(labels.items())}
+    receipt = Receipt(unit_hash=unit_hash(unit, ctx.job_hash), shard=entry, timings=timings,
+                      labels=sorted(labels.items()))
     # The receipt is written last: its presence means the unit is committed.
-    atomic_write(ctx.fs, receipt_path(ctx, unit), json.dumps(receipt, sort_keys=True).encode())
+    write_receipt(ctx.layout, receipt)
     return receipt
 
 
-def load_receipt(unit: WorkUnit, ctx: UnitContext) -> dict | None:
+def load_receipt(unit: WorkUnit, ctx: UnitContext) -> Receipt | None:
     """The unit's receipt if it is committed for this job and its shard is intact."""
-    path = receipt_path(ctx, unit)
-    try:
-        receipt = json.loads(ctx.fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
-        return None
-    if receipt.get("unit_hash") != unit_hash(unit, ctx.job_hash):
-        return None
-    shard = join(ctx.root, receipt["shard"]["path"])
-    if not ctx.fs.exists(shard) or ctx.fs.size(shard) != receipt["shard"]["stored_bytes"]:
-        return None
-    if "labels" not in receipt:     # committed before schema 1.2: count them from the shard's index
-        try:
-            index = pq.read_table(pa.BufferReader(ctx.fs.cat_file(
-                join(ctx.root, "samples", f"{receipt['shard']['shard']}.parquet"))), columns=["label"])
-        except (FileNotFoundError, pa.ArrowInvalid):
-            return None             # no readable index: redo the unit
-        receipt["labels"] = sorted(Counter(v for v in index.column("label").to_pylist() if v is not None).items())
-    return receipt
+    return read_receipt(ctx.layout, shard_name(unit.index), unit_hash(unit, ctx.job_hash))

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.errors import SkipSample
+from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
+
 
 @dataclass(frozen=True)
 class ClipConfig:

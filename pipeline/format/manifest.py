@@ -1,6 +1,7 @@
 """The dataset manifest: one Parquet file whose rows are the shards and whose
 key-value metadata is the dataset record (schema version, tokenizer, codec,
-totals). Readers trust only the manifest. It is written last, atomically.
+totals). Readers trust only the manifest. It is written last, atomically,
+after the label table and before the run's timings.
 """
 
 from __future__ import annotations
@@ -12,38 +13,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokshard.errors import ManifestError
-from tokshard.pipeline.storage import atomic_write, filesystem, join
-from tokshard.schemas.v1 import LABELS, METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
+from tokshard.pipeline.format.layout import MANIFEST, DatasetLayout
+from tokshard.pipeline.storage import atomic_write
+from tokshard.schemas.records import DatasetRecord, Receipt, ShardEntry
+from tokshard.schemas.v1 import LABELS as LABELS_SCHEMA
+from tokshard.schemas.v1 import METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
 
-MANIFEST = "manifest.parquet"
-TIMINGS_FILE = "timings.parquet"   # run statistics: kept apart so manifests stay byte-identical
-LABELS_FILE = "labels.parquet"     # per-shard label counts (schema 1.2)
 
-
-def write_manifest(fs, root: str, rows: list[dict], dataset: dict) -> bytes:
-    meta = {"schema_version": SCHEMA_VERSION, **dataset}
-    table = pa.Table.from_pylist(rows, schema=SHARDS.with_metadata(
-        {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}))
+def write_manifest(layout: DatasetLayout, rows: list[ShardEntry], record: DatasetRecord) -> bytes:
+    table = pa.Table.from_pylist([r.to_dict() for r in rows], schema=SHARDS.with_metadata(
+        {METADATA_KEY: json.dumps(record.to_dict(), sort_keys=True).encode()}))
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     data = buf.getvalue()
-    atomic_write(fs, join(root, MANIFEST), data)
+    atomic_write(layout.fs, layout.manifest, data)
     return data
 
 
-def write_labels(fs, root: str, receipts: list[dict]) -> None:
+def write_labels(layout: DatasetLayout, receipts: list[Receipt]) -> None:
     """labels.parquet from the shards' receipts, in shard order then label order."""
-    rows = [{"shard": r["shard"]["shard"], "label": label, "count": count}
-            for r in receipts for label, count in r["labels"]]
+    rows = [{"shard": r.shard.shard, "label": label, "count": count}
+            for r in receipts for label, count in (r.labels or [])]
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS), buf, compression="zstd")
-    atomic_write(fs, join(root, LABELS_FILE), buf.getvalue())
+    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), buf, compression="zstd")
+    atomic_write(layout.fs, layout.labels, buf.getvalue())
 
 
-def write_timings(fs, root: str, rows: list[dict]) -> None:
+def write_timings(layout: DatasetLayout, receipts: list[Receipt]) -> None:
+    rows = [{"shard": r.shard.shard, **{k: float(r.timings.get(k, 0.0)) for k in ("decode_s", "encode_s", "write_s")}}
+            for r in receipts]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=TIMINGS), buf)
-    atomic_write(fs, join(root, TIMINGS_FILE), buf.getvalue())
+    atomic_write(layout.fs, layout.timings, buf.getvalue())
 
 
 def check_version(version: str, where: str) -> None:
@@ -57,12 +58,11 @@ def check_version(version: str, where: str) -> None:
                             f"supports ({SCHEMA_VERSION}); upgrade tokshard")
 
 
-def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Table, dict]:
-    """(shards table, dataset record) of the dataset at `url`."""
-    fs, root = filesystem(url, storage_options)
-    path = join(root, MANIFEST)
+def read_record(layout: DatasetLayout, url: str) -> tuple[pa.Table, DatasetRecord, dict]:
+    """(shards table, typed dataset record, the record as stored) of the dataset at `layout`."""
+    where = f"{url}/{MANIFEST}"
     try:
-        data = fs.cat_file(path)
+        data = layout.fs.cat_file(layout.manifest)
     except FileNotFoundError:
         raise ManifestError(f"no manifest at {url} (expected {MANIFEST}); is the convert finished?") from None
     try:
@@ -71,6 +71,14 @@ def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Tab
         table = pq.read_table(pa.BufferReader(data))
         meta = json.loads(table.schema.metadata[METADATA_KEY])
     except Exception as e:
-        raise ManifestError(f"{url}/{MANIFEST} is not a tokshard manifest: {e}") from e
-    check_version(meta.get("schema_version", "0"), f"{url}/{MANIFEST}")
+        raise ManifestError(f"{where} is not a tokshard manifest: {e}") from e
+    if not isinstance(meta, dict):
+        raise ManifestError(f"{where}: the dataset record is not a JSON object")
+    check_version(meta.get("schema_version", "0"), where)
+    return table, DatasetRecord.from_dict(meta, where), meta
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> tuple[pa.Table, dict]:
+    """(shards table, dataset record as stored) of the dataset at `url`."""
+    table, _, meta = read_record(DatasetLayout.at(url, storage_options), url)
     return table, meta

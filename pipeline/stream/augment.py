@@ -31,13 +31,18 @@ See ``docs/augmentations.md`` for the table of parameters and citations.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .augment_embed import ColorAdapt, EmbeddingMixup, EmbeddingNoise, EmbeddingRandomResizedCrop, TokenEmbed
 from .augment_tokens import (
-    TokenCutMix, TokenHFlip, TokenPatchSwap, TokenRandomResizedCrop, TokenSynonymReplace, _new_batch,
+    TokenCutMix,
+    TokenHFlip,
+    TokenPatchSwap,
+    TokenRandomResizedCrop,
+    TokenSynonymReplace,
+    _new_batch,
     codebook_neighbours,
 )
 

@@ -12,14 +12,25 @@ crop, `tokens` still describe the uncropped grid).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .augment_tokens import (
-    _applied, _beta, _check_range, _mixed_target, _new_batch, _on, _positive_float, _positive_int,
-    _prob, _range_pair, _sample_boxes, _size, _tokens,
+    _applied,
+    _beta,
+    _check_range,
+    _mixed_target,
+    _new_batch,
+    _on,
+    _positive_float,
+    _positive_int,
+    _prob,
+    _range_pair,
+    _sample_boxes,
+    _size,
+    _tokens,
 )
 
 __all__ = ["ColorAdapt", "EmbeddingMixup", "EmbeddingNoise", "EmbeddingRandomResizedCrop", "TokenEmbed"]

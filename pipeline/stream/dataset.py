@@ -13,12 +13,13 @@ import os
 import numpy as np
 from pyarrow import ArrowException
 
-from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.errors import CodecError, ManifestError, ShardError, UsageError
-from tokshard.pipeline.format.manifest import read_manifest
-from tokshard.pipeline.stream.shard_cache import ShardCache
+from tokshard.pipeline.format.codecs import codec_from_description
+from tokshard.pipeline.format.layout import DatasetLayout
+from tokshard.pipeline.format.manifest import read_record
 from tokshard.pipeline.format.shards import ShardColumns, parse_shard
-from tokshard.pipeline.storage import filesystem, join, sha256
+from tokshard.pipeline.storage import sha256
+from tokshard.pipeline.stream.shard_cache import ShardCache
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
 
@@ -43,32 +44,30 @@ class TokenDataset:
     def __init__(self, url: str, *, storage_options: dict | None = None, verify: bool = True,
                  cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.url, self.storage_options, self.verify = url, storage_options, verify
-        self.manifest, self.record = read_manifest(url, storage_options)
-        self._fs, self.root = filesystem(url, storage_options)
+        self._layout = DatasetLayout.at(url, storage_options)
+        self.root = self._layout.root
         self._fs_pid = os.getpid()
-        rec = self.record
+        # `record`: the dataset record as stored (a dict); `info`: the same, typed and validated.
+        self.manifest, self.info, self.record = read_record(self._layout, url)
+        info = self.info
+        self.grid = tuple(info.grid)
+        self.vocab_size = info.tokenizer.vocab_size
         try:
-            self.grid = tuple(int(g) for g in rec["grid"])
-            self.vocab_size = int(rec["tokenizer"]["vocab_size"])
-            self.token_dtype = np.dtype(rec["token_dtype"])
-            self.format = rec["format"]
-            codec_desc = rec["codec"]
-        except (KeyError, TypeError, ValueError) as e:
+            self.token_dtype = np.dtype(info.token_dtype)
+        except TypeError as e:
             raise ManifestError(f"{url}: manifest lacks a valid dataset record ({e!r})") from None
+        self.format = info.format
         state = None
-        if rec.get("codec_state"):
+        if info.codec_state:
             try:
-                state = self.fs.cat_file(join(self.root, rec["codec_state"]))
+                state = self.fs.cat_file(self._layout.resolve(info.codec_state))
             except FileNotFoundError:
-                raise ManifestError(f"{url}: codec state {rec['codec_state']} is missing") from None
-        self.codec = codec_from_description(codec_desc, self.vocab_size, state)
-        self.views = tuple(rec.get("views") or ("orig",))
-        self.video = rec.get("video")
+                raise ManifestError(f"{url}: codec state {info.codec_state} is missing") from None
+        self.codec = codec_from_description(info.codec, self.vocab_size, state)
+        self.views = tuple(info.views)
+        self.video = info.video
         # Stored codes per sample: the grid, with a leading view or time axis.
-        if rec.get("sample_shape"):
-            self.sample_shape = tuple(int(d) for d in rec["sample_shape"])
-        else:
-            self.sample_shape = self.grid if len(self.views) == 1 else (len(self.views), *self.grid)
+        self.sample_shape = info.stored_shape()
         self.tokens_per_sample = int(np.prod(self.sample_shape))
         try:
             cols = self.manifest.select(["shard", "path", "sha256", "samples", "stored_bytes"]).to_pydict()
@@ -86,13 +85,17 @@ class TokenDataset:
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
 
     @property
-    def fs(self):
+    def layout(self) -> DatasetLayout:
         # Async filesystems (s3fs, gcsfs) are not fork-safe: a DataLoader worker
         # forked from this process builds its own.
         if self._fs_pid != os.getpid():
-            self._fs, _ = filesystem(self.url, self.storage_options)
+            self._layout = DatasetLayout.at(self.url, self.storage_options)
             self._fs_pid = os.getpid()
-        return self._fs
+        return self._layout
+
+    @property
+    def fs(self):
+        return self.layout.fs
 
     def __len__(self) -> int:
         return int(self.shard_offsets[-1])
@@ -103,7 +106,7 @@ class TokenDataset:
 
     @property
     def job_hash(self) -> str:
-        return self.record.get("job_hash", "")
+        return self.info.job_hash
 
     def __repr__(self) -> str:
         views = f", views={len(self.views)}" if len(self.views) > 1 else ""
@@ -121,11 +124,12 @@ class TokenDataset:
             if data is not None:
                 self._cache.discard(want, ext)
         try:
-            data = self.fs.cat_file(join(self.root, rel))
+            path = self.layout.resolve(rel)
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise ShardError(name, f"missing: {join(self.root, rel)} does not exist") from None
+            raise ShardError(name, f"missing: {path} does not exist") from None
         except OSError as e:
-            raise ShardError(name, f"cannot read {join(self.root, rel)}: {e}") from None
+            raise ShardError(name, f"cannot read {path}: {e}") from None
         if len(data) != int(self.shard_bytes[i]):
             raise ShardError(name, f"{rel} has {len(data)} bytes, the manifest says {int(self.shard_bytes[i])}")
         if self.verify or self._cache is not None:
@@ -185,11 +189,11 @@ class TokenDataset:
     def tokenizer(self, **options):
         """The tokenizer stored with the dataset (for decoding tokens to pixels)."""
         from tokshard.tokenizers.registry import tokenizer_class
-        tok = self.record["tokenizer"]
+        tok = self.info.tokenizer
         if not _is_local(self.fs):
             raise UsageError("loading the tokenizer of a remote dataset: copy "
-                             f"{join(self.url, tok['path'])} locally and load it from there")
-        return tokenizer_class(tok["name"]).load(join(self.root, tok["path"]), **options)
+                             f"{self.url.rstrip('/')}/{tok.path} locally and load it from there")
+        return tokenizer_class(tok.name).load(self.layout.resolve(tok.path), **options)
 
     def codebook(self):
         """(vocab_size, dim) float32 torch tensor of code embeddings, or None."""

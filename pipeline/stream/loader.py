@@ -29,9 +29,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.errors import ShardError, UsageError
-from tokshard.pipeline.stream.order import (BufferShuffle, consumed_positions, key64, mix64, plan_chunks, plan_lookup,
-                                     plan_length, plan_slice, rank_slice,
-                                     shard_order)
+from tokshard.pipeline.stream.order import (
+    BufferShuffle,
+    consumed_positions,
+    key64,
+    mix64,
+    plan_chunks,
+    plan_length,
+    plan_lookup,
+    plan_slice,
+    rank_slice,
+    shard_order,
+)
 
 STATE_FORMAT = "tokshard-loader/1"
 

@@ -10,15 +10,14 @@ those pairs.
 from __future__ import annotations
 
 import io
-import json
 import math
 
 import numpy as np
 
-from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.errors import SkipSample, TokshardError, UsageError
+from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.pipeline.convert.sources import plan_units, read_unit
-from tokshard.pipeline.storage import join
+from tokshard.pipeline.format.work import read_job_spec
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -30,10 +29,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def _originals(ds, wanted: dict[int, list[str]], side: int) -> dict[str, np.ndarray]:
     """Decoded source images for {unit index: [keys]}, as the convert job saw them."""
     try:
-        job = json.loads(ds.fs.cat_file(join(ds.root, "_work", "job.json")))["config"]
-    except (FileNotFoundError, KeyError, ValueError):
+        found = read_job_spec(ds.layout)
+    except TokshardError:
+        found = None
+    if found is None:
         return {}
-    decode = DecodeConfig(**ds.record["decode"])
+    job = found[0].config
+    decode = DecodeConfig(**ds.info.decode)
     try:
         units = {u.index: u for u in plan_units(job["sources"], job["shard_size"], job.get("input_format", "auto"),
                                                 ds.storage_options)}
@@ -78,7 +80,7 @@ def reconstruct(ds, n: int = 8, seed: int = 0) -> dict:
     pairs = [(originals.get(k), r) for k, r in zip(keys, recon)]
     scores = [psnr(o, r) if o is not None else None for o, r in pairs]
     return {"keys": keys, "originals": [o for o, _ in pairs], "reconstructions": list(recon), "psnr": scores,
-            "tokenizer": ds.record["tokenizer"]["tokenizer_id"]}
+            "tokenizer": ds.info.tokenizer.tokenizer_id}
 
 
 def grid_png(result: dict, tile: int = 128) -> bytes:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 
 from tokshard.errors import UsageError
-from tokshard.pipeline.format.manifest import LABELS_FILE, read_manifest
-from tokshard.pipeline.storage import filesystem, join
+from tokshard.pipeline.format.layout import DatasetLayout
+from tokshard.pipeline.format.manifest import read_record
 
 FORMATS = ("table", "csv", "json")
 
@@ -32,8 +32,9 @@ def _connect(url: str, storage_options: dict | None):
     import duckdb
     import pyarrow as pa
 
-    shards, record = read_manifest(url, storage_options)
-    fs, root = filesystem(url, storage_options)
+    layout = DatasetLayout.at(url, storage_options)
+    fs = layout.fs
+    shards, info, record = read_record(layout, url)
     con = duckdb.connect()
     con.register("shards_arrow", shards)
     con.execute("CREATE VIEW shards AS SELECT * FROM shards_arrow")
@@ -48,22 +49,21 @@ def _connect(url: str, storage_options: dict | None):
         return fs.unstrip_protocol(path) if remote else path
 
     def index_file(shard: str) -> str:
-        return as_read(join(root, "samples", f"{shard}.parquet"))
+        return as_read(layout.index(shard))
 
     if remote:
         con.register_filesystem(fs)
-    index = as_read(join(root, "samples", "*.parquet"))
-    labels = as_read(join(root, record.get("labels") or LABELS_FILE))
+    index = as_read(layout.index_glob())
     if shards.num_rows:
         con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({_literal(index)})")
     else:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
-    if record.get("labels"):
-        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({_literal(labels)})")
+    if info.labels:
+        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({_literal(as_read(layout.resolve(info.labels)))})")
     else:
         con.execute("CREATE VIEW labels AS SELECT NULL::VARCHAR AS shard, NULL::BIGINT AS label, "
                     "NULL::BIGINT AS count WHERE false")
-    return con, record, index_file
+    return con, info, index_file
 
 
 def _literal(text: str) -> str:
@@ -93,10 +93,10 @@ def select_rows(url: str, where: str, storage_options: dict | None = None) -> li
     index files and 200,000 reads. Anything else scans the whole index.
     """
     import duckdb
-    con, record, index_file = _connect(url, storage_options)
+    con, info, index_file = _connect(url, storage_options)
     try:
         source = "samples"
-        shards = _shards_by_label(con, where) if record.get("labels") else None
+        shards = _shards_by_label(con, where) if info.labels else None
         if shards is not None:
             if not shards:
                 return []
@@ -131,8 +131,8 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     import pyarrow.parquet as pq
 
     from tokshard.schemas.v1 import SAMPLES
-    shards, _ = read_manifest(url, storage_options)
-    fs, root = filesystem(url, storage_options)
+    layout = DatasetLayout.at(url, storage_options)
+    shards, _, _ = read_record(layout, url)
     if "key_min" in shards.column_names:
         lo, hi = shards.column("key_min"), shards.column("key_max")
         hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
@@ -141,7 +141,7 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
         candidates = shards.column("shard").to_pylist()
     rows = []
     for shard in candidates:
-        data = fs.cat_file(join(root, "samples", f"{shard}.parquet"))
+        data = layout.fs.cat_file(layout.index(shard))
         table = pq.read_table(pa.BufferReader(data), filters=[("key", "=", key)])
         rows += [tuple(r.values()) for r in table.to_pylist()]
     return list(SAMPLES.names), rows

@@ -78,16 +78,16 @@ def label_counts(url: str, storage_options: dict | None = None) -> tuple[list[tu
 
 def build(ds, preview: dict | None, preview_png: bytes | None,
           labels: tuple[list[tuple[str, float]], int] = ([], 0)) -> str:
-    rec = ds.record
-    totals = rec.get("totals", {})
+    rec = ds.info
+    totals = rec.totals
     n = max(1, int(totals.get("samples", 0)))
     counts = token_counts(ds)
     p = counts[counts > 0] / max(1, counts.sum())
     h0 = float(-(p * np.log2(p)).sum()) if len(p) else 0.0
     summary = [
         ("samples", f"{totals.get('samples', 0):,}"), ("shards", f"{ds.num_shards:,}"),
-        ("tokenizer", f"{rec['tokenizer']['tokenizer_id']} ({ds.vocab_size} codes, grid {list(ds.grid)})"),
-        ("sample shape", str(list(ds.sample_shape))), ("codec", ds.codec.name), ("format", rec.get("format", "")),
+        ("tokenizer", f"{rec.tokenizer.tokenizer_id} ({ds.vocab_size} codes, grid {list(ds.grid)})"),
+        ("sample shape", str(list(ds.sample_shape))), ("codec", ds.codec.name), ("format", rec.format),
         ("stored", f"{totals.get('stored_bytes', 0):,} B ({totals.get('stored_bytes', 0) / n:,.1f} B/sample)"),
         ("source", f"{totals.get('source_bytes', 0):,} B"),
         ("order-0 entropy", f"{h0:.2f} bits/token (codes used: {int((counts > 0).sum())} of {ds.vocab_size})"),
@@ -95,7 +95,7 @@ def build(ds, preview: dict | None, preview_png: bytes | None,
     storage = [(k, totals.get(f"{k}_bytes", 0) / n) for k in ("source", "raw", "payload", "stored")]
     sizes = ds.shard_sizes
     shown = [(name, float(s)) for name, s in zip(ds.shard_names, sizes)][:40]
-    skips = sorted(rec.get("skipped_by_reason", {}).items(), key=lambda kv: -kv[1])
+    skips = sorted(rec.skipped_by_reason.items(), key=lambda kv: -kv[1])
     parts = [
         "<h2>Summary</h2><table>" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>",

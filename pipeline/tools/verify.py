@@ -3,7 +3,7 @@ its sha256, and has its sample-index file; the label table is readable;
 `--repair` re-converts the shards that fail, from the sources, and rewrites
 the label table with the manifest.
 
-Repair re-runs the dataset's own job (`_work/job.json`) with the tokenizer
+Repair re-runs the dataset's own job (its job spec) with the tokenizer
 copy stored in the dataset, after forgetting the bad shards' receipts: the
 convert job's exactly-once machinery redoes only those, and the manifest it
 rewrites is byte-identical when the sources are unchanged.
@@ -11,13 +11,13 @@ rewrites is byte-identical when the sources are unchanged.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 
-from tokshard.errors import UsageError
-from tokshard.pipeline.format.manifest import read_manifest
-from tokshard.pipeline.storage import filesystem, join
+from tokshard.errors import ManifestError, UsageError
+from tokshard.pipeline.format.layout import JOB_SPEC, DatasetLayout
+from tokshard.pipeline.format.manifest import read_record
+from tokshard.pipeline.format.work import forget_receipt, read_job_spec
 
 
 @dataclass
@@ -34,15 +34,16 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    table, record = read_manifest(url, storage_options)
-    fs, root = filesystem(url, storage_options)
+    layout = DatasetLayout.at(url, storage_options)
+    fs = layout.fs
+    table, record, _ = read_record(layout, url)
     problems = []
     rows = table.select(["shard", "path", "unit", "stored_bytes", "sha256"]).to_pylist()
     for row in rows:
-        index = f"samples/{row['shard']}.parquet"
-        if not fs.exists(join(root, index)):
+        index = layout.index_rel(row["shard"])
+        if not fs.exists(layout.resolve(index)):
             problems.append(Problem(row["shard"], index, row["unit"], "sample index missing"))
-        path = join(root, row["path"])
+        path = layout.resolve(row["path"])
         try:
             size = fs.size(path)
         except FileNotFoundError:
@@ -59,33 +60,37 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
         if digest.hexdigest() != row["sha256"]:
             problems.append(Problem(row["shard"], row["path"], row["unit"],
                                     f"sha256 {digest.hexdigest()[:16]}..., the manifest says {row['sha256'][:16]}..."))
-    if record.get("labels"):
+    if record.labels:
         try:
-            pq.read_table(pa.BufferReader(fs.cat_file(join(root, record["labels"]))))
+            pq.read_table(pa.BufferReader(fs.cat_file(layout.resolve(record.labels))))
         except (FileNotFoundError, pa.ArrowInvalid) as e:
-            problems.append(Problem("-", record["labels"], -1, f"missing or unreadable ({type(e).__name__})"))
+            problems.append(Problem("-", record.labels, -1, f"missing or unreadable ({type(e).__name__})"))
     return len(rows), problems
 
 
 def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True) -> dict:
     """Re-convert the shards in `problems` from the dataset's sources."""
     from tokshard.pipeline.convert.job import ConvertConfig, convert
-    fs, root = filesystem(url, storage_options)
+    layout = DatasetLayout.at(url, storage_options)
+    fs = layout.fs
     try:
-        job = json.loads(fs.cat_file(join(root, "_work", "job.json")))["config"]
-    except (FileNotFoundError, KeyError, ValueError):
-        raise UsageError(f"{url} has no readable _work/job.json: cannot tell how it was converted") from None
-    _, record = read_manifest(url, storage_options)
+        found = read_job_spec(layout)
+    except ManifestError:
+        found = None
+    if found is None:
+        raise UsageError(f"{url} has no readable {JOB_SPEC}: cannot tell how it was converted")
+    job = found[0].config
+    _, record, _ = read_record(layout, url)
     for p in problems:
         # A shard's receipt goes with its files, so the job redoes the unit; a dataset-wide
         # file (the label table) is rewritten from the receipts with the manifest.
-        stale = [join(root, p.path)] + ([join(root, "_work", "units", f"{p.shard}.json")] if p.unit >= 0 else [])
-        for path in stale:
-            if fs.exists(path):
-                fs.rm_file(path)
+        if fs.exists(layout.resolve(p.path)):
+            fs.rm_file(layout.resolve(p.path))
+        if p.unit >= 0:
+            forget_receipt(layout, p.shard)
     with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp:
         # The dataset's own tokenizer copy: same weights, so the same job hash.
-        fs.get(join(root, record["tokenizer"]["path"]) + "/", tmp + "/", recursive=True)
+        fs.get(layout.resolve(record.tokenizer.path) + "/", tmp + "/", recursive=True)
         cfg = ConvertConfig(**{**job, "out": url, "storage_options": storage_options,
                                "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}})
         return convert(cfg, quiet=quiet)

@@ -7,19 +7,25 @@ reference the Ray engine must match byte for byte.
 
 from __future__ import annotations
 
+from tokshard.pipeline.convert.engines.base import Engine, EngineJob, OnFailure, OnReceipt
+from tokshard.pipeline.convert.sources import WorkUnit
 from tokshard.pipeline.convert.stages import process_unit
 
 
-def run(units, ctx, tok, *, retries: int, on_receipt, on_failure) -> None:
-    for unit in units:
-        error = None
-        for _ in range(retries + 1):
-            try:
-                receipt = process_unit(unit, ctx, tok)
-            except Exception as e:  # one unit's failure must not end the others
-                error = e
-                continue
-            on_receipt(receipt)
-            break
-        else:
-            on_failure(unit, f"{type(error).__name__}: {error}")
+class LocalEngine(Engine):
+    name = "local"
+
+    def run(self, units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failure: OnFailure) -> None:
+        for unit in units:
+            attempt = 0
+            while True:
+                try:
+                    receipt = process_unit(unit, job.ctx, job.tokenizer)
+                except Exception as e:  # one unit's failure must not end the others
+                    if job.retry.again(e, attempt):
+                        attempt += 1
+                        continue
+                    on_failure(unit, job.retry.failure(e, attempt))
+                    break
+                on_receipt(receipt)
+                break

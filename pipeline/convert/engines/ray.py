@@ -27,6 +27,9 @@ from collections import deque
 from pathlib import Path
 
 from tokshard.errors import TokenizerError, UsageError
+from tokshard.pipeline.convert.engines.base import Engine, EngineJob, OnFailure, OnReceipt
+from tokshard.pipeline.convert.engines.retry import RetryPolicy
+from tokshard.pipeline.convert.sources import WorkUnit
 from tokshard.pipeline.convert.stages import UnitTail, commit_unit, decode_unit, encode_batch, process_unit
 from tokshard.tokenizers.base import artifact_files
 
@@ -136,21 +139,34 @@ class _UnitRun:
         self.commit = None
 
 
-def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str | None = None,
-        tokenizer_name: str, tokenizer_options: dict, encoders: int = 0,
-        gpus_per_encoder: float | None = None) -> None:
-    if not units:
-        return
+class RayEngine(Engine):
+    """`address`: the cluster (None: $RAY_ADDRESS, else a local one on loopback);
+    `encoders`: tokenizer actors (0: one per GPU, none without GPUs);
+    `gpus_per_encoder`: None: 1 where the cluster has GPUs, else 0."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, encoders: int = 0, gpus_per_encoder: float | None = None):
+        self.address, self.encoders, self.gpus_per_encoder = address, encoders, gpus_per_encoder
+
+    def run(self, units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failure: OnFailure) -> None:
+        if units:
+            _run(units, job, on_receipt, on_failure, self.address, self.encoders, self.gpus_per_encoder)
+
+
+def _run(units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failure: OnFailure,
+         address: str | None, encoders: int, gpus_per_encoder: float | None) -> None:
     ray = init_ray(address)
     from ray.exceptions import RayError
 
+    ctx, tok, retry = job.ctx, job.tokenizer, job.retry
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
-    options = {k: v for k, v in tokenizer_options.items() if k != "path"}
+    options = {k: v for k, v in job.tokenizer_options.items() if k != "path"}
     if encoders <= 0 and not gpus and not gpus_per_encoder:
-        spec = ray.put((tokenizer_name, options, artifact_files(tok), tok.identity()))
+        spec = ray.put((job.tokenizer_name, options, artifact_files(tok), tok.identity()))
         _run_whole_units(ray, units, ray.put(ctx), spec, int(resources.get("CPU", 1)),
-                         retries=retries, on_receipt=on_receipt, on_failure=on_failure)
+                         retry=retry, on_receipt=on_receipt, on_failure=on_failure)
         return
     if gpus_per_encoder is None:
         gpus_per_encoder = 1 if gpus else 0
@@ -161,7 +177,7 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
     threads = 1 if gpus_per_encoder else max(1, int(resources.get("CPU", 1) // (encoders + 1)))
     clip_frames = ctx.clip.frames if ctx.clip is not None else None
     files = ray.put(artifact_files(tok))
-    pool = [encoder_cls.remote(tokenizer_name, options, [files], tok.identity(), ctx.sample_shape,
+    pool = [encoder_cls.remote(job.tokenizer_name, options, [files], tok.identity(), ctx.sample_shape,
                                clip_frames, threads) for _ in range(encoders)]
     decode = ray.remote(_decode_task).options(num_cpus=1, max_retries=0,
                                               _generator_backpressure_num_objects=2)
@@ -184,14 +200,14 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
         active[unit.index] = r
         owner[id(r.gen)] = r
 
-    def finish(r, error: str | None):
+    def finish(r, error: BaseException | None):
         del active[r.unit.index]
         if error is None:
             return
-        if r.attempt < retries:
+        if retry.again(error, r.attempt):
             pending.appendleft((r.unit, r.attempt + 1))
         else:
-            on_failure(r.unit, error)
+            on_failure(r.unit, retry.failure(error, r.attempt))
 
     while pending or active:
         while pending and len(active) < max_active:
@@ -217,7 +233,7 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
                 try:
                     receipt = ray.get(w)
                 except RayError as e:
-                    finish(r, _describe(e))
+                    finish(r, e)
                     continue
                 on_receipt(receipt)
                 finish(r, None)
@@ -230,7 +246,7 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
                 owner[id(r.commit)] = r
                 continue
             except RayError as e:
-                finish(r, _describe(e))
+                finish(r, e)
                 continue
             owner[id(r.gen)] = r
             enc = pool[turn % len(pool)].encode.remote(ref)
@@ -241,7 +257,8 @@ def run(units, ctx, tok, *, retries: int, on_receipt, on_failure, address: str |
         ray.kill(actor)
 
 
-def _run_whole_units(ray, units, ctx_ref, spec, cpus: int, *, retries: int, on_receipt, on_failure) -> None:
+def _run_whole_units(ray, units, ctx_ref, spec, cpus: int, *, retry: RetryPolicy, on_receipt: OnReceipt,
+                     on_failure: OnFailure) -> None:
     from ray.exceptions import RayError
     task = ray.remote(_unit_task).options(num_cpus=1, max_retries=0)
     pending = deque((u, 0) for u in units)
@@ -257,16 +274,9 @@ def _run_whole_units(ray, units, ctx_ref, spec, cpus: int, *, retries: int, on_r
             try:
                 receipt = ray.get(ref)
             except RayError as e:
-                if attempt < retries:
+                if retry.again(e, attempt):
                     pending.appendleft((unit, attempt + 1))
                 else:
-                    on_failure(unit, _describe(e))
+                    on_failure(unit, retry.failure(e, attempt))
                 continue
             on_receipt(receipt)
-
-
-def _describe(e: Exception) -> str:
-    cause = getattr(e, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(e).__name__}: {e}"
-    return text.strip().splitlines()[-1][:500] if text.strip() else type(e).__name__
-

@@ -7,10 +7,11 @@
 """
 
 from tokshard.pipeline.format.codecs.base import TokenCodec, token_dtype
-from tokshard.pipeline.format.codecs.registry import CODECS, codec_from_description, get_codec, register_codec
+
 # The built-in codecs register themselves on import, in this order.
 from tokshard.pipeline.format.codecs.basic import BitpackCodec, RawCodec, ZstdCodec, ZstdDictCodec
 from tokshard.pipeline.format.codecs.rans import RansCtxCodec, RansUnigramCodec
+from tokshard.pipeline.format.codecs.registry import CODECS, codec_from_description, get_codec, register_codec
 
 __all__ = [
     "CODECS", "BitpackCodec", "RansCtxCodec", "RansUnigramCodec", "RawCodec", "TokenCodec", "ZstdCodec",

@@ -16,11 +16,10 @@ from __future__ import annotations
 import abc
 import hashlib
 import operator
-import threading
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
-import zstandard
 
 from tokshard.errors import CodecError
 

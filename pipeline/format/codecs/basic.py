@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import zstandard

@@ -87,7 +87,8 @@ import struct
 import threading
 import zlib
 from collections import Counter
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import zstandard

@@ -1,0 +1,72 @@
+"""The convert job's configuration: one dataclass, the single source of its
+fields, defaults and choices (the CLI and `jobs/convert.py` take theirs from here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig
+from tokshard.pipeline.convert.engines import ENGINES
+from tokshard.pipeline.convert.sources import INPUT_FORMATS
+from tokshard.pipeline.convert.views import VIEWS
+from tokshard.pipeline.format.codecs import CODECS
+from tokshard.pipeline.format.shards import FORMATS
+
+DEFAULT_TOKENIZER = "kmeans-vq"
+_DECODE = DecodeConfig()
+
+# The choices of every enumerated field, from the modules that own them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "format": FORMATS, "codec": tuple(CODECS), "resize_mode": RESIZE_MODES, "input_format": INPUT_FORMATS,
+    "views": tuple(VIEWS), "engine": tuple(ENGINES),
+}
+
+
+@dataclass
+class ConvertConfig:
+    sources: list[str]
+    out: str
+    format: str = "parquet"
+    codec: str = "zstd"
+    codec_params: dict = field(default_factory=dict)
+    tokenizer: str = DEFAULT_TOKENIZER
+    tokenizer_options: dict = field(default_factory=dict)
+    shard_size: int = 10_000
+    resolution: int | None = None
+    resize_mode: str = _DECODE.resize_mode
+    input_format: str = "auto"
+    max_pixels: int = _DECODE.max_pixels
+    min_image_size: int = _DECODE.min_image_size
+    codec_fit_samples: int = 2048
+    decode_workers: int = 2
+    storage_options: dict | None = None
+    columns: dict = field(default_factory=dict)   # image/caption/label/key column names for Parquet sources
+    views: str = "none"                           # none | hflip | tencrop: stored views per image
+    clip_frames: int | None = None                # set: a video job, one sample per clip of this many frames
+    clip_fps: float | None = None                 # sample frames at this rate (default: the source's)
+    clip_stride: int | None = None                # sampled frames between clip starts (default: clip_frames)
+    max_clips: int = 64                           # clips per video at most
+    where: str | None = None                      # keep only source samples this SQL predicate selects
+    engine: str = "local"                         # local | ray
+    address: str | None = None                    # Ray cluster address ("auto" inside `ray job submit`)
+    encoders: int = 0                             # Ray tokenizer actors (0: one per GPU; no GPU: whole-unit tasks)
+    gpus_per_encoder: float | None = None         # None: 1 where the cluster has GPUs, else 0
+    retries: int = 2                              # extra attempts for a unit that fails
+
+    def job_identity(self) -> dict[str, Any]:
+        """What decides the output bytes (not where it goes or how fast)."""
+        d = asdict(self)
+        for k in ("out", "decode_workers", "storage_options", "engine", "address", "encoders",
+                  "gpus_per_encoder", "retries"):
+            d.pop(k)
+        d["tokenizer_options"] = {k: v for k, v in d["tokenizer_options"].items()
+                                  if k not in ("device", "path")}
+        return d
+
+
+def default(name: str) -> Any:
+    """The default of ConvertConfig field `name`."""
+    f = ConvertConfig.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]

@@ -1,0 +1,64 @@
+"""The shard-format contract: one object per on-disk format writes a shard,
+parses it back and names its members, so adding a format is one module.
+
+Reading trusts nothing in the file beyond what the manifest promises (see
+`registry.parse_shard`): the sample count must match and every token member
+must have the manifest's shape.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass
+class EncodedSample:
+    key: str
+    payload: bytes          # codec output for the tokens
+    tokens: np.ndarray      # the codes (for the raw fixed-size Parquet column)
+    caption: str | None
+    label: int | None
+    width: int
+    height: int
+    source: str
+    meta: dict | None
+
+
+
+class ShardColumns(dict):
+    """{"tokens": (n, T) array of token ids, or an object array of coded payloads;
+    "label": int64 (-1 unlabelled); "key": object array of str}."""
+
+    def __len__(self) -> int:  # number of samples, not of columns
+        return len(self["key"])
+
+
+def _meta_json(meta: dict | None) -> str | None:
+    return None if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _labels(values) -> np.ndarray:
+    return np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
+
+
+
+class ShardFormat(abc.ABC):
+    """How one format stores a shard of encoded samples."""
+
+    name: ClassVar[str]         # as recorded in the manifest ("parquet", "wds")
+    extension: ClassVar[str]    # of the shard file
+
+    @abc.abstractmethod
+    def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
+              token_dtype: np.dtype, file_meta: dict) -> tuple[bytes, list[int]]:
+        """(file bytes, per-sample byte offset of the tokens in the file; -1 where rows are
+        addressed by index)."""
+
+    @abc.abstractmethod
+    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
+        """The shard's key, label and tokens columns; any exception means a damaged file."""

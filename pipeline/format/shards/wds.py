@@ -1,0 +1,85 @@
+"""WebDataset token shards: a tar with KEY.tokens.CODEC (or KEY.tokens.npy for
+raw), KEY.json, KEY.txt and KEY.cls members, readable by `webdataset` itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from typing import ClassVar
+
+import numpy as np
+
+from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat, _labels
+from tokshard.pipeline.format.shards.registry import register_format
+
+
+@register_format
+class WebDatasetFormat(ShardFormat):
+    name: ClassVar[str] = "wds"
+    extension: ClassVar[str] = "tar"
+
+    @staticmethod
+    def token_member(codec_name: str) -> str:
+        """The extension of a sample's tokens member."""
+        return "tokens.npy" if codec_name == "raw" else f"tokens.{codec_name}"
+
+    def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
+                  token_dtype: np.dtype, file_meta: dict) -> tuple[bytes, list[int]]:
+        """Returns (tar bytes, byte offset of each sample's tokens member header)."""
+        buf = io.BytesIO()
+        offsets = []
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+
+            for s in samples:
+                offsets.append(buf.tell())
+                if codec_name == "raw":
+                    npy = io.BytesIO()
+                    np.save(npy, s.tokens.reshape(grid).astype(token_dtype).astype(token_dtype.newbyteorder("<")),
+                            allow_pickle=False)
+                    add(f"{s.key}.{self.token_member(codec_name)}", npy.getvalue())
+                else:
+                    add(f"{s.key}.{self.token_member(codec_name)}", s.payload)
+                info = {"width": s.width, "height": s.height, "source": s.source, "grid": list(grid),
+                        "codec": codec_name, "meta": s.meta, **file_meta}
+                add(f"{s.key}.json", json.dumps(info, sort_keys=True, ensure_ascii=False, default=str).encode())
+                if s.caption is not None:
+                    add(f"{s.key}.txt", s.caption.encode())
+                if s.label is not None:
+                    add(f"{s.key}.cls", str(s.label).encode())
+        return buf.getvalue(), offsets
+
+    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
+        ext = self.token_member(codec)
+        keys, tokens, labels = [], [], {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                if suffix == ext:
+                    raw = tar.extractfile(member).read()
+                    if codec == "raw":
+                        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                        if arr.size != n_tokens or arr.dtype.kind != "u":
+                            raise ValueError(f"member {member.name}: {arr.dtype}{arr.shape}, "
+                                             f"expected {n_tokens} unsigned tokens")
+                        tokens.append(arr.reshape(-1).astype(dtype))
+                    else:
+                        tokens.append(raw)
+                    keys.append(key)
+                elif suffix == "cls":
+                    labels[key] = int(tar.extractfile(member).read().decode().strip())
+        if codec == "raw":
+            arr = np.stack(tokens) if tokens else np.empty((0, n_tokens), dtype)
+        else:
+            arr = np.empty(len(tokens), dtype=object)
+            arr[:] = tokens
+        return ShardColumns(tokens=arr, label=_labels(labels.get(k) for k in keys),
+                            key=np.array(keys, dtype=object))

@@ -1,0 +1,245 @@
+"""The JSON records of a dataset, typed: what the manifest's metadata, the job
+spec and a unit's receipt hold.
+
+Each record is read (`from_dict`, which validates every field it uses and
+raises `ManifestError` naming the first bad one) and written (`to_dict`) here
+and nowhere else; `pipeline/format` decides where they are stored. Field names
+and JSON shapes are those of schema 1.x, so datasets written before these
+classes existed read back unchanged, and new ones are byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from tokshard.errors import ManifestError
+
+
+def _check(value: Any, types: type | tuple[type, ...], where: str, name: str, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    # bool is an int to Python, never to a record.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ManifestError(f"{where}: field {name!r} is {value!r}, expected {_names(types)}")
+    if not isinstance(value, types):
+        raise ManifestError(f"{where}: field {name!r} is {type(value).__name__} {value!r:.80}, "
+                            f"expected {_names(types)}")
+    return value
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _ints(value: Any, where: str, name: str, *, optional: bool = False) -> list[int] | None:
+    if value is None and optional:
+        return None
+    _check(value, list, where, name)
+    for v in value:
+        _check(v, int, where, name)
+    return list(value)
+
+
+def _count_map(value: Any, where: str, name: str) -> dict[str, int]:
+    _check(value, dict, where, name)
+    for k, v in value.items():
+        _check(v, int, where, f"{name}.{k}")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class TokenizerRecord:
+    """Which tokenizer wrote the codes, and where the dataset keeps its copy."""
+    name: str
+    tokenizer_id: str
+    tokenizer_config_hash: str
+    codebook_hash: str
+    config: dict[str, Any]
+    vocab_size: int
+    path: str                   # the tokenizer copy, relative to the dataset root
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TokenizerRecord:
+        _check(d, dict, where, "tokenizer")
+        strings = {k: _check(d.get(k), str, where, f"tokenizer.{k}")
+                   for k in ("name", "tokenizer_id", "tokenizer_config_hash", "codebook_hash", "path")}
+        return cls(**strings, config=_check(d.get("config", {}), dict, where, "tokenizer.config"),
+                   vocab_size=_check(d.get("vocab_size"), int, where, "tokenizer.vocab_size"))
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """The manifest's key-value metadata: everything a reader needs besides the shard rows."""
+    tokshard_version: str
+    format: str
+    codec: dict[str, Any]               # the codec's own description (codecs.codec_from_description)
+    tokenizer: TokenizerRecord
+    grid: list[int]
+    token_dtype: str
+    job_hash: str
+    shards: int
+    totals: dict[str, int]
+    skipped_by_reason: dict[str, int]
+    views: list[str] = field(default_factory=lambda: ["orig"])
+    sample_shape: list[int] | None = None   # None (before it was recorded): grid, with a view axis
+    video: dict[str, Any] | None = None
+    decode: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    codec_state: str | None = None      # relative to the dataset root
+    codec_state_bytes: int = 0
+    labels: str | None = None           # relative to the dataset root (schema 1.2)
+    schema_version: str = "1.0"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> DatasetRecord:
+        _check(d, dict, where, "record")
+        views = d.get("views") or ["orig"]
+        _check(views, list, where, "views")
+        for v in views:
+            _check(v, str, where, "views")
+        sources = _check(d.get("sources", []), list, where, "sources")
+        for s in sources:
+            _check(s, str, where, "sources")
+        return cls(
+            tokshard_version=str(_check(d.get("tokshard_version", ""), str, where, "tokshard_version")),
+            format=_check(d.get("format"), str, where, "format"),
+            codec=_check(d.get("codec"), dict, where, "codec"),
+            tokenizer=TokenizerRecord.from_dict(d.get("tokenizer"), where),
+            grid=_ints(d.get("grid"), where, "grid") or [],
+            token_dtype=_check(d.get("token_dtype"), str, where, "token_dtype"),
+            job_hash=_check(d.get("job_hash", ""), str, where, "job_hash"),
+            shards=_check(d.get("shards", 0), int, where, "shards"),
+            totals=_count_map(d.get("totals", {}), where, "totals"),
+            skipped_by_reason=_count_map(d.get("skipped_by_reason", {}), where, "skipped_by_reason"),
+            views=list(views),
+            sample_shape=_ints(d.get("sample_shape"), where, "sample_shape", optional=True) or None,
+            video=_check(d.get("video"), dict, where, "video", optional=True),
+            decode=_check(d.get("decode", {}), dict, where, "decode"),
+            sources=list(sources),
+            codec_state=_check(d.get("codec_state"), str, where, "codec_state", optional=True) or None,
+            codec_state_bytes=_check(d.get("codec_state_bytes", 0), int, where, "codec_state_bytes"),
+            labels=_check(d.get("labels"), str, where, "labels", optional=True) or None,
+            schema_version=str(d.get("schema_version", "1.0")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def stored_shape(self) -> tuple[int, ...]:
+        """Codes per sample: the grid, with a leading view or time axis."""
+        if self.sample_shape:
+            return tuple(self.sample_shape)
+        return tuple(self.grid) if len(self.views) == 1 else (len(self.views), *self.grid)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """`_work/job.json`: what a destination was claimed for. Its hash decides whether a
+    re-run may reuse committed units; its config lets `verify --repair` and `preview`
+    re-read the sources exactly as the job did."""
+    tokshard: str                       # the version that claimed the destination
+    config: dict[str, Any]              # ConvertConfig.job_identity()
+    tokenizer_id: str
+    tokenizer_config_hash: str
+    codebook_hash: str
+
+    def identity(self) -> dict[str, Any]:
+        """What the job hash is taken over (everything but the hash itself)."""
+        return asdict(self)
+
+    def to_json(self, job_hash: str) -> bytes:
+        return json.dumps({"job_hash": job_hash, **self.identity()}, sort_keys=True, indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> tuple[JobSpec, str]:
+        """(spec, its recorded job hash)."""
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise ManifestError(f"{where} is not JSON: {e}") from None
+        _check(d, dict, where, "job")
+        spec = cls(tokshard=str(d.get("tokshard", "")), config=_check(d.get("config"), dict, where, "config"),
+                   **{k: _check(d.get(k), str, where, k)
+                      for k in ("tokenizer_id", "tokenizer_config_hash", "codebook_hash")})
+        return spec, _check(d.get("job_hash"), str, where, "job_hash")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard: a row of the manifest (schemas.v1.SHARDS), as its unit's receipt records it."""
+    shard: str
+    path: str                           # relative to the dataset root
+    format: str
+    codec: str
+    codec_version: int
+    samples: int
+    tokens: int
+    raw_bytes: int
+    payload_bytes: int
+    stored_bytes: int
+    source_bytes: int
+    sha256: str
+    tokenizer_id: str
+    tokenizer_config_hash: str
+    codebook_hash: str
+    grid: list[int]
+    source_shards: list[str]
+    unit: int
+    skipped: int
+    skipped_by_reason: list[dict[str, Any]]     # [{"reason", "count"}], reasons in sorted order
+    key_min: str | None = None
+    key_max: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ShardEntry:
+        _check(d, dict, where, "shard")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(names - set(d) - {"key_min", "key_max"})
+        if missing:
+            raise ManifestError(f"{where}: shard entry lacks {missing}")
+        for name in ("shard", "path", "format", "codec", "sha256"):
+            _check(d[name], str, where, name)
+        for name in ("codec_version", "samples", "tokens", "raw_bytes", "payload_bytes", "stored_bytes",
+                     "source_bytes", "unit", "skipped"):
+            _check(d[name], int, where, name)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Receipt:
+    """`_work/units/NAME.json`, written last for a unit: its presence means the unit's
+    shard and sample index are committed."""
+    unit_hash: str
+    shard: ShardEntry
+    timings: dict[str, float]           # decode_s, encode_s, write_s (run statistics)
+    labels: list[tuple[int, int]] | None  # (label, samples) sorted; None: written before schema 1.2
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = {"unit_hash": self.unit_hash, "shard": self.shard.to_dict(), "timings": self.timings}
+        if self.labels is not None:
+            d["labels"] = [list(item) for item in self.labels]
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Receipt:
+        try:
+            d = json.loads(data)
+        except ValueError as e:
+            raise ManifestError(f"{where} is not JSON: {e}") from None
+        _check(d, dict, where, "receipt")
+        labels = d.get("labels")
+        if labels is not None:
+            _check(labels, list, where, "labels")
+            for item in labels:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise ManifestError(f"{where}: field 'labels' holds {item!r}, expected [label, count]")
+                _ints(item, where, "labels")
+            labels = [(int(a), int(b)) for a, b in labels]
+        return cls(unit_hash=_check(d.get("unit_hash"), str, where, "unit_hash"),
+                   shard=ShardEntry.from_dict(d.get("shard"), where),
+                   timings=_check(d.get("timings", {}), dict, where, "timings"), labels=labels)
