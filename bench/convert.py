@@ -130,8 +130,9 @@ def main() -> int:
         actor_wall, _, _ = best_of(2, lambda: tokshard_convert(src, tmp / "actors", decode_workers=2,
                                                                engine="ray", encoders=1))
         ray.shutdown()
-        same = all((tmp / "local" / p).read_bytes() == (tmp / q / p).read_bytes() for q in ("ray", "actors")
-                   for p in ["manifest.parquet"] + [f"shards/{i:06d}.parquet" for i in range(local["dataset"]["shards"])])
+        files = ["manifest.parquet"] + [f"shards/{i:06d}.parquet" for i in range(local["dataset"]["shards"])]
+        same = all((tmp / "local" / p).read_bytes() == (tmp / q / p).read_bytes()
+                   for q in ("ray", "actors") for p in files)
     base_rate, one_rate = n / base_cpu, n / one_cpu
     side_rate = n / (one_cpu - encode_cpu)
     lines = [

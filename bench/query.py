@@ -59,7 +59,8 @@ def synthesise(root: Path) -> None:
     }
     table = pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
     fs, dest = filesystem(str(root))
-    dataset = {"format": "parquet", "shards": SHARDS, "totals": {"samples": SHARDS * PER_SHARD}, "labels": "labels.parquet",
+    dataset = {"format": "parquet", "shards": SHARDS, "totals": {"samples": SHARDS * PER_SHARD},
+               "labels": "labels.parquet",
                "tokenizer": {"tokenizer_id": "kmeans-vq/1", "vocab_size": 1024}}
     write_manifest(fs, dest, table.to_pylist(), dataset)
     # labels.parquet: each shard holds LABELS_PER_SHARD of 1,000 classes (ImageNet-like).
@@ -114,7 +115,7 @@ def main() -> int:
         ]
         rows = []
         for name, sql in queries:
-            seconds, result = timed(lambda: run(url, sql), 3)
+            seconds, result = timed(lambda sql=sql: run(url, sql), 3)
             rows.append((name, seconds, result[1][:1]))
         assert rows[0][2][0][1] == SHARDS * PER_SHARD
         indexed = sorted(p.stem for p in (root / "samples").glob("*.parquet"))

@@ -265,7 +265,8 @@ def main() -> int:
         f"(~{(by['bitpack']['stored_bytes'] - by['bitpack']['payload_bytes']) / n:.0f} B/img in "
         f"Parquet). Containers differ: raw Parquet stores "
         f"{by['raw']['stored_bytes'] / n:.0f} B/img (the Parquet-native column: uint16 has no 16-bit "
-        f"physical type, so it is stored as dictionary-encoded, zstd-compressed INT32 pages), and WebDataset tars store "
+        f"physical type, so it is stored as dictionary-encoded, zstd-compressed INT32 pages), and WebDataset "
+        f"tars store "
         f"{by['zstd-dict (wds)']['stored_bytes'] / n:,.0f} B/img because each of a sample's 4 tar "
         f"members takes a 512-byte header plus padding to 512 bytes."
     )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, NoReturn
 
 from tokshard.errors import TokshardError, UsageError
-from tokshard.pipeline.convert.config import CHOICES, default
+from tokshard.pipeline.convert.config import CHOICES, FIT_MAX_IMAGES, default
+from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES
 from tokshard.pipeline.tools.query import FORMATS as OUTPUT_FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, exit 2
+    def error(self, message: str) -> NoReturn:  # one clear line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -26,12 +28,12 @@ def _kv(items: list[str] | None, what: str) -> dict:
     return out
 
 
-def _codec_params(items):
+def _codec_params(items: list[str] | None) -> dict[str, Any]:
     params = _kv(items, "--codec-opt")
     return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in params.items()}
 
 
-def _storage_options(items) -> dict | None:
+def _storage_options(items: list[str] | None) -> dict | None:
     opts = _kv(items, "--storage-opt")
     return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in opts.items()} or None
 
@@ -63,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process (default); ray: decode tasks + tokenizer actors on a Ray cluster")
     c.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     c.add_argument("--encoders", type=int, default=default("encoders"),
-                   help="Ray tokenizer actors (default: one per GPU; without GPUs none: each shard runs whole in one task)")
+                   help="Ray tokenizer actors (default: one per GPU; without GPUs none: "
+                        "each shard runs whole in one task)")
     c.add_argument("--gpus-per-encoder", type=float, help="GPUs per tokenizer actor (default 1 if any, else 0)")
     c.add_argument("--retries", type=int, default=default("retries"),
                    help=f"extra attempts for a shard that fails transiently (I/O, a lost worker; default "
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--patch-size", type=int, default=None, help="default: the default tokenizer's")
     f.add_argument("--resolution", type=int, default=None, help="default: the default tokenizer's")
     f.add_argument("--pca-dim", type=int, default=None, help="default: the default tokenizer's")
-    f.add_argument("--max-images", type=int, default=5000)
+    f.add_argument("--max-images", type=int, default=FIT_MAX_IMAGES)
     f.add_argument("--iters", type=int, default=None, help="default: the default tokenizer's")
     f.add_argument("--seed", type=int, default=None, help="default: the default tokenizer's")
 
@@ -103,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("preview", help="originals beside reconstructions from the stored tokens, with PSNR")
     v.add_argument("dataset")
     v.add_argument("--out", required=True, help="PNG to write (originals on top, reconstructions below)")
-    v.add_argument("-n", type=int, default=8, help="samples to show (default 8)")
+    v.add_argument("-n", type=int, default=PREVIEW_SAMPLES, help=f"samples to show (default {PREVIEW_SAMPLES})")
     v.add_argument("--seed", type=int, default=0)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over a dataset's views: shards, samples, dataset")
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("report", help="a static HTML page: storage, token frequency, shards, skips, preview")
     h.add_argument("dataset")
     h.add_argument("--out", required=True, help="HTML file to write")
-    h.add_argument("-n", type=int, default=8, help="samples in the preview grid (default 8)")
+    h.add_argument("-n", type=int, default=PREVIEW_SAMPLES,
+                   help=f"samples in the preview grid (default {PREVIEW_SAMPLES})")
 
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
@@ -149,7 +153,7 @@ def _summary(result: dict) -> str:
             f"  skipped: {skipped}")
 
 
-def _cmd_convert(a) -> int:
+def _cmd_convert(a: argparse.Namespace) -> int:
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     cols = {f"{c}_column": getattr(a, f"{c}_column") for c in ("image", "caption", "label", "key")
             if getattr(a, f"{c}_column")}
@@ -167,7 +171,7 @@ def _cmd_convert(a) -> int:
     return 0
 
 
-def _cmd_fit(a) -> int:
+def _cmd_fit(a: argparse.Namespace) -> int:
     from tokshard.pipeline.convert.default_tokenizer import fit_tokenizer_from_sources
     # Unset options take the default tokenizer's fit settings (DEFAULT_FIT).
     given = {k: getattr(a, k) for k in ("codebook_size", "patch_size", "resolution", "pca_dim", "iters", "seed")
@@ -178,7 +182,7 @@ def _cmd_fit(a) -> int:
     return 0
 
 
-def _cmd_demo(a) -> int:
+def _cmd_demo(a: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tokshard.pipeline.convert.job import ConvertConfig, convert
@@ -193,7 +197,7 @@ def _cmd_demo(a) -> int:
     return 0
 
 
-def _cmd_preview(a) -> int:
+def _cmd_preview(a: argparse.Namespace) -> int:
     import math
 
     import tokshard
@@ -213,14 +217,14 @@ def _cmd_preview(a) -> int:
     return 0
 
 
-def _cmd_query(a) -> int:
+def _cmd_query(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.query import render, run
     columns, rows = run(a.dataset, a.sql, _storage_options(a.storage_opt))
     print(render(columns, rows, a.format))
     return 0
 
 
-def _cmd_lookup(a) -> int:
+def _cmd_lookup(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.query import lookup, render
     columns, rows = lookup(a.dataset, a.key, _storage_options(a.storage_opt))
     if not rows:
@@ -230,7 +234,7 @@ def _cmd_lookup(a) -> int:
     return 0
 
 
-def _cmd_verify(a) -> int:
+def _cmd_verify(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.verify import repair, verify
     opts = _storage_options(a.storage_opt)
     checked, problems = verify(a.dataset, opts)
@@ -252,7 +256,7 @@ def _cmd_verify(a) -> int:
     return 1 if still else 0
 
 
-def _cmd_report(a) -> int:
+def _cmd_report(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.report import write_report
     write_report(a.dataset, a.out, a.n)
     print(f"report: {a.out}")

@@ -16,11 +16,15 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokshard.errors import TokshardError, UsageError
 
+if TYPE_CHECKING:
+    from tokshard.pipeline.convert.config import ConvertConfig
 
-def load_config(path: str):
+
+def load_config(path: str) -> ConvertConfig:
     from tokshard.pipeline.convert.config import ConvertConfig
     text = Path(path).read_text()
     if path.endswith(".toml"):

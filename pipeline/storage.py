@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -12,7 +13,7 @@ from fsspec.implementations.local import LocalFileSystem
 TMP_MARK = ".tmp-"
 
 
-def filesystem(url: str, storage_options: dict | None = None):
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
@@ -20,7 +21,7 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def atomic_write(fs, path: str, data: bytes) -> None:
+def atomic_write(fs: Any, path: str, data: bytes) -> None:
     """Write `data` to `path` so that it appears whole or not at all."""
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -43,7 +44,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def clean_temporaries(fs, root: str) -> int:
+def clean_temporaries(fs: Any, root: str) -> int:
     """Remove temp files a killed run left behind; returns how many."""
     if not fs.exists(root):
         return 0

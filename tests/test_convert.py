@@ -200,7 +200,7 @@ def test_bad_inputs_are_counted_skips(tmp_path, photo_jpegs, tokenizer_dir):
     assert "ok1" in got and "badcap" in got
     assert all(k.startswith("k") or k in ("ok1", "badcap") for k in got)
     want = expected_codes(tokenizer_dir, [good])[0]
-    for k, codes in got.items():
+    for codes in got.values():
         np.testing.assert_array_equal(codes, want)
     per_shard = {r["shard"]: r["skipped"] for r in table.to_pylist()}
     assert sum(per_shard.values()) == sum(skips.values())

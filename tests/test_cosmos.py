@@ -477,7 +477,7 @@ def test_video_one_plus_t_rule(dv_dir):
         assert tok.clip_grid_shape(1 + 4 * k) == (1 + k, 2, 2)
         np.testing.assert_array_equal(codes, _reference_indices(dv_dir, clips))
     for t in (2, 4, 6, 8):
-        with pytest.raises(ValueError, match=r"clip of %d frames cannot be encoded: it is not 1 \+ k \* 4" % t):
+        with pytest.raises(ValueError, match=rf"clip of {t} frames cannot be encoded: it is not 1 \+ k \* 4"):
             tok.encode_clips(_clips(1, t))
     assert [tok.usable_frames(t) for t in (1, 4, 5, 8, 9)] == [1, 1, 5, 5, 9]
 

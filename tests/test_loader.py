@@ -218,7 +218,7 @@ def test_real_augmentations_in_workers_keep_semantics_and_resume(loader_datasets
     for b in full:
         assert b["tokens"].shape == (len(b["id"]), 6, 6) and b["target"].shape == (len(b["id"]), 32)
         torch.testing.assert_close(b["target"].sum(1), torch.ones(len(b["id"])))
-        for i, lab, t, target in zip(b["id"].tolist(), b["label"].tolist(), b["tokens"], b["target"]):
+        for i, lab, _tokens, target in zip(b["id"].tolist(), b["label"].tolist(), b["tokens"], b["target"]):
             # A sample's own label keeps a share; the pasted box takes the rest for the partner's.
             assert lab == ref[i][2] and target[lab] > 0
     head = collect(ds.loader(16, **kw), 5)

@@ -37,7 +37,7 @@ def test_sql_over_shards_samples_and_dataset(dataset, capsys):
             if label is not None:
                 per_shard[(name, label)] = per_shard.get((name, label), 0) + 1
     _, rows = run(str(dataset), "SELECT shard, label, count FROM labels")
-    assert {(s, l): c for s, l, c in rows} == per_shard
+    assert {(s, lab): c for s, lab, c in rows} == per_shard
     key = ds.shard(3)["key"][4]
     _, rows = run(str(dataset), f"SELECT shard, row FROM samples WHERE key = '{key}'")
     assert rows == [(ds.shard_names[3], 4)]

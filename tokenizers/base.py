@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from tokshard.errors import TokenizerError
 
@@ -129,7 +130,7 @@ class Tokenizer(abc.ABC):
                 f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
             )
 
-    def check_codes(self, codes, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    def check_codes(self, codes: ArrayLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """`codes` as an array of (N, *shape) integers in [0, vocab_size) (shape: the grid),
         for `decode`; a ValueError otherwise."""
         shape = tuple(self.grid_shape if shape is None else shape)

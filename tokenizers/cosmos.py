@@ -122,11 +122,11 @@ def parse_model_name(name: str) -> dict[str, Any] | None:
 
 
 # --- option parsing ------------------------------------------------------------
-def _int_option(value, name: str, *, minimum: int = 1) -> int | None:
+def _int_option(value: Any, name: str, *, minimum: int = 1) -> int | None:
     return None if value is None or value == "" else as_int(value, name, minimum)
 
 
-def _precision_option(value) -> str | None:
+def _precision_option(value: Any) -> str | None:
     if value is None or value == "":
         return None
     name = _PRECISION_ALIASES.get(str(value).strip().lower())
@@ -135,7 +135,7 @@ def _precision_option(value) -> str | None:
     return name
 
 
-def _levels_option(value) -> tuple[int, ...] | None:
+def _levels_option(value: Any) -> tuple[int, ...] | None:
     if value is None or value == "":
         return None
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -148,7 +148,7 @@ def _levels_option(value) -> tuple[int, ...] | None:
     return levels
 
 
-def _local_directory(path) -> Path:
+def _local_directory(path: str | os.PathLike | None) -> Path:
     if path is None or str(path) == "":
         raise TokenizerError(
             "a Cosmos tokenizer needs path=DIR, a local folder holding encoder.jit (and decoder.jit "
@@ -175,7 +175,7 @@ def _read_file(path: Path, what: str) -> bytes:
         raise TokenizerError(f"cannot read {path}: {e}") from e
 
 
-def _load_jit(data: bytes, path: Path, device: torch.device, dtype: torch.dtype, model: str):
+def _load_jit(data: bytes, path: Path, device: torch.device, dtype: torch.dtype, model: str) -> torch.jit.ScriptModule:
     """TorchScript from bytes already read (so the hashed bytes are the loaded bytes)."""
     try:
         with warnings.catch_warnings():
@@ -194,7 +194,7 @@ def _load_jit(data: bytes, path: Path, device: torch.device, dtype: torch.dtype,
         raise TokenizerError(f"{model}: cannot move {path} to {device} / {dtype}: {e}") from e
 
 
-def _describe(obj) -> str:
+def _describe(obj: object) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a {str(obj.dtype).removeprefix('torch.')} tensor of shape {tuple(obj.shape)}"
     if isinstance(obj, (tuple, list)):
@@ -256,7 +256,7 @@ class _CosmosDiscrete(Tokenizer):
                                  f"{self.directory / CONFIG_FILE} (changed since it was saved?)")
         self._encoder = _load_jit(data, encoder_path, self.device, self.dtype, self.model)
         del data
-        self._decoder = None
+        self._decoder: torch.jit.ScriptModule | None = None
         # uint8 -> model input, exactly as utils.numpy2tensor: (x / 255) * 2 - 1 in float64, then cast.
         lut = torch.from_numpy(np.arange(256, dtype=np.float64) / _UINT8_MAX_F * 2.0 - 1.0)
         self._lut = lut.to(self.dtype).to(self.device)
@@ -270,6 +270,7 @@ class _CosmosDiscrete(Tokenizer):
 
     @property
     def spatial_compression(self) -> int:
+        assert self._spatial is not None  # given, or read off the encoder by _probe() in __init__
         return self._spatial
 
     @property
@@ -278,7 +279,7 @@ class _CosmosDiscrete(Tokenizer):
 
     @property
     def grid_shape(self) -> tuple[int, int]:
-        g = self._resolution // self._spatial
+        g = self._resolution // self.spatial_compression
         return (g, g)
 
     @property
@@ -323,7 +324,7 @@ class _CosmosDiscrete(Tokenizer):
         idx = self._indices(self._run(self._encoder, x, ENCODER_FILE), len(pixels), latent_shape)
         return idx[:n].to("cpu", torch.int64).numpy()
 
-    def _run(self, module, x: torch.Tensor, filename: str):
+    def _run(self, module: torch.nn.Module, x: torch.Tensor, filename: str) -> Any:
         try:
             return module(x)
         except torch.OutOfMemoryError:
@@ -333,7 +334,7 @@ class _CosmosDiscrete(Tokenizer):
             raise TokenizerError(f"{self.model}: {filename} failed on input {tuple(x.shape)} {x.dtype}: "
                                  f"{type(e).__name__}: {msg[0] if msg else ''}") from e
 
-    def _indices(self, out, n: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    def _indices(self, out: object, n: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """The indices of the encoder's `(indices, codes[, loss])`, with the contract checked."""
         where = f"{self.model} ({self.directory / ENCODER_FILE})"
         if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
@@ -360,7 +361,7 @@ class _CosmosDiscrete(Tokenizer):
                                      f"[0, {self.vocab_size}) of FSQ levels {list(self._levels)}")
         return idx
 
-    def _decoder_module(self):
+    def _decoder_module(self) -> torch.jit.ScriptModule:
         if self._decoder is None:
             path = self.directory / DECODER_FILE
             if not path.is_file():
@@ -438,7 +439,7 @@ class _CosmosDiscrete(Tokenizer):
         os.replace(tmp, config_path)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **options) -> _CosmosDiscrete:
+    def load(cls, directory: str | os.PathLike | None, **options: Any) -> _CosmosDiscrete:
         """Load from a folder with encoder.jit [+ decoder.jit] [+ config.json].
 
         Without config.json (a folder as NVIDIA ships it) the compression factors come from
@@ -479,11 +480,12 @@ class _CosmosDiscrete(Tokenizer):
         return cls(directory, **kwargs)
 
     @classmethod
-    def _load_extra(cls, options, cfg, named) -> dict[str, Any]:
+    def _load_extra(cls, options: dict[str, Any], cfg: dict[str, Any],
+                    named: dict[str, Any] | None) -> dict[str, Any]:
         return {}
 
     @classmethod
-    def from_options(cls, path: str | None = None, **options) -> _CosmosDiscrete:
+    def from_options(cls, path: str | None = None, **options: Any) -> _CosmosDiscrete:
         """Build from CLI options (strings): path=DIR is required; see `load` for the rest."""
         return cls.load(path, **options)
 
@@ -556,9 +558,12 @@ class CosmosVideoTokenizer(_CosmosDiscrete, ClipTokenizer):
     name = "cosmos-dv"
     kind = "video"
     _options = _CosmosDiscrete._options | {"temporal_compression", "temporal_window"}
+    # Always set by __init__ (None only on the image tokenizer).
+    _temporal: int
+    _window: int
 
-    def __init__(self, directory, *, temporal_compression: int | None = None,
-                 temporal_window: int | None = DEFAULT_TEMPORAL_WINDOW, **kwargs):
+    def __init__(self, directory: str | os.PathLike, *, temporal_compression: int | None = None,
+                 temporal_window: int | None = DEFAULT_TEMPORAL_WINDOW, **kwargs: Any):
         model = kwargs.get("model") or Path(str(directory)).name
         if not temporal_compression:
             raise TokenizerError(f"{model}: unknown temporal compression; pass temporal_compression=4 or 8 "
@@ -572,7 +577,8 @@ class CosmosVideoTokenizer(_CosmosDiscrete, ClipTokenizer):
         super().__init__(directory, temporal_compression=temporal_compression, temporal_window=window, **kwargs)
 
     @classmethod
-    def _load_extra(cls, options, cfg, named) -> dict[str, Any]:
+    def _load_extra(cls, options: dict[str, Any], cfg: dict[str, Any],
+                    named: dict[str, Any] | None) -> dict[str, Any]:
         window = _int_option(options.get("temporal_window"), "temporal_window", minimum=0)
         if window is None:
             window = cfg.get("temporal_window", DEFAULT_TEMPORAL_WINDOW)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def pick_device(requested: str | None = None) -> torch.device:
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
     """`requested` if given ('cpu', 'cuda', 'cuda:1', 'mps'), else the best available."""
     if requested and requested != "auto":
         device = torch.device(requested)
@@ -17,7 +18,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def host_to_device(array, device: torch.device) -> torch.Tensor:
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """numpy -> tensor on `device`; pinned + non_blocking so H2D copies overlap compute on GPU."""
     if any(stride < 0 for stride in array.strides):
         array = array.copy()  # torch cannot wrap negative strides (e.g. a reversed view)

@@ -167,7 +167,7 @@ class KMeansVQ(Tokenizer):
         (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, **kwargs) -> KMeansVQ:
+    def load(cls, directory: str | os.PathLike, **kwargs: Any) -> KMeansVQ:
         directory = Path(directory)
         try:
             doc = json.loads((directory / CONFIG_FILE).read_text())
@@ -194,9 +194,12 @@ class KMeansVQ(Tokenizer):
             raise TokenizerError(f"{directory / WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}")
         return tok
 
+    # Narrower than Tokenizer.from_options(path, **options) on purpose: only these named options;
+    # an unknown one is a TypeError (load_tokenizer makes it a UsageError).
     @classmethod
-    def from_options(cls, path: str | None = None, device: str | None = None,
-                     batch_size: str | int = 64, resolution: str | int | None = None) -> KMeansVQ:
+    def from_options(cls, path: str | None = None,  # type: ignore[override]
+                     device: str | None = None, batch_size: str | int = 64,
+                     resolution: str | int | None = None) -> KMeansVQ:
         """Build from CLI options. `path` is required here: the convert job supplies the
         default artifact (fitted on the bundled photos) when none is given."""
         kwargs = {"device": device, "batch_size": int(batch_size),

@@ -119,7 +119,9 @@ class MaskGitAutoencoder(nn.Module):
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, R, R) in [0, 1] -> (N, z_channels, h, w)."""
-        e = self.encoder
+        # Children set in __init__ under the reference's names; nn.Module.__getattr__ is typed
+        # Tensor | Module, so reading them through a plain nn.Module does not type-check.
+        e: Any = self.encoder
         h = e.conv_in(x)
         for level in e.down:
             h = level(h)
@@ -129,7 +131,7 @@ class MaskGitAutoencoder(nn.Module):
 
     def reconstruct(self, zq: torch.Tensor) -> torch.Tensor:
         """(N, z_channels, h, w) code vectors -> (N, 3, R, R), nominally in [0, 1]."""
-        d = self.decoder
+        d: Any = self.decoder   # as in latents()
         h = d.conv_in(zq)
         for block in d.mid:
             h = block(h)

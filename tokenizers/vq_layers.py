@@ -113,7 +113,7 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution: ResNet blocks, each followed by attention if the level has it, then a resampler."""
 
-    def __init__(self, naming: Naming, blocks: list[nn.Module], attn: list[nn.Module],
+    def __init__(self, naming: Naming, blocks: Sequence[nn.Module], attn: Sequence[nn.Module],
                  resample_name: str, resample: nn.Module | None):
         super().__init__()
         self._blocks = naming.blocks
@@ -174,7 +174,7 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         self.conv_in = _conv3(z_channels, block_in)
         self.mid = _mid(naming, block_in)
-        by_level: list[Level] = [None] * len(ch_mult)  # type: ignore[list-item]
+        built: dict[int, Level] = {}
         for i in reversed(range(len(ch_mult))):    # built top-down: channels flow from the lowest resolution
             blocks, attn = [], []
             for _ in range(num_res_blocks + 1):
@@ -182,7 +182,8 @@ class Decoder(nn.Module):
                 block_in = ch * ch_mult[i]
                 if attn_levels[i]:
                     attn.append(AttnBlock(block_in))
-            by_level[i] = Level(naming, blocks, attn, "upsample", Upsample(block_in) if i != 0 else None)
+            built[i] = Level(naming, blocks, attn, "upsample", Upsample(block_in) if i != 0 else None)
+        by_level = [built[i] for i in range(len(ch_mult))]
         stored = by_level[::-1] if self._low_first else by_level
         setattr(self, naming.dec_levels, nn.ModuleList(stored))
         self.norm_out = _norm(block_in)

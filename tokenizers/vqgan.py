@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,8 +80,8 @@ def read_checkpoint(path: Path) -> Any:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types on bad headers
             raise TokenizerError(f"cannot read {path}: {e}") from e
-    stubs = [(type(name.rsplit(".", 1)[1], (_Inert,), {"__module__": __name__}), name)
-             for name in _TOLERATED_GLOBALS]
+    stubs: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (type(name.rsplit(".", 1)[1], (_Inert,), {"__module__": __name__}), name) for name in _TOLERATED_GLOBALS]
     try:
         with torch.serialization.safe_globals(stubs):
             return torch.load(str(path), map_location="cpu", weights_only=True)
@@ -143,7 +143,8 @@ def _digest(sd: Mapping[str, torch.Tensor]) -> str:
     for name in sorted(k for k in sd if k.startswith(CODE_WEIGHTS)):
         t = sd[name].detach().to("cpu").contiguous()
         h.update((canonical_json([name, str(t.dtype), list(t.shape)]) + "\n").encode())
-        h.update(memoryview(t.numpy()).cast("B"))
+        # ndarray has the buffer protocol; numpy's stubs declare __buffer__ only for Python >= 3.12.
+        h.update(memoryview(t.numpy()).cast("B"))  # type: ignore[arg-type]
     return h.hexdigest()
 
 
@@ -220,7 +221,8 @@ class VQGANTokenizer(Tokenizer):
         self._resolution = int(resolution or self.default_resolution(self._arch))
         levels = self.downsample_levels(self._arch)
         if self._resolution % (2 ** levels):
-            raise TokenizerError(f"resolution {self._resolution} is not a multiple of the downsampling factor {2 ** levels}")
+            raise TokenizerError(f"resolution {self._resolution} is not a multiple of the downsampling factor "
+                                 f"{2 ** levels}")
         self._grid = (self._resolution // 2 ** levels,) * 2
         self.source = source or {}
 
@@ -232,8 +234,9 @@ class VQGANTokenizer(Tokenizer):
         model.load_state_dict(weights, strict=True, assign=True)
         self._digest = _digest(weights)
         model.requires_grad_(False).eval()
-        self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last
-                              else torch.contiguous_format)
+        # Module.to takes memory_format at run time; torch's overloads of it leave it out.
+        self.model = model.to(self.device, memory_format=torch.channels_last  # type: ignore[call-overload]
+                              if self.channels_last else torch.contiguous_format)
         book = self.model.quantize.embedding.weight
         # What a code stands for: the (normalised, for LlamaGen) codebook row.
         self._book = torch.nn.functional.normalize(book, p=2, dim=-1) if self.l2_norm else book
@@ -292,7 +295,7 @@ class VQGANTokenizer(Tokenizer):
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                               enabled=self.precision == "bf16")
 
@@ -352,8 +355,11 @@ class VQGANTokenizer(Tokenizer):
                "weights_sha256": self.weights_digest(), "source": self.source}
         (directory / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
+    # Narrower than Tokenizer.load(directory, **options) on purpose: a family takes its own
+    # named options, and an unknown one is a TypeError (load_tokenizer makes it a UsageError).
     @classmethod
-    def load(cls, path: str | os.PathLike, *, config: Any = None, device: str | None = None,
+    def load(cls, path: str | os.PathLike, *,  # type: ignore[override]
+             config: Any = None, device: str | None = None,
              batch_size: int | str = 32, precision: str | None = None, channels_last: Any = None,
              micro_batch: int | str | None = None, resolution: int | str | None = None,
              weights_key: str | None = None) -> VQGANTokenizer:
@@ -363,7 +369,8 @@ class VQGANTokenizer(Tokenizer):
         else the family's default preset; a `config` given with a config.json must agree.
         """
         path = Path(path)
-        doc = arch = None
+        doc: Any = None   # config.json as parsed: any JSON value
+        arch: dict[str, Any] | None = None
         if path.is_dir():
             if (path / CONFIG_FILE).is_file():
                 try:
@@ -400,7 +407,7 @@ class VQGANTokenizer(Tokenizer):
 
         # Options win; an artifact's recorded settings come next, so reloading it (e.g. from a
         # dataset) reproduces the identity it was saved with.
-        def pick(option, name, default):
+        def pick(option: Any, name: str, default: Any) -> Any:
             return option if option is not None else stored.get(name, default)
 
         layout = pick(channels_last, "channels_last", None)
@@ -416,8 +423,10 @@ class VQGANTokenizer(Tokenizer):
             raise TokenizerError(f"{weights_file} does not match the sha256 in {path / CONFIG_FILE}")
         return tok
 
+    # Named options only, as in load() above.
     @classmethod
-    def from_options(cls, path: str | None = None, device: str | None = None, batch_size: str | int = 32,
+    def from_options(cls, path: str | None = None,  # type: ignore[override]
+                     device: str | None = None, batch_size: str | int = 32,
                      config: Any = None, precision: str | None = None, channels_last: Any = None,
                      micro_batch: str | int | None = None, resolution: str | int | None = None,
                      weights_key: str | None = None) -> VQGANTokenizer:
@@ -566,7 +575,7 @@ class LlamaGenVQ(VQGANTokenizer):
     @classmethod
     def _model_kwargs(cls, arch: Mapping[str, Any]) -> dict[str, Any]:
         # LlamaGen puts attention in the lowest-resolution level only (plus the middle).
-        def last_only(mult):
+        def last_only(mult: list[int]) -> list[bool]:
             return [i == len(mult) - 1 for i in range(len(mult))]
         return dict(ch=arch["ch"], enc_mult=arch["encoder_ch_mult"], dec_mult=arch["decoder_ch_mult"],
                     num_res_blocks=arch["num_res_blocks"], enc_attn=last_only(arch["encoder_ch_mult"]),

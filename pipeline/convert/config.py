@@ -15,6 +15,8 @@ from tokshard.pipeline.format.codecs import CODECS
 from tokshard.pipeline.format.shards import FORMATS
 
 DEFAULT_TOKENIZER = "kmeans-vq"
+# Images `tokshard fit-tokenizer` decodes at most unless asked otherwise.
+FIT_MAX_IMAGES = 5000
 _DECODE = DecodeConfig()
 
 # The choices of every enumerated field, from the modules that own them.
@@ -69,4 +71,4 @@ class ConvertConfig:
 def default(name: str) -> Any:
     """The default of ConvertConfig field `name`."""
     f = ConvertConfig.__dataclass_fields__[name]
-    return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+    return f.default_factory() if callable(f.default_factory) else f.default

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import simplejpeg
@@ -69,7 +70,7 @@ _ORIENTATION_TAG = 0x0112
 _FAST_COLORSPACES = ("YCbCr", "Gray", "RGB")
 
 
-def _is_int(x) -> bool:
+def _is_int(x: object) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
@@ -169,7 +170,7 @@ def _dct_reduction(w: int, h: int, cfg: DecodeConfig) -> int:
     return 1
 
 
-def _decode_jpeg_fast(data, cfg: DecodeConfig) -> Decoded | None:
+def _decode_jpeg_fast(data: bytes, cfg: DecodeConfig) -> Decoded | None:
     """The simplejpeg path; None hands the input to Pillow."""
     try:
         h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -192,7 +193,7 @@ def _decode_jpeg_fast(data, cfg: DecodeConfig) -> Decoded | None:
     return Decoded(_resize(arr, w, h, a, cfg), w, h)
 
 
-def _decode_pillow(data, cfg: DecodeConfig) -> Decoded:
+def _decode_pillow(data: bytes, cfg: DecodeConfig) -> Decoded:
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as im:
             w, h = im.size
@@ -274,7 +275,8 @@ def _resize(im: Image.Image | np.ndarray, w: int, h: int, reduction: int, cfg: D
     a = _dct_reduction(w, h, cfg)
     if a % reduction:  # a decoder that reduced by another rule: the box would not be whole pixels
         raise ValueError(f"decoded at 1/{reduction}, geometry needs a divisor of {a}")
-    box = tuple(v // reduction for v in _source_box(w, h, cfg))
+    x0, y0, x1, y1 = _source_box(w, h, cfg)
+    box = (x0 // reduction, y0 // reduction, x1 // reduction, y1 // reduction)
     if a > reduction:
         # Decoded at full size (PNG, WebP, ...): the box averages the DCT
         # scaling would have taken, in the pixel domain, before resampling.
@@ -310,7 +312,7 @@ def _resample(arr: np.ndarray, width: int, height: int) -> np.ndarray:
     return out[0].numpy()
 
 
-def _jpeg_orientation(data) -> int | None:
+def _jpeg_orientation(data: bytes) -> int | None:
     """EXIF orientation of a JPEG from its first APP1/Exif segment, read
     without Pillow. 1 when absent; None when the markers or the Exif block do
     not parse, so that Pillow (which knows more edge cases) decides."""
@@ -338,7 +340,8 @@ def _jpeg_orientation(data) -> int | None:
 
 def _tiff_orientation(t: bytes) -> int | None:
     """Orientation tag of IFD0 of a TIFF-structured Exif block."""
-    order = {b"II": "little", b"MM": "big"}.get(t[:2])
+    orders: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
+    order = orders.get(t[:2])
     if order is None or len(t) < 8:
         return None
     ifd = int.from_bytes(t[4:8], order)

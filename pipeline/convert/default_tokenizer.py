@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tokshard.errors import UsageError
+from tokshard.pipeline.convert.config import FIT_MAX_IMAGES
 from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.pipeline.convert.sources import plan_units, read_unit
 from tokshard.pipeline.convert.stages import decode_records
@@ -54,7 +55,7 @@ def default_artifact() -> Path:
     return path
 
 
-def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = 5000,
+def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int = FIT_MAX_IMAGES,
                                **fit_kwargs: Any) -> KMeansVQ:
     """`tokshard fit-tokenizer`: decode up to `max_images` source images and fit k-means VQ
     (settings not given: those of the default tokenizer)."""

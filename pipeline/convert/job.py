@@ -13,7 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from tokshard import __version__
-from tokshard.errors import JobError, ManifestError, UsageError
+from tokshard.errors import CodecError, JobError, ManifestError, UsageError
 from tokshard.pipeline.convert.config import CHOICES, DEFAULT_TOKENIZER, ConvertConfig
 from tokshard.pipeline.convert.decode import DecodeConfig
 from tokshard.pipeline.convert.default_tokenizer import default_artifact
@@ -151,8 +151,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     totals = {k: int(sum(getattr(r, k) for r in rows)) for k in
               ("samples", "tokens", "raw_bytes", "payload_bytes", "stored_bytes", "source_bytes", "skipped")}
     skips: dict[str, int] = {}
-    for r in rows:
-        for item in r.skipped_by_reason:
+    for row in rows:
+        for item in row.skipped_by_reason:
             skips[item["reason"]] = skips.get(item["reason"], 0) + item["count"]
     state = codec.state()
     record = DatasetRecord(
@@ -259,4 +259,7 @@ def _fit_codec(ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], limit: i
         if len(samples) >= limit:
             break
     ctx.codec.fit(samples)
-    atomic_write(layout.fs, layout.codec_state, ctx.codec.state())
+    state = ctx.codec.state()
+    if state is None:  # fit() installs the state of every codec that needs one
+        raise CodecError(f"codec {ctx.codec.name!r} has no state after fit")
+    atomic_write(layout.fs, layout.codec_state, state)

@@ -11,14 +11,21 @@ many the filter took out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from itertools import islice
+from typing import TYPE_CHECKING, Any
 
 from tokshard.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from tokshard.pipeline.convert.sources import Record
 
 CHUNK = 512
 # The predicate is data, often from a job config: the connection it runs in can
 # read no file, write none, load no extension, and cannot be reconfigured.
-SANDBOX = {"enable_external_access": False, "lock_configuration": True}
+SANDBOX: dict[str, str | bool | int | float | list[str]] = {"enable_external_access": False, "lock_configuration": True}
 
 
 def check_predicate(where: str) -> None:
@@ -34,7 +41,7 @@ def check_predicate(where: str) -> None:
         raise UsageError(f"--where is not valid: {str(e).splitlines()[0]}") from None
 
 
-def _row(rec) -> dict:
+def _row(rec: Record) -> dict:
     row = {k: v for k, v in (rec.meta or {}).items() if isinstance(v, (str, int, float, bool)) or v is None}
     row.update(key=rec.key, caption=rec.caption, label=rec.label)
     return row
@@ -43,10 +50,10 @@ def _row(rec) -> dict:
 ROW = "_tokshard_row"
 
 
-def _table(rows: list[dict]):
+def _table(rows: list[dict]) -> pa.Table:
     import pyarrow as pa
     names = sorted({k for r in rows for k in r} - {ROW})
-    columns = {ROW: pa.array(range(len(rows)), pa.int64())}
+    columns: dict[str, Any] = {ROW: pa.array(range(len(rows)), pa.int64())}
     for name in names:
         values = [r.get(name) for r in rows]
         try:
@@ -56,14 +63,14 @@ def _table(rows: list[dict]):
     return pa.table(columns)
 
 
-def select_records(records, where: str):
+def select_records(records: Iterable[Record], where: str) -> Iterator[Record]:
     """Yield the records `where` keeps; dropped ones come back marked not_selected."""
     import duckdb
     con = duckdb.connect(config=SANDBOX)
-    records = iter(records)
-    while chunk := list(islice(records, CHUNK)):
+    it = iter(records)
+    while chunk := list(islice(it, CHUNK)):
         live = [i for i, r in enumerate(chunk) if not r.skip]
-        keep = set()
+        keep: set[int] = set()
         if live:
             con.register("samples_chunk", _table([_row(chunk[i]) for i in live]))
             try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,12 +62,12 @@ class Record:
     source_bytes: int = field(default=0)
     media: str = "image"             # "image" | "video": what `image` holds
 
-def _fs(url: str, storage_options: dict | None):
+def _fs(url: str, storage_options: dict | None) -> tuple[Any, str]:
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
 
 
-def _full(fs, path: str) -> str:
+def _full(fs: Any, path: str) -> str:
     """A path as a URL that fsspec reopens: plain for local files, with protocol otherwise."""
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
@@ -100,7 +100,7 @@ def plan_units(sources: list[str], shard_size: int, input_format: str = "auto",
         raise SourceError(f"unknown input format {input_format!r} (one of {INPUT_FORMATS})")
     units: list[WorkUnit] = []
 
-    def add(kind, url, **kw):
+    def add(kind: str, url: str, **kw: Any) -> None:
         units.append(WorkUnit(len(units), kind, url, **kw))
 
     for src in sources:
@@ -133,7 +133,7 @@ def plan_units(sources: list[str], shard_size: int, input_format: str = "auto",
     return units
 
 
-def _add_parquet(add, fs, path: str, shard_size: int) -> None:
+def _add_parquet(add: Callable[..., None], fs: Any, path: str, shard_size: int) -> None:
     try:
         with fs.open(path, "rb") as f:
             n = pq.ParquetFile(f).metadata.num_rows
@@ -154,8 +154,10 @@ def safe_key(name: str) -> str | None:
     return "/".join(parts).replace(".", "_")
 
 
-def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns) -> Iterator[Record]:
-    reader = {"wds": _read_tar, "parquet": _read_parquet, "folder": _read_folder}[unit.kind]
+def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: str | None) -> Iterator[Record]:
+    readers: dict[str, Callable[..., Iterator[Record]]] = {
+        "wds": _read_tar, "parquet": _read_parquet, "folder": _read_folder}
+    reader = readers[unit.kind]
     yield from reader(unit, storage_options, **columns)
 
 
@@ -175,7 +177,7 @@ def _sidecars(rec: Record, ext: str, data: bytes) -> None:
             pass
 
 
-def _read_tar(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
+def _read_tar(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterator[Record]:
     seen: set[str] = set()
     current: Record | None = None
 
@@ -194,7 +196,7 @@ def _read_tar(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
                 if not member.isfile():
                     continue
                 name = member.name
-                base, _, ext = name.rpartition("/")[2].partition(".")
+                base, _dot, ext = name.rpartition("/")[2].partition(".")
                 raw_key = name[: len(name) - len(ext) - 1] if ext else name
                 key = safe_key(raw_key)
                 if key is None:
@@ -205,7 +207,9 @@ def _read_tar(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
                     if current is not None:
                         yield finish(current)
                     current = Record(key, None, unit.url)
-                data = tar.extractfile(member).read()
+                fobj = tar.extractfile(member)
+                assert fobj is not None  # a regular file member (isfile above) always has one
+                data = fobj.read()
                 if ext in MEDIA_EXTS and current.image is None:
                     current.image, current.source_bytes = data, len(data)
                     current.media = "video" if ext in VIDEO_EXTS else "image"
@@ -224,14 +228,15 @@ def _read_tar(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
         yield finish(current)
 
 
-def _pick(names, explicit, candidates):
+def _pick(names: Sequence[str], explicit: str | None, candidates: Sequence[str]) -> str | None:
     if explicit:
         return explicit if explicit in names else None
     return next((c for c in candidates if c in names), None)
 
 
-def _read_parquet(unit: WorkUnit, storage_options, image_column=None, caption_column=None,
-                  label_column=None, key_column=None) -> Iterator[Record]:
+def _read_parquet(unit: WorkUnit, storage_options: dict | None, image_column: str | None = None,
+                  caption_column: str | None = None, label_column: str | None = None,
+                  key_column: str | None = None) -> Iterator[Record]:
     stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
     try:
         with fsspec.open(unit.url, "rb", **(storage_options or {})) as f:
@@ -276,7 +281,9 @@ def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: list[str]) ->
     """The row groups of `pf` that hold rows [start, stop), only `columns`, and the
     file row number of the table's first row: a unit of a multi-GB Parquet file of
     image bytes reads its own slice, not the whole file once per unit."""
-    md, groups, first, row = pf.metadata, [], None, 0
+    md, row = pf.metadata, 0
+    groups: list[int] = []
+    first: int | None = None
     for g in range(md.num_row_groups):
         n = md.row_group(g).num_rows
         if row < stop and row + n > start:
@@ -285,16 +292,17 @@ def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: list[str]) ->
         row += n
     if not groups:
         return pf.schema_arrow.empty_table().select(columns), start
+    assert first is not None  # set with the first group kept
     # use_threads=False: pyarrow's thread pool, after reading through a Python file
     # object, can abort the interpreter at exit (apache/arrow#34314).
     return pf.read_row_groups(groups, columns=columns, use_threads=False), first
 
 
-def _read_folder(unit: WorkUnit, storage_options, **_) -> Iterator[Record]:
+def _read_folder(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterator[Record]:
     fs, root = _fs(unit.url, storage_options)
     seen: set[str] = set()
     for rel in unit.members:
-        stem, _, ext = rel.rpartition(".")
+        stem, _dot, ext = rel.rpartition(".")
         key = safe_key(stem if stem else rel) or rel
         if ext.lower() in MEDIA_EXTS:
             if key in seen:  # a.jpg + a.png, or x.y.png + x_y.png: one key, keep the first

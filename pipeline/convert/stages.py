@@ -17,9 +17,11 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -104,13 +106,19 @@ class UnitTail:
     decode_s: float = 0.0
 
 
+# A decoder takes a record's encoded bytes to what `_samples` unpacks: a Decoded
+# image, or (clips, width, height) for a video job.
+Decoder = Callable[[bytes], Any]
+
+
 def unit_hash(unit: WorkUnit, job_hash: str) -> str:
     return sha256_hex(canonical_json({"unit": unit.spec(), "job": job_hash}))
 
 
-def _decode(rec: Record, decoder):
+def _decode(rec: Record, decoder: Decoder) -> tuple[Record, Any]:
     if rec.skip:
         return rec, None
+    assert rec.image is not None  # sources mark every record without bytes as a skip
     try:
         return rec, decoder(rec.image)
     except SkipSample as e:
@@ -118,7 +126,8 @@ def _decode(rec: Record, decoder):
         return rec, None
 
 
-def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0, decoder=None):
+def decode_records(records: Iterable[Record], cfg: DecodeConfig, workers: int, window: int = 0,
+                   decoder: Decoder | None = None) -> Iterator[tuple[Record, Any]]:
     """Decoded records in input order; skipped ones carry their reason.
 
     At most `window` records are in flight, so memory stays bounded however
@@ -130,7 +139,7 @@ def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0, de
         return
     window = window or 4 * workers
     with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
+        pending: deque[Future[tuple[Record, Any]]] = deque()
         for rec in records:
             pending.append(pool.submit(_decode, rec, decoder))
             if len(pending) >= window:
@@ -139,7 +148,7 @@ def decode_records(records, cfg: DecodeConfig, workers: int, window: int = 0, de
             yield pending.popleft().result()
 
 
-def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
+def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> Iterator[DecodedBatch | UnitTail]:
     """Yield DecodedBatch items of the tokenizer's batch size, then one UnitTail.
 
     Only one batch of pixels is held at a time (plus the decode window), so
@@ -147,7 +156,9 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     """
     tok = ctx.tokenizer
     tail = UnitTail()
-    kept, images, n_kept = [], [], 0
+    kept: list[tuple[Record, int, int]] = []
+    images: list[np.ndarray] = []
+    n_kept = 0
     t0 = time.perf_counter()
     records = read_unit(unit, ctx.storage_options, **(ctx.columns or {}))
     if ctx.where:
@@ -155,7 +166,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     # A window of two batches lets the decode threads fill the next batch
     # while the consumer encodes this one.
     window = max(4 * ctx.decode_workers, 2 * tok.batch_size)
-    decoder = None
+    decoder: Decoder | None = None
     if ctx.clip is not None:
         decoder = partial(decode_clips, decode=ctx.decode, clip=ctx.clip)
         window = 2 * ctx.decode_workers  # a video holds many frames: fewer in flight
@@ -183,7 +194,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None):
     yield tail
 
 
-def _samples(rec: Record, dec, ctx: UnitContext):
+def _samples(rec: Record, dec: Any, ctx: UnitContext) -> Iterator[tuple[Record, int, int, Iterable[np.ndarray]]]:
     """(record, width, height, images to encode) for each sample a decoded record makes."""
     if ctx.clip is None:
         yield rec, dec.width, dec.height, make_views(dec.image, ctx.views, ctx.tokenizer.resolution)
@@ -196,7 +207,8 @@ def _samples(rec: Record, dec, ctx: UnitContext):
                        source_bytes=rec.source_bytes if c.index == 0 else 0), width, height, c.frames)
 
 
-def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...], clip_frames: int | None = None):
+def encode_batch(tok: Tokenizer, item: DecodedBatch | UnitTail, shape: tuple[int, ...],
+                 clip_frames: int | None = None) -> EncodedBatch | UnitTail:
     """The encode stage: a DecodedBatch becomes an EncodedBatch; a UnitTail passes.
 
     Video clips go to a clip (3-D) tokenizer whole (`encode_clips`) when it has
@@ -212,9 +224,11 @@ def encode_batch(tok: Tokenizer, item, shape: tuple[int, ...], clip_frames: int 
     return EncodedBatch(item.kept, codes.reshape(-1, *shape), time.perf_counter() - t0)
 
 
-def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer, limit: int | None = None):
+def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer,
+                  limit: int | None = None) -> tuple[list[EncodedBatch], UnitTail]:
     """Decode and encode a unit in this process: a list of EncodedBatch and the UnitTail."""
-    batches, tail = [], None
+    batches: list[EncodedBatch] = []
+    tail: UnitTail | None = None
     clip_frames = ctx.clip.frames if ctx.clip is not None else None
     for item in decode_unit(unit, ctx, limit):
         out = encode_batch(tok, item, ctx.sample_shape, clip_frames)
@@ -222,15 +236,16 @@ def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer, limit: int |
             batches.append(out)
         else:
             tail = out
+    assert tail is not None  # decode_unit always ends with its UnitTail
     return batches, tail
 
 
-def process_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer) -> dict:
+def process_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer) -> Receipt:
     """All three stages in this process (the local engine)."""
     return commit_unit(unit, ctx, *tokenize_unit(unit, ctx, tok))
 
 
-def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list, tail: UnitTail) -> Receipt:
+def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], tail: UnitTail) -> Receipt:
     """Code, serialise and write the shard and its index, then its receipt."""
     t0 = time.perf_counter()
     info, codec = ctx.tokenizer, ctx.codec

@@ -12,7 +12,7 @@ crop, `tokens` still describe the uncropped grid).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from .augment_tokens import (
 __all__ = ["ColorAdapt", "EmbeddingMixup", "EmbeddingNoise", "EmbeddingRandomResizedCrop", "TokenEmbed"]
 
 
-def _codebook(codebook, name: str) -> torch.Tensor:
+def _codebook(codebook: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(codebook, torch.Tensor) or codebook.dim() != 2 or not codebook.is_floating_point() \
             or 0 in codebook.shape:
         raise ValueError(f"{name}: codebook must be a non-empty float tensor (vocab_size, dim)")
@@ -108,7 +108,8 @@ class EmbeddingRandomResizedCrop:
     the one-hot token map, token augmentations section).
     """
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3)):
         name = type(self).__name__
         self.size = _size(size, name)
         self.scale = _range_pair(scale, name, "scale", upper=1.0)

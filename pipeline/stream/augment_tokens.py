@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,25 +64,27 @@ def _check_range(tokens: torch.Tensor, vocab: int, name: str) -> None:
             raise ValueError(f"{name}: token ids must be in [0, {vocab}), got range [{int(lo)}, {int(hi)}]")
 
 
-def _prob(p, name: str, what: str = "p") -> float:
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+def _prob(p: Any, name: str, what: str = "p") -> float:
+    # numbers.Real's stub declares no __ge__, so `0.0 <= p` looks unsupported; every Real compares.
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:  # type: ignore[operator]
         raise ValueError(f"{name}: {what} must be a probability in [0, 1], got {p!r}")
     return float(p)
 
 
-def _positive_int(v, name: str, what: str) -> int:
+def _positive_int(v: Any, name: str, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"{name}: {what} must be a positive integer, got {v!r}")
     return int(v)
 
 
-def _positive_float(v, name: str, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v < math.inf):
+def _positive_float(v: Any, name: str, what: str) -> float:
+    # numbers.Real's stub declares no __gt__, so `0 < v` looks unsupported; every Real compares.
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v < math.inf):  # type: ignore[operator]
         raise ValueError(f"{name}: {what} must be a positive finite number, got {v!r}")
     return float(v)
 
 
-def _size(size, name: str) -> tuple[int, int]:
+def _size(size: Any, name: str) -> tuple[int, int]:
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         size = (size, size)
     if not isinstance(size, (tuple, list)) or len(size) != 2:
@@ -89,7 +92,7 @@ def _size(size, name: str) -> tuple[int, int]:
     return (_positive_int(size[0], name, "size[0]"), _positive_int(size[1], name, "size[1]"))
 
 
-def _range_pair(v, name: str, what: str, upper: float = math.inf) -> tuple[float, float]:
+def _range_pair(v: Any, name: str, what: str, upper: float = math.inf) -> tuple[float, float]:
     ok = isinstance(v, (tuple, list)) and len(v) == 2 and all(
         isinstance(x, numbers.Real) and not isinstance(x, bool) for x in v)
     if not ok or not (0 < v[0] <= v[1] <= upper) or not math.isfinite(v[1]):
@@ -117,7 +120,9 @@ def _on(cache: dict, table: torch.Tensor, device: torch.device) -> torch.Tensor:
     return cache[device]
 
 
-def _sample_boxes(generator, n: int, height: int, width: int, scale, ratio, attempts: int = 10):
+def _sample_boxes(generator: torch.Generator, n: int, height: int, width: int, scale: tuple[float, float],
+                  ratio: tuple[float, float], attempts: int = 10,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """torchvision RandomResizedCrop boxes, for n samples at once.
 
     Each sample gets `attempts` (area, aspect) candidates and keeps the first
@@ -208,7 +213,8 @@ class TokenRandomResizedCrop:
     augmentations section), where RRC runs on the token grid before embedding.
     """
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mode: str = "nearest"):
+    def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), mode: str = "nearest"):
         name = type(self).__name__
         self.size = _size(size, name)
         self.scale = _range_pair(scale, name, "scale", upper=1.0)

@@ -9,6 +9,9 @@ through a local, size-bounded cache.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyarrow import ArrowException
@@ -21,6 +24,12 @@ from tokshard.pipeline.format.shards import ShardColumns, parse_shard
 from tokshard.pipeline.storage import sha256
 from tokshard.pipeline.stream.shard_cache import ShardCache
 
+if TYPE_CHECKING:
+    import torch
+
+    from tokshard.pipeline.stream.loader import TokenIterable, TokenLoader
+    from tokshard.tokenizers.base import Tokenizer
+
 DEFAULT_CACHE_BYTES = 20 * 2**30
 
 
@@ -29,7 +38,7 @@ def default_cache_dir() -> str:
     return os.path.join(base, "shards")
 
 
-def _is_local(fs) -> bool:
+def _is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol or "local" in protocol
 
@@ -94,7 +103,7 @@ class TokenDataset:
         return self._layout
 
     @property
-    def fs(self):
+    def fs(self) -> Any:
         return self.layout.fs
 
     def __len__(self) -> int:
@@ -179,14 +188,14 @@ class TokenDataset:
         return {"tokens": self.decode_tokens(cols["tokens"], cols["id"]), "label": cols["label"],
                 "key": list(cols["key"]), "id": cols["id"]}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, str, np.ndarray, int]]:
         """Every sample once, in manifest order: (id, key, tokens, label)."""
         for i in range(self.num_shards):
             s = self.shard(i)
             yield from zip(s["id"].tolist(), s["key"], s["tokens"], s["label"].tolist())
 
     # -- companions ---------------------------------------------------------------
-    def tokenizer(self, **options):
+    def tokenizer(self, **options: Any) -> Tokenizer:
         """The tokenizer stored with the dataset (for decoding tokens to pixels)."""
         from tokshard.tokenizers.registry import tokenizer_class
         tok = self.info.tokenizer
@@ -195,20 +204,21 @@ class TokenDataset:
                              f"{self.url.rstrip('/')}/{tok.path} locally and load it from there")
         return tokenizer_class(tok.name).load(self.layout.resolve(tok.path), **options)
 
-    def codebook(self):
+    def codebook(self) -> torch.Tensor | None:
         """(vocab_size, dim) float32 torch tensor of code embeddings, or None."""
         import torch
         book = self.tokenizer().codebook()
         return None if book is None else torch.as_tensor(np.asarray(book, np.float32))
 
     # -- training ---------------------------------------------------------------
-    def iterable(self, batch_size: int = 256, **options):
+    def iterable(self, batch_size: int = 256, **options: Any) -> TokenIterable:
         """A torch IterableDataset of ready batches (see `TokenIterable`)."""
         from tokshard.pipeline.stream.loader import TokenIterable
         return TokenIterable(self, batch_size=batch_size, **options)
 
     def loader(self, batch_size: int = 256, *, num_workers: int = 0, pin_memory: bool | None = None,
-               prefetch_factor: int | None = None, multiprocessing_context=None, **options):
+               prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None,
+               **options: Any) -> TokenLoader:
         """A resumable loader of batches for this rank (see `TokenLoader`)."""
         from tokshard.pipeline.stream.loader import TokenLoader
         return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers,
@@ -216,5 +226,5 @@ class TokenDataset:
                            multiprocessing_context=multiprocessing_context)
 
 
-def open_dataset(url: str, **options) -> TokenDataset:
+def open_dataset(url: str, **options: Any) -> TokenDataset:
     return TokenDataset(str(url), **options)

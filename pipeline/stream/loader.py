@@ -22,7 +22,10 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.context import BaseContext
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tokshard.errors import ShardError, UsageError
 from tokshard.pipeline.stream.order import (
     BufferShuffle,
+    Emitted,
+    Plan,
     consumed_positions,
     key64,
     mix64,
@@ -41,6 +46,10 @@ from tokshard.pipeline.stream.order import (
     rank_slice,
     shard_order,
 )
+
+if TYPE_CHECKING:
+    from tokshard.pipeline.stream.augment import Augmentation
+    from tokshard.pipeline.stream.dataset import TokenDataset
 
 STATE_FORMAT = "tokshard-loader/1"
 
@@ -55,7 +64,7 @@ def default_rank_world() -> tuple[int, int]:
 class _Stream:
     """One epoch segment of the global stream: shard order, positions -> rows."""
 
-    def __init__(self, ds, order: np.ndarray, on_error: str, prefetch: int):
+    def __init__(self, ds: TokenDataset, order: np.ndarray, on_error: str, prefetch: int):
         self.ds, self.order, self.on_error = ds, order, on_error
         sizes = ds.shard_sizes[order]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -63,7 +72,7 @@ class _Stream:
         self.skipped_shards: list[str] = []
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(1) if prefetch > 0 else None
-        self._futures: dict[int, object] = {}
+        self._futures: dict[int, Future[dict]] = {}
 
     def close(self) -> None:
         if self._pool is not None:
@@ -71,6 +80,7 @@ class _Stream:
 
     def _load(self, k: int) -> dict:
         i = int(self.order[k])
+        cols: dict
         try:
             cols = self.ds.read_shard(i)
             cols["valid"] = np.ones(len(cols), bool)
@@ -86,7 +96,7 @@ class _Stream:
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
 
-    def shard(self, k: int, upcoming: list[int] = ()) -> dict:
+    def shard(self, k: int, upcoming: Sequence[int] = ()) -> dict:
         if k not in self.loaded:
             fut = self._futures.pop(k, None)
             self.loaded[k] = fut.result() if fut is not None else self._load(k)
@@ -98,10 +108,10 @@ class _Stream:
                     self._futures[nxt] = self._pool.submit(self._load, nxt)
         return self.loaded[k]
 
-    def rows(self, positions: np.ndarray) -> dict:
+    def rows(self, positions: np.ndarray) -> dict | None:
         """Columns for arbitrary global positions (grouped by shard)."""
         ks = np.searchsorted(self.bounds, positions, side="right") - 1
-        out = None
+        out: dict | None = None
         for k in np.unique(ks):
             sel = np.nonzero(ks == k)[0]
             cols = self.shard(int(k))
@@ -145,9 +155,12 @@ class TokenIterable(IterableDataset):
     hold them come out smaller).
     """
 
-    def __init__(self, ds, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+    _memo: tuple[tuple[int, tuple[tuple[int, int], ...]], Plan]   # (epoch, history) -> plan, set by _plan
+
+    def __init__(self, ds: TokenDataset, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                 shuffle_buffer: int = 10_000, augment=None, prefetch_shards: int = 2,
+                 shuffle_buffer: int = 10_000, augment: Augmentation | None = None,
+                 prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
                  where: str | None = None):
         super().__init__()
@@ -187,7 +200,7 @@ class TokenIterable(IterableDataset):
     def _rank_key(self, segment: int, rank: int, world: int) -> int:
         return key64("buffer", self.seed, self.epoch, segment, rank, world)
 
-    def _plan(self):
+    def _plan(self) -> Plan:
         memo_key = (self.epoch, self.history)
         if getattr(self, "_memo", (None,))[0] == memo_key:
             return self._memo[1]
@@ -195,10 +208,10 @@ class TokenIterable(IterableDataset):
         self._memo = (memo_key, plan)
         return plan
 
-    def _replay(self):
-        plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
+    def _replay(self) -> Plan:
+        plan: Plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
         for seg, (world, batches) in enumerate(self.history):
-            pieces = []
+            pieces: list[tuple[int, int] | np.ndarray] = []
             for r in range(world):
                 span = rank_slice(plan, r, world)
                 n = plan_length(span)
@@ -213,6 +226,7 @@ class TokenIterable(IterableDataset):
     def _selected_positions(self) -> np.ndarray:
         """Stream positions (this epoch's shard order) of the selected samples, in stream order."""
         ds, ids = self.ds, self.selection
+        assert ids is not None   # only called with a selection
         order = shard_order(ds.num_shards, self.seed, self.epoch, self.shuffle)
         place = np.empty_like(order)
         place[order] = np.arange(len(order))
@@ -228,12 +242,12 @@ class TokenIterable(IterableDataset):
         return math.ceil(plan_length(rank_slice(plan, self.rank, self.world_size)) / self.batch_size)
 
     # -- iteration -------------------------------------------------------------------
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.batches(worker, workers)
 
-    def batches(self, worker: int = 0, workers: int = 1):
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
         stream = _Stream(self.ds, order, self.on_error, self.prefetch)
         try:
@@ -241,7 +255,7 @@ class TokenIterable(IterableDataset):
         finally:
             stream.close()
 
-    def _run(self, stream: _Stream, worker: int, workers: int):
+    def _run(self, stream: _Stream, worker: int, workers: int) -> Iterator[dict]:
         plan = self._plan()
         seg = len(self.history)
         span = rank_slice(plan, self.rank, self.world_size)
@@ -252,12 +266,12 @@ class TokenIterable(IterableDataset):
         shuf = BufferShuffle(n, self.buffer, self._rank_key(seg, self.rank, self.world_size))
         slots: dict | None = None               # data mirror of the shuffle buffer
         out_index = 0
-        pending: dict[int, list] = {}
+        pending: dict[int, list[dict]] = {}
 
         chunks = list(plan_chunks(span, stream.bounds))
         shard_seq = [stream.shard_of(c[0]) if isinstance(c, tuple) else -1 for _, c in chunks]
 
-        def deliver(emitted, rows, vstart):
+        def deliver(emitted: Emitted, rows: dict | None, vstart: int) -> None:
             nonlocal out_index
             m = len(emitted.positions)
             oi = out_index + np.arange(m)
@@ -269,12 +283,15 @@ class TokenIterable(IterableDataset):
             pos, slot = emitted.positions[sel], emitted.slots[sel]
             fresh = pos >= vstart
             got = {}
-            for c in (rows or slots):
+            src = rows or slots
+            assert src is not None   # what is kept comes from `rows` or the buffer
+            for c in src:
                 src_rows = rows[c][pos[fresh] - vstart] if rows is not None and fresh.any() else None
-                vals = np.empty((len(sel), *(rows or slots)[c].shape[1:]), (rows or slots)[c].dtype)
+                vals = np.empty((len(sel), *src[c].shape[1:]), src[c].dtype)
                 if src_rows is not None:
                     vals[fresh] = src_rows
                 if (~fresh).any():
+                    assert slots is not None   # earlier positions wait in the buffer's mirror
                     vals[~fresh] = slots[c][slot[~fresh]]
                 got[c] = vals
             batch_ids = oi[sel] // bs
@@ -282,14 +299,14 @@ class TokenIterable(IterableDataset):
                 part = {c: v[batch_ids == b] for c, v in got.items()}
                 pending.setdefault(int(b), []).append(part)
 
-        def ready():
+        def ready() -> Iterator[dict]:
             for b in sorted(pending):
                 size = min(bs, limit - b * bs)
                 if sum(len(p["id"]) for p in pending[b]) == size:
                     parts = pending.pop(b)
                     yield self._finish(b, {c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
 
-        def mirror(rows, vstart):
+        def mirror(rows: dict, vstart: int) -> None:
             nonlocal slots
             if shuf.size == 0:
                 return
@@ -300,12 +317,13 @@ class TokenIterable(IterableDataset):
             for c, v in rows.items():
                 slots[c][idx] = v[buf[idx] - vstart]
 
-        def materialize():
+        def materialize() -> None:
             # Resuming: fill the data mirror for what the buffer holds at this point.
             nonlocal slots
             if shuf.size == 0 or not shuf.buf or slots is not None:
                 return
             rows = stream.rows(plan_lookup(span, np.asarray(shuf.buf, np.int64)))
+            assert rows is not None   # the buffer is not empty
             slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
             for c, v in rows.items():
                 slots[c][: len(v)] = v
@@ -321,6 +339,7 @@ class TokenIterable(IterableDataset):
                 live = True
             upcoming = _next_shards(shard_seq, i + 1, self.prefetch)
             rows = stream.range_rows(*chunk, upcoming) if isinstance(chunk, tuple) else stream.rows(chunk)
+            assert rows is not None   # a chunk is never empty
             emitted = shuf.feed(k)
             deliver(emitted, rows, vstart)
             mirror(rows, vstart)
@@ -333,7 +352,7 @@ class TokenIterable(IterableDataset):
         yield from self._report(ready(), stream)
 
     @staticmethod
-    def _report(batches, stream: _Stream):
+    def _report(batches: Iterable[dict], stream: _Stream) -> Iterator[dict]:
         # Skipped shards ride along with the next batch so the loader in the
         # main process can count them, whichever worker saw them.
         for batch in batches:
@@ -369,7 +388,7 @@ class TokenIterable(IterableDataset):
         return batch
 
 
-def _select(ds, where: str) -> np.ndarray:
+def _select(ds: TokenDataset, where: str) -> np.ndarray:
     """Sorted global sample ids of the samples matching `where` (SQL over the sample index)."""
     from tokshard.pipeline.tools.query import select_rows
     rows = select_rows(ds.url, where, ds.storage_options)
@@ -379,7 +398,7 @@ def _select(ds, where: str) -> np.ndarray:
 
 
 def _next_shards(seq: list[int], start: int, count: int) -> list[int]:
-    out = []
+    out: list[int] = []
     for s in seq[start:]:
         if len(out) == count:
             break
@@ -401,14 +420,14 @@ class TokenLoader:
     """
 
     def __init__(self, iterable: TokenIterable, *, num_workers: int = 0, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None, multiprocessing_context=None):
+                 prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None):
         self.iterable, self.num_workers = iterable, num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
         self._skipped: set[str] = set()
 
     @property
-    def dataset(self):
+    def dataset(self) -> TokenDataset:
         return self.iterable.ds
 
     @property
@@ -428,12 +447,13 @@ class TokenLoader:
         """Shards skipped (on_error="skip") so far, sorted."""
         return sorted(self._skipped)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         it = self.iterable
         total = it.num_batches()
         if it.start_batch >= total:
             self.set_epoch(it.epoch + 1)
             total = it.num_batches()
+        source: Iterable[dict]
         if self.num_workers == 0:
             source = it.batches()
         else:

@@ -23,6 +23,7 @@ The model:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ import numpy as np
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 
 
-def key64(*parts) -> int:
+def key64(*parts: object) -> int:
     """A 64-bit key from any JSON-like parts (stable across runs and machines)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -105,7 +106,8 @@ def rank_slice(plan: Plan, rank: int, world_size: int) -> Plan:
     return plan_slice(plan, n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def plan_chunks(plan: Plan, boundaries: np.ndarray, max_chunk: int = 4096):
+def plan_chunks(plan: Plan, boundaries: np.ndarray,
+                max_chunk: int = 4096) -> Iterator[tuple[int, tuple[int, int] | np.ndarray]]:
     """Split a plan into (virtual start, global positions or (a, b) range) chunks
     that never cross a shard boundary when they are ranges, so a range chunk is
     served by one shard. `boundaries` are the global start positions of the

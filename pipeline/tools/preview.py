@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.pipeline.convert.sources import plan_units, read_unit
 from tokshard.pipeline.format.work import read_job_spec
 
+if TYPE_CHECKING:
+    from tokshard.pipeline.stream.dataset import TokenDataset
+
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """Peak signal-to-noise ratio of two uint8 images, in dB (inf when equal)."""
@@ -26,7 +30,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def _originals(ds, wanted: dict[int, list[str]], side: int) -> dict[str, np.ndarray]:
+def _originals(ds: TokenDataset, wanted: dict[int, list[str]], side: int) -> dict[str, np.ndarray]:
     """Decoded source images for {unit index: [keys]}, as the convert job saw them."""
     try:
         found = read_job_spec(ds.layout)
@@ -42,8 +46,8 @@ def _originals(ds, wanted: dict[int, list[str]], side: int) -> dict[str, np.ndar
     except (TokshardError, OSError):
         return {}  # the sources moved or are gone: reconstructions only
     out = {}
-    for index, keys in wanted.items():
-        unit, keys = units.get(index), set(keys)
+    for index, unit_keys in wanted.items():
+        unit, keys = units.get(index), set(unit_keys)
         if unit is None:
             continue
         for rec in read_unit(unit, ds.storage_options, **job.get("columns", {})):
@@ -59,13 +63,19 @@ def _originals(ds, wanted: dict[int, list[str]], side: int) -> dict[str, np.ndar
     return out
 
 
-def reconstruct(ds, n: int = 8, seed: int = 0) -> dict:
+# Samples in a preview grid unless asked otherwise (preview and report).
+PREVIEW_SAMPLES = 8
+
+
+def reconstruct(ds: TokenDataset, n: int = PREVIEW_SAMPLES, seed: int = 0) -> dict:
     """n samples (seeded pick): keys, originals (or None), reconstructions, PSNRs."""
     tok = ds.tokenizer()
     rng = np.random.default_rng(seed)
     ids = sorted(rng.choice(len(ds), size=min(n, len(ds)), replace=False).tolist())
     shard_of = np.searchsorted(ds.shard_offsets, ids, side="right") - 1
-    keys, codes, units = [], [], {}
+    keys: list[str] = []
+    codes: list[np.ndarray] = []
+    units: dict[int, list[str]] = {}
     unit_of_shard = dict(zip(ds.shard_names, ds.manifest.column("unit").to_pylist()))
     for k in sorted(set(shard_of.tolist())):
         shard = ds.shard(k)

@@ -15,19 +15,27 @@ of tokshard, registered with DuckDB.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tokshard.errors import UsageError
 from tokshard.pipeline.format.layout import DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
 
+if TYPE_CHECKING:
+    import duckdb
+
+    from tokshard.schemas.records import DatasetRecord
+
 FORMATS = ("table", "csv", "json")
 
 
-def connect(url: str, storage_options: dict | None = None):
+def connect(url: str, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
     return _connect(url, storage_options)[0]
 
 
-def _connect(url: str, storage_options: dict | None):
+def _connect(url: str, storage_options: dict | None,
+             ) -> tuple[duckdb.DuckDBPyConnection, DatasetRecord, Callable[[str], str]]:
     """(connection with the views, dataset record, path of a shard's index file as DuckDB reads it)."""
     import duckdb
     import pyarrow as pa
@@ -59,7 +67,8 @@ def _connect(url: str, storage_options: dict | None):
     else:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
     if info.labels:
-        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({_literal(as_read(layout.resolve(info.labels)))})")
+        labels = _literal(as_read(layout.resolve(info.labels)))
+        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({labels})")
     else:
         con.execute("CREATE VIEW labels AS SELECT NULL::VARCHAR AS shard, NULL::BIGINT AS label, "
                     "NULL::BIGINT AS count WHERE false")
@@ -70,7 +79,7 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def run(url: str, sql: str, storage_options: dict | None = None):
+def run(url: str, sql: str, storage_options: dict | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
     """(column names, rows) of `sql` over the dataset's views."""
     import duckdb
     con = connect(url, storage_options)
@@ -106,12 +115,14 @@ def select_rows(url: str, where: str, storage_options: dict | None = None) -> li
         raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
 
 
-def _shards_by_label(con, where: str) -> list[str] | None:
+def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str) -> list[str] | None:
     """The shards whose labels can satisfy `where`, or None when the predicate is not
     about labels alone (or holds for a sample without a label, which labels.parquet omits)."""
     import duckdb
     try:
-        if con.execute(f"SELECT count(*) FROM (SELECT NULL::BIGINT AS label) WHERE {where}").fetchone()[0]:
+        row = con.execute(f"SELECT count(*) FROM (SELECT NULL::BIGINT AS label) WHERE {where}").fetchone()
+        assert row is not None   # count(*) always returns a row
+        if row[0]:
             return None
     except duckdb.BinderException:    # other columns: not a label-only predicate
         return None

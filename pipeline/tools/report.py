@@ -13,10 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokshard.errors import TokshardError
+from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES
+
+if TYPE_CHECKING:
+    from tokshard.pipeline.stream.dataset import TokenDataset
 
 MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
 TOP_LABELS = 30
@@ -59,7 +64,7 @@ def _loglog(title: str, counts: np.ndarray) -> str:
             f'<polyline class="line" points="{" ".join(pts)}"/></svg>')
 
 
-def token_counts(ds, max_shards: int = MAX_FREQUENCY_SHARDS) -> np.ndarray:
+def token_counts(ds: TokenDataset, max_shards: int = MAX_FREQUENCY_SHARDS) -> np.ndarray:
     counts = np.zeros(ds.vocab_size, np.int64)
     step = max(1, ds.num_shards // max_shards)
     for i in range(0, ds.num_shards, step):
@@ -76,7 +81,7 @@ def label_counts(url: str, storage_options: dict | None = None) -> tuple[list[tu
     return [(str(label), float(n)) for label, n, _ in rows], (rows[0][2] if rows else 0)
 
 
-def build(ds, preview: dict | None, preview_png: bytes | None,
+def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
           labels: tuple[list[tuple[str, float]], int] = ([], 0)) -> str:
     rec = ds.info
     totals = rec.totals
@@ -111,6 +116,7 @@ def build(ds, preview: dict | None, preview_png: bytes | None,
                                                 if skips else "<p>none</p>"),
     ]
     if preview_png is not None:
+        assert preview is not None   # the grid is drawn from the preview
         scores = [s for s in preview["psnr"] if s is not None and math.isfinite(s)]
         caption = (f"mean PSNR {sum(scores) / len(scores):.2f} dB over {len(scores)} samples"
                    if scores else "originals not reachable: reconstructions only")
@@ -125,7 +131,7 @@ def build(ds, preview: dict | None, preview_png: bytes | None,
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
 
 
-def write_report(url: str, out: str, n_preview: int = 8, storage_options: dict | None = None) -> str:
+def write_report(url: str, out: str, n_preview: int = PREVIEW_SAMPLES, storage_options: dict | None = None) -> str:
     import tokshard
     from tokshard.pipeline.tools.preview import grid_png, reconstruct
     ds = tokshard.open(url, storage_options=storage_options)

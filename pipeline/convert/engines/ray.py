@@ -24,14 +24,31 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, cast
 
 from tokshard.errors import TokenizerError, UsageError
 from tokshard.pipeline.convert.engines.base import Engine, EngineJob, OnFailure, OnReceipt
 from tokshard.pipeline.convert.engines.retry import RetryPolicy
 from tokshard.pipeline.convert.sources import WorkUnit
-from tokshard.pipeline.convert.stages import UnitTail, commit_unit, decode_unit, encode_batch, process_unit
-from tokshard.tokenizers.base import artifact_files
+from tokshard.pipeline.convert.stages import (
+    DecodedBatch,
+    EncodedBatch,
+    UnitContext,
+    UnitTail,
+    commit_unit,
+    decode_unit,
+    encode_batch,
+    process_unit,
+)
+from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, artifact_files
+
+if TYPE_CHECKING:  # Ray is an optional dependency: imported only when this engine runs
+    from ray import ObjectRef, ObjectRefGenerator
+
+    from tokshard.schemas.records import Receipt
 
 ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks
 COMMIT_CPUS = 0.5
@@ -42,7 +59,7 @@ BATCHES_PER_ENCODER = 3
 WARMUP_BATCHES_PER_ENCODER = 16
 
 
-def init_ray(address: str | None):
+def init_ray(address: str | None) -> ModuleType:
     try:
         import ray
     except ImportError:
@@ -52,27 +69,30 @@ def init_ray(address: str | None):
             # A local cluster: bind loopback only, no auth token needed.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING",
+        ray.init(address=address or None, include_dashboard=False,
+                 logging_level="WARNING",  # type: ignore[arg-type]  # Ray takes a level name too
                  log_to_driver=False, configure_logging=True)
     return ray
 
 
-def _decode_task(unit, ctx):
+def _decode_task(unit: WorkUnit, ctx: UnitContext) -> Iterator[DecodedBatch | UnitTail]:
     yield from decode_unit(unit, ctx)
 
 
-def _commit_task(unit, ctx, *items):
+def _commit_task(unit: WorkUnit, ctx: UnitContext, *items: EncodedBatch | UnitTail) -> Receipt:
     *batches, tail = items
     if not isinstance(tail, UnitTail):
         raise RuntimeError(f"unit {unit.index}: decode ended without its tail")
-    return commit_unit(unit, ctx, list(batches), tail)
+    # Every item before the tail is an encoded batch: decode yields one tail, last.
+    return commit_unit(unit, ctx, cast("list[EncodedBatch]", list(batches)), tail)
 
 
 # Per worker process: the tokenizer of the current job, by the ref of its spec.
-_LOADED: dict = {}
+_LOADED: dict[tuple[str], Tokenizer] = {}
 
 
-def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: int):
+def _load_tokenizer(name: str, options: dict, files: dict[str, bytes], identity: TokenizerIdentity,
+                    threads: int) -> Tokenizer:
     """The job's tokenizer, rebuilt from the artifact files the driver shipped.
 
     The files are written to a temporary folder that is removed once `load`
@@ -103,21 +123,22 @@ def _load_tokenizer(name: str, options: dict, files: dict, identity, threads: in
 class _Encoder:
     """A tokenizer, loaded once per actor from the artifact the driver shipped."""
 
-    def __init__(self, name: str, options: dict, files: list, identity, shape, clip_frames, threads: int):
+    def __init__(self, name: str, options: dict, files: list[ObjectRef], identity: TokenizerIdentity,
+                 shape: tuple[int, ...], clip_frames: int | None, threads: int):
         import ray
         # files is [ref]: the artifact is fetched here, not passed by value, so a
         # restarted actor re-reads it from the object store (the driver holds the ref).
         self.tok = _load_tokenizer(name, options, ray.get(files[0]), identity, threads)
         self.shape, self.clip_frames = shape, clip_frames
 
-    def encode(self, item):
+    def encode(self, item: DecodedBatch | UnitTail) -> EncodedBatch | UnitTail:
         return encode_batch(self.tok, item, self.shape, self.clip_frames)
 
     def ready(self) -> bool:
         return True
 
 
-def _unit_task(unit, ctx, spec: list):
+def _unit_task(unit: WorkUnit, ctx: UnitContext, spec: list[ObjectRef]) -> Receipt:
     """A whole unit in this worker (clusters without GPUs). `spec` is [ref] to
     (name, options, files, identity): fetched only by a process that has not
     loaded this tokenizer yet."""
@@ -132,11 +153,11 @@ def _unit_task(unit, ctx, spec: list):
 
 
 class _UnitRun:
-    def __init__(self, unit, attempt: int):
+    def __init__(self, unit: WorkUnit, attempt: int):
         self.unit, self.attempt = unit, attempt
-        self.gen = None
-        self.encoded: list = []
-        self.commit = None
+        self.gen: ObjectRefGenerator | None = None
+        self.encoded: list[ObjectRef] = []
+        self.commit: ObjectRef | None = None
 
 
 class RayEngine(Engine):
@@ -194,13 +215,13 @@ def _run(units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failur
     encoding: list = []
     turn = 0
 
-    def start(unit, attempt):
+    def start(unit: WorkUnit, attempt: int) -> None:
         r = _UnitRun(unit, attempt)
         r.gen = decode.remote(unit, ctx_ref)
         active[unit.index] = r
         owner[id(r.gen)] = r
 
-    def finish(r, error: BaseException | None):
+    def finish(r: _UnitRun, error: BaseException | None) -> None:
         del active[r.unit.index]
         if error is None:
             return
@@ -238,8 +259,10 @@ def _run(units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failur
                 on_receipt(receipt)
                 finish(r, None)
                 continue
+            gen = r.gen
+            assert gen is not None  # w is not the commit, so it is this unit's live decode generator
             try:
-                ref = next(r.gen)
+                ref = next(gen)
             except StopIteration:
                 r.gen = None
                 r.commit = commit.remote(r.unit, ctx_ref, *r.encoded)
@@ -257,8 +280,8 @@ def _run(units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failur
         ray.kill(actor)
 
 
-def _run_whole_units(ray, units, ctx_ref, spec, cpus: int, *, retry: RetryPolicy, on_receipt: OnReceipt,
-                     on_failure: OnFailure) -> None:
+def _run_whole_units(ray: ModuleType, units: list[WorkUnit], ctx_ref: ObjectRef, spec: ObjectRef, cpus: int, *,
+                     retry: RetryPolicy, on_receipt: OnReceipt, on_failure: OnFailure) -> None:
     from ray.exceptions import RayError
     task = ray.remote(_unit_task).options(num_cpus=1, max_retries=0)
     pending = deque((u, 0) for u in units)

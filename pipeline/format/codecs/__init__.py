@@ -6,9 +6,8 @@
 - `rans`: the entropy codecs rans-unigram and rans-ctx.
 """
 
+# Importing the built-in modules registers their classes, in import order.
 from tokshard.pipeline.format.codecs.base import TokenCodec, token_dtype
-
-# The built-in codecs register themselves on import, in this order.
 from tokshard.pipeline.format.codecs.basic import BitpackCodec, RawCodec, ZstdCodec, ZstdDictCodec
 from tokshard.pipeline.format.codecs.rans import RansCtxCodec, RansUnigramCodec
 from tokshard.pipeline.format.codecs.registry import CODECS, codec_from_description, get_codec, register_codec

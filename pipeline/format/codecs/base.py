@@ -77,7 +77,7 @@ class TokenCodec(abc.ABC):
         self.params = {**self.param_defaults, **params}
 
     # -- trained state (stateless by default) --------------------------------------
-    def fit(self, samples: Sequence[np.ndarray]) -> None:
+    def fit(self, samples: Sequence[np.ndarray]) -> None:  # noqa: B027 - a deliberate no-op default, not abstract
         """Train state from sample tokens; a no-op for codecs that need none."""
 
     def state(self) -> bytes | None:
@@ -100,17 +100,17 @@ class TokenCodec(abc.ABC):
     def encode(self, tokens: np.ndarray) -> bytes: ...
 
     @abc.abstractmethod
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray: ...
+    def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray: ...
 
     def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
         return [self.encode(t) for t in batch]
 
-    def decode_batch(self, payloads: Sequence[bytes],
+    def decode_batch(self, payloads: Sequence[bytes | memoryview],
                      n_tokens: int | Sequence[int]) -> list[np.ndarray]:
         return [self.decode(p, n) for p, n in zip(payloads, self._counts(payloads, n_tokens))]
 
     # -- helpers for subclasses ---------------------------------------------------
-    def _counts(self, payloads: Sequence[bytes], n_tokens: int | Sequence[int]) -> list[int]:
+    def _counts(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int]) -> list[int]:
         if isinstance(n_tokens, (int, np.integer)):
             return [_count(n_tokens)] * len(payloads)
         counts = [_count(n) for n in n_tokens]

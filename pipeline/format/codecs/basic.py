@@ -25,7 +25,7 @@ class RawCodec(TokenCodec):
     def encode(self, tokens: np.ndarray) -> bytes:
         return self._to_le(tokens).tobytes()
 
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+    def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray:
         return self._from_raw(_bytes_view(payload), _count(n_tokens))
 
 
@@ -68,7 +68,8 @@ class BitpackCodec(TokenCodec):
         if tail and nbytes and (data[:, -1] >> tail).any():
             row = int(np.flatnonzero(data[:, -1] >> tail)[0])
             raise CodecError(f"bitpack: nonzero padding bits (batch row {row})")
-        acc_t = np.uint32 if self.bits <= 25 else np.uint64   # bits + 7-bit offset must fit
+        # bits + 7-bit offset must fit
+        acc_t: type[np.unsignedinteger[Any]] = np.uint32 if self.bits <= 25 else np.uint64
         span = (self.bits + 14) // 8
         offset = np.arange(n, dtype=np.int64) * self.bits
         first, shift = offset >> 3, (offset & 7).astype(acc_t)
@@ -89,7 +90,7 @@ class BitpackCodec(TokenCodec):
     def encode(self, tokens: np.ndarray) -> bytes:
         return self._pack(self._to_le(tokens)[None, :]).tobytes()
 
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+    def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray:
         n, mv = _count(n_tokens), _bytes_view(payload)
         if len(mv) != self.payload_size(n):
             raise CodecError(f"bitpack: {len(mv)} bytes where {n} tokens of {self.bits} bits "
@@ -102,7 +103,7 @@ class BitpackCodec(TokenCodec):
             return [self._pack(a[None, :]).tobytes() for a in les]
         return [row.tobytes() for row in self._pack(np.stack(les))]
 
-    def decode_batch(self, payloads: Sequence[bytes],
+    def decode_batch(self, payloads: Sequence[bytes | memoryview],
                      n_tokens: int | Sequence[int]) -> list[np.ndarray]:
         counts = self._counts(payloads, n_tokens)
         if not payloads or len(set(counts)) != 1:
@@ -177,7 +178,7 @@ class ZstdCodec(TokenCodec):
         cctx, _, _ = self._contexts()
         return cctx.compress(raw)
 
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+    def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray:
         n, mv = _count(n_tokens), _bytes_view(payload)
         _, dctx, empty = self._contexts()
         expected = n * self.dtype.itemsize
@@ -238,7 +239,7 @@ class ZstdDictCodec(ZstdCodec):
         self._state: bytes | None = None
 
     def fit(self, samples: Sequence[np.ndarray]) -> None:
-        raw = [self._to_le(s).tobytes() for s in samples]
+        raw: list[bytes | bytearray | memoryview] = [self._to_le(s).tobytes() for s in samples]
         size = min(self.params["dict_size"], max(self._MIN_DICT, sum(map(len, raw)) // 10))
         try:
             trained = zstandard.train_dictionary(

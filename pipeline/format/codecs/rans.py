@@ -87,8 +87,8 @@ import struct
 import threading
 import zlib
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import zstandard
@@ -113,6 +113,8 @@ _LIT_GRID = (4.0, 16.0, 64.0, 256.0, 1024.0)
 _EV_GRID = (1.0, 4.0, 16.0, 64.0)
 _UNI_GRID = (1.0, 32.0, 1024.0)
 _EXCHANGE_PASSES = 6
+
+_G = TypeVar("_G")   # a smoothing-grid entry
 
 
 def _crc(le_tokens: np.ndarray) -> int:
@@ -177,6 +179,7 @@ class _Model:
         self.lit_cum = np.concatenate([np.zeros((self.nL, 1), np.int64),
                                        np.cumsum(self.lit_freq, axis=1)[:, :-1]], axis=1)
         if contextual:
+            assert ev_freq is not None   # a contextual model always has event tables
             self.ev_freq = ev_freq.astype(np.int64)
             cum = np.cumsum(self.ev_freq, axis=1)
             self.ev_cum = np.concatenate([np.zeros((self.nE, 1), np.int64), cum[:, :-1]], axis=1)
@@ -211,6 +214,7 @@ class _Model:
                     lit = np.concatenate([np.repeat(syms, row) for row in self.lit_freq])
                     ev = np.zeros(0, np.int8)
                     if self.contextual:
+                        assert self.ev_freq is not None
                         evs = np.arange(self.n_ev, dtype=np.int8)
                         ev = np.concatenate([np.repeat(evs, row) for row in self.ev_freq])
                     code_cls = np.full(self.vocab, self.cls_sym[self.esc] if self.has_esc else 0,
@@ -243,12 +247,14 @@ class _Model:
                 out[name] = a
                 continue
             if name in ("UL", "UR"):
+                assert col_ok is not None   # UL, UR and L have a column condition
                 ok = (np.arange(n) >= W) & col_ok
             elif name == "U":
                 ok = np.arange(n) >= W
             elif name == "P":
                 ok = np.arange(n) >= plane
             else:
+                assert col_ok is not None
                 ok = col_ok
             idx = np.flatnonzero(ok)
             a[:, idx] = X[:, idx - lag]
@@ -414,7 +420,7 @@ class _RansCodec(TokenCodec):
         A = len(alphabet)
         S = A + (A < V)
 
-        def model(cls_sym, ev_freq, lit_freq):
+        def model(cls_sym: np.ndarray, ev_freq: np.ndarray | None, lit_freq: np.ndarray) -> _Model:
             return _Model(contextual=self.contextual, vocab=V, width=width, plane=plane,
                           classes=Q, alphabet=alphabet, cls_sym=cls_sym, ev_freq=ev_freq,
                           lit_freq=lit_freq)
@@ -436,7 +442,7 @@ class _RansCodec(TokenCodec):
             order = np.lexsort((np.arange(S), -np.bincount(
                 np.concatenate(sym_of) if sym_of else np.zeros(0, np.int64), minlength=S)))
             preds, xs = [], []
-            for n, idx in groups.items():
+            for idx in groups.values():
                 Sy = np.stack([sym_of[i] for i in idx])
                 nb = tmp.neighbours(Sy, -1)
                 for k in ("L", "U"):
@@ -462,7 +468,8 @@ class _RansCodec(TokenCodec):
         nE, nL, n_ev = tmp.nE, tmp.nL, tmp.n_ev
         lit = c["ev"] == n_ev - 1
 
-        def ev_probs(m, a_ev):
+        def ev_probs(m: np.ndarray, a_ev: float) -> np.ndarray:
+            assert possible is not None   # events exist only in a contextual model
             ne = np.bincount(c["ctxE"][m] * n_ev + c["ev"][m], minlength=nE * n_ev)
             ne = ne.reshape(nE, n_ev).astype(np.float64)
             fl = np.arange(nE) // nL
@@ -473,7 +480,7 @@ class _RansCodec(TokenCodec):
             pb /= pb.sum(axis=1, keepdims=True)
             return (ne + a_ev * pb) / (ne.sum(axis=1, keepdims=True) + a_ev)
 
-        def lit_probs(m, alphas):
+        def lit_probs(m: np.ndarray, alphas: tuple[float, float]) -> np.ndarray:
             a, a0 = alphas
             m = m & lit
             sym = c["sym"][m]
@@ -497,7 +504,7 @@ class _RansCodec(TokenCodec):
         if len(flat) >= 4:   # 2-fold cross-validation (even/odd samples) of the smoothing
             folds = [c["fold"] == 0, c["fold"] == 1]
 
-            def best(probs, grid, ev_part):
+            def best(probs: Callable[[np.ndarray, _G], np.ndarray], grid: Sequence[_G], ev_part: bool) -> _G:
                 totals = []
                 for a in grid:
                     t = 0.0
@@ -521,6 +528,7 @@ class _RansCodec(TokenCodec):
         parts = [m.alphabet.astype("<u4").tobytes(), m.cls_sym.astype(np.uint8).tobytes(),
                  m.lit_freq.astype("<u2").tobytes()]
         if m.contextual:
+            assert m.ev_freq is not None
             parts.append(m.ev_freq.astype("<u4").tobytes())
         body = zstandard.ZstdCompressor(level=19, write_checksum=False).compress(b"".join(parts))
         head = _HEADER.pack(_MAGIC, _FMT, _KINDS[self.name], m.Q, 0, m.vocab - 1 if m.vocab else 0,
@@ -576,7 +584,7 @@ class _RansCodec(TokenCodec):
             ev = np.frombuffer(body[offs[3]:offs[4]], "<u4").astype(np.int64).reshape(nE, n_ev)
         m = _Model(contextual=self.contextual, vocab=V, width=width, plane=plane, classes=Q,
                    alphabet=alphabet, cls_sym=cls_sym, ev_freq=ev, lit_freq=lit)
-        if self.contextual:
+        if ev is not None:   # i.e. self.contextual
             pos = m.event_possible()
             if (ev.sum(axis=1) != 1 << _PE).any() or (ev[~pos] != 0).any() or (ev[:, -1] < 1).any():
                 raise CodecError(f"{self.name}: state event tables are inconsistent")
@@ -629,7 +637,7 @@ class _RansCodec(TokenCodec):
         words: list[np.ndarray] = []
         masks: list[np.ndarray] = []
 
-        def put(*steps):
+        def put(*steps: tuple[np.ndarray, np.ndarray, int]) -> None:
             """Encode a group of coder steps (f, c, bits), given in decode order, that the
             decoder takes without renormalising in between: the group acts as one symbol
             of frequency prod(f) at precision sum(bits) <= 24, so one 32-bit word out at
@@ -674,10 +682,10 @@ class _RansCodec(TokenCodec):
             out.append(struct.pack("<Q", int(x[i])) + w.astype("<u4").tobytes())
         return out
 
-    def decode(self, payload: bytes, n_tokens: int) -> np.ndarray:
+    def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray:
         return self.decode_batch([payload], [n_tokens])[0]
 
-    def decode_batch(self, payloads: Sequence[bytes],
+    def decode_batch(self, payloads: Sequence[bytes | memoryview],
                      n_tokens: int | Sequence[int]) -> list[np.ndarray]:
         counts = self._counts(payloads, n_tokens)
         views = [_bytes_view(p) for p in payloads]
@@ -753,13 +761,13 @@ class _RansCodec(TokenCodec):
         maskL, maskE = (1 << _PL) - 1, (1 << _PE) - 1
         esc_errors: list[str] = []
 
-        def renorm():
+        def renorm() -> None:
             nonlocal x
             need = x < _LOW
             x = np.where(need, (x << 32) | words[ptr], x)
             np.add(ptr, need, out=ptr)
 
-        def escapes(sym, lit):
+        def escapes(sym: np.ndarray, lit: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
             """Read the raw bits of escaped literals; returns their codes (0 elsewhere)."""
             nonlocal x
             esc = sym == esc_sym

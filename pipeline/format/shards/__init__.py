@@ -6,9 +6,8 @@ parses it and names its members.
 - `parquet`, `wds`: the built-in formats (they register on import).
 """
 
+# Importing the built-in modules registers their classes, in import order.
 from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat
-
-# The built-in formats register themselves on import, in this order.
 from tokshard.pipeline.format.shards.parquet import ParquetFormat
 from tokshard.pipeline.format.shards.registry import SHARD_FORMATS, get_format, parse_shard, register_format
 from tokshard.pipeline.format.shards.wds import WebDatasetFormat

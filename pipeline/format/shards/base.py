@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -42,7 +43,7 @@ def _meta_json(meta: dict | None) -> str | None:
     return None if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _labels(values) -> np.ndarray:
+def _labels(values: Iterable[int | None]) -> np.ndarray:
     return np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
 
 

@@ -64,7 +64,9 @@ class WebDatasetFormat(ShardFormat):
                     continue
                 key, _, suffix = member.name.partition(".")
                 if suffix == ext:
-                    raw = tar.extractfile(member).read()
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None   # a regular file (isfile() above) always has one
+                    raw = fobj.read()
                     if codec == "raw":
                         arr = np.load(io.BytesIO(raw), allow_pickle=False)
                         if arr.size != n_tokens or arr.dtype.kind != "u":
@@ -75,7 +77,9 @@ class WebDatasetFormat(ShardFormat):
                         tokens.append(raw)
                     keys.append(key)
                 elif suffix == "cls":
-                    labels[key] = int(tar.extractfile(member).read().decode().strip())
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    labels[key] = int(fobj.read().decode().strip())
         if codec == "raw":
             arr = np.stack(tokens) if tokens else np.empty((0, n_tokens), dtype)
         else:
