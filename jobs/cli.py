@@ -38,6 +38,10 @@ def _storage_options(items: list[str] | None) -> dict | None:
     return {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in opts.items()} or None
 
 
+TRUST_HELP = ("load the dataset's tokenizer copy even if its format runs code when loaded (TorchScript): "
+              "only for datasets whose author you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tokshard", description="Image corpora -> storage-efficient token datasets.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="PNG to write (originals on top, reconstructions below)")
     v.add_argument("-n", type=int, default=PREVIEW_SAMPLES, help=f"samples to show (default {PREVIEW_SAMPLES})")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over a dataset's views: shards, samples, dataset")
     q.add_argument("dataset")
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("verify", help="check every shard's existence, size and sha256 against the manifest")
     r.add_argument("dataset")
     r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
+    r.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP + " (--repair loads it)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
     h = sub.add_parser("report", help="a static HTML page: storage, token frequency, shards, skips, preview")
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True, help="HTML file to write")
     h.add_argument("-n", type=int, default=PREVIEW_SAMPLES,
                    help=f"samples in the preview grid (default {PREVIEW_SAMPLES})")
+    h.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP)
 
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
@@ -204,7 +211,7 @@ def _cmd_preview(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.preview import grid_png, reconstruct
     if a.n < 1:
         raise UsageError("-n must be at least 1")
-    result = reconstruct(tokshard.open(a.dataset), a.n, a.seed)
+    result = reconstruct(tokshard.open(a.dataset, trust_tokenizer_code=a.trust_tokenizer_code), a.n, a.seed)
     with open(a.out, "wb") as f:
         f.write(grid_png(result))
     scores = [s for s in result["psnr"] if s is not None]
@@ -249,7 +256,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
               + (", and dataset files" if bad < len({(p.shard, p.unit) for p in problems}) else "")
               + " (re-run with --repair)")
         return 1
-    repair(a.dataset, problems, opts)
+    repair(a.dataset, problems, opts, trust_tokenizer_code=a.trust_tokenizer_code)
     _, still = verify(a.dataset, opts)
     print(f"repaired {len(problems) - len(still)} of {len(problems)} problem(s)"
           + ("" if not still else f"; still bad: {', '.join(p.path for p in still)}"))
@@ -258,7 +265,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 def _cmd_report(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.report import write_report
-    write_report(a.dataset, a.out, a.n)
+    write_report(a.dataset, a.out, a.n, trust_tokenizer_code=a.trust_tokenizer_code)
     print(f"report: {a.out}")
     return 0
 

@@ -443,7 +443,14 @@ def test_images_and_videos_round_trip_through_convert_and_the_loader(tmp_path, d
     dest = tmp_path / "di"
     convert(ConvertConfig(sources=[str(src)], out=str(dest), tokenizer="cosmos-di",
                           tokenizer_options={"path": str(di_dir), "resolution": str(R)}), quiet=True)
-    ds = tokshard.open(dest)
+    with pytest.raises(TokenizerError, match="trust_tokenizer_code=True"):
+        tokshard.open(dest).tokenizer()           # TorchScript runs code: not without consent
+    from tokshard.pipeline.tools.report import write_report
+    page = write_report(str(dest), str(tmp_path / "r.html"))    # everything but the reconstructions
+    assert 'id="storage"' in page and "preview grid" not in page and "trust_tokenizer_code=True" in page
+    page = write_report(str(dest), str(tmp_path / "r.html"), trust_tokenizer_code=True)
+    assert "preview grid" in page
+    ds = tokshard.open(dest, trust_tokenizer_code=True)
     tok = ds.tokenizer()
     assert isinstance(tok, CosmosImageTokenizer) and ds.vocab_size == 64000 and ds.token_dtype == np.uint16
     batch = next(iter(ds.loader(6, rank=0, world_size=1, shuffle=False)))

@@ -62,6 +62,11 @@ class Tokenizer(abc.ABC):
     version: ClassVar[int] = 1
     # Images per `encode` call the convert job makes (an instance may set its own).
     batch_size: int = 64
+    # True when loading an artifact can run code stored in it (TorchScript, pickles):
+    # a dataset's copy of such an artifact is loaded only with the user's consent
+    # (`trust_tokenizer_code`, docs/security.md). Plain weights (safetensors,
+    # `torch.load(weights_only=True)`) run nothing.
+    runs_code: ClassVar[bool] = False
 
     @classmethod
     def load(cls, directory: str | os.PathLike, **options: Any) -> Tokenizer:

@@ -210,6 +210,8 @@ class _CosmosDiscrete(Tokenizer):
     """What the image (DI) and video (DV) tokenizers share: artifact, JIT contract, batching."""
 
     version = 1
+    # torch.jit.load runs the TorchScript code in the archive: a dataset's copy needs consent.
+    runs_code = True
     kind: ClassVar[str]
     _options: ClassVar[frozenset[str]] = frozenset({
         "device", "batch_size", "precision", "resolution", "model", "spatial_compression", "levels", "probe"})

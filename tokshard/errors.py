@@ -6,9 +6,30 @@ A *skip* is a bad input that the job counts (by reason) and steps over; an
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def _rebuild(cls: type[TokshardError], args: tuple, state: dict[str, Any]) -> TokshardError:
+    """Unpickle a tokshard error: its args and fields as they were, without calling __init__ again."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class TokshardError(Exception):
-    """Base of every error tokshard raises on purpose."""
+    """Base of every error tokshard raises on purpose.
+
+    Every one pickles with its fields (`ShardError.shard`, `SkipSample.reason`, ...)
+    and its notes intact, whatever its __init__ takes, so it can cross a process
+    boundary (a DataLoader worker, an engine's worker) as itself.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException's own reduce unpickles through type(self)(*self.args), which
+        # fails for an __init__ that takes other arguments than the one message
+        # (ShardError, SkipSample); restore args and __dict__ directly instead.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
 
 
 class UsageError(TokshardError):

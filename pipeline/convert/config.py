@@ -13,6 +13,7 @@ from tokshard.pipeline.convert.sources import INPUT_FORMATS
 from tokshard.pipeline.convert.views import VIEWS
 from tokshard.pipeline.format.codecs import CODECS
 from tokshard.pipeline.format.shards import FORMATS
+from tokshard.pipeline.storage import redact_url
 
 DEFAULT_TOKENIZER = "kmeans-vq"
 # Images `tokshard fit-tokenizer` decodes at most unless asked otherwise.
@@ -58,8 +59,11 @@ class ConvertConfig:
     retries: int = 2                              # extra attempts for a unit that fails
 
     def job_identity(self) -> dict[str, Any]:
-        """What decides the output bytes (not where it goes or how fast)."""
+        """What decides the output bytes (not where it goes or how fast). It is written to the
+        job spec, so the sources are in their redact_url form: no credentials at rest, and a
+        presigned URL signed anew is the same job (a URL without credentials is unchanged)."""
         d = asdict(self)
+        d["sources"] = [redact_url(s) for s in d["sources"]]
         for k in ("out", "decode_workers", "storage_options", "engine", "address", "encoders",
                   "gpus_per_encoder", "retries"):
             d.pop(k)

@@ -19,6 +19,7 @@ from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.pipeline.convert.sources import plan_units, read_unit
 from tokshard.pipeline.convert.stages import decode_records
 from tokshard.pipeline.sample_data import sample_images
+from tokshard.pipeline.storage import redact_url
 from tokshard.tokenizers.base import canonical_json, sha256_hex
 from tokshard.tokenizers.kmeans_fit import DEFAULT_FIT, fit_kmeans_vq
 from tokshard.tokenizers.kmeans_vq import KMeansVQ
@@ -74,8 +75,9 @@ def fit_tokenizer_from_sources(sources: list[str], out: str, *, max_images: int 
         if len(images) >= max_images:
             break
     if not images:
-        raise UsageError("no decodable images in " + " ".join(sources))
+        raise UsageError("no decodable images in " + " ".join(redact_url(s) for s in sources))
     tok = fit_kmeans_vq(images, resolution=resolution, seed=seed,
-                        provenance={"images": len(images), "sources": list(sources)}, **fit_kwargs)
+                        provenance={"images": len(images), "sources": [redact_url(s) for s in sources]},
+                        **fit_kwargs)
     tok.save(out)
     return tok

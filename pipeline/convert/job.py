@@ -29,7 +29,7 @@ from tokshard.pipeline.format.codecs import get_codec, token_dtype
 from tokshard.pipeline.format.layout import CODEC_STATE, LABELS, TOKENIZER_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import write_labels, write_manifest, write_timings
 from tokshard.pipeline.format.work import read_job_spec, write_job_spec
-from tokshard.pipeline.storage import atomic_write, clean_temporaries
+from tokshard.pipeline.storage import atomic_write, clean_temporaries, redact_text, redact_url
 from tokshard.schemas.records import DatasetRecord, JobSpec, Receipt, TokenizerRecord
 from tokshard.schemas.v1 import SCHEMA_VERSION
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, artifact_files, canonical_json, sha256_hex
@@ -100,7 +100,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     codec = get_codec(cfg.codec, tok.vocab_size, **cfg.codec_params)
     units = plan_units(cfg.sources, cfg.shard_size, cfg.input_format, cfg.storage_options)
     if not units:
-        raise UsageError("no input found in " + " ".join(cfg.sources))
+        raise UsageError("no input found in " + " ".join(redact_url(s) for s in cfg.sources))
     layout = DatasetLayout.at(cfg.out, cfg.storage_options)
     identity = tok.identity()
     spec = JobSpec(tokshard=__version__, config=cfg.job_identity(), tokenizer_id=identity.tokenizer_id,
@@ -163,7 +163,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         grid=list(tok.grid_shape), views=list(views), sample_shape=list(ctx.sample_shape),
         video=None if clip is None else {**asdict(clip), "tokenized": "per_clip" if ctx.clip_shape else "per_frame"},
         token_dtype=token_dtype(tok.vocab_size).name,
-        decode=asdict(decode), sources=list(cfg.sources), job_hash=job_hash,
+        decode=asdict(decode), sources=[redact_url(s) for s in cfg.sources], job_hash=job_hash,
         shards=len(rows), totals=totals, skipped_by_reason=dict(sorted(skips.items())),
         codec_state=CODEC_STATE if state is not None else None,
         codec_state_bytes=len(state or b""),
@@ -177,6 +177,11 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
 
 
 def _failure_message(failures: list[tuple[WorkUnit, UnitFailure]], units: int, committed: int) -> str:
+    """The JobError's text; it names a source URL, so it goes through redaction."""
+    return redact_text(_failure_text(failures, units, committed))
+
+
+def _failure_text(failures: list[tuple[WorkUnit, UnitFailure]], units: int, committed: int) -> str:
     unit, first = failures[0]
     kept = (f"{committed} are committed and kept; the manifest is written when every shard is committed")
     if first.transient:
@@ -229,7 +234,8 @@ def _claim_destination(layout: DatasetLayout, spec: JobSpec, job_hash: str) -> N
     try:
         found = read_job_spec(layout)
     except ManifestError as e:
-        raise UsageError(f"{layout.root} holds a damaged job spec ({e}); use a new --out (or delete it)") from None
+        raise UsageError(redact_text(f"{layout.root} holds a damaged job spec ({e}); use a new --out "
+                                     "(or delete it)")) from None
     if found is None:
         write_job_spec(layout, spec, job_hash)
         return

@@ -4,7 +4,8 @@ A *work unit* is the slice of input that becomes one output shard (or a few):
 a WebDataset tar, a row range of a Parquet file, or a chunk of a folder's
 sorted file list. Units are planned from listings only, so planning is cheap
 and deterministic, and each unit can be converted independently (and retried).
-Paths are local or any fsspec URL (s3://...).
+Paths are local or any fsspec URL (s3://..., presigned https://...). A unit keeps
+the URL it reads from; what a record or an error says of it is its redact_url form.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from tokshard.errors import SourceError
+from tokshard.pipeline.storage import redact_text, redact_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -45,7 +47,9 @@ class WorkUnit:
     stop: int = 0
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.url, "members": list(self.members),
+        """What identifies the unit (its receipt's hash is taken over it); the URL without
+        credentials, so a presigned URL signed anew is the same unit."""
+        return {"kind": self.kind, "url": redact_url(self.url), "members": list(self.members),
                 "start": self.start, "stop": self.stop}
 
 
@@ -72,24 +76,32 @@ def _full(fs: Any, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
+def _bare(path: str) -> str:
+    """`path` without the query and fragment of an HTTP(S) URL (a presigned URL's
+    `?X-Amz-Signature=...`): what its name, extension and glob characters are read from."""
+    if path[:8].lower().startswith(("http://", "https://")):
+        return path.partition("#")[0].partition("?")[0]
+    return path
+
+
 def _expand(src: str, storage_options: dict | None) -> list[tuple[Any, str]]:
     out = []
     for pattern in braceexpand(src):
         fs, path = _fs(pattern, storage_options)
-        if any(c in path for c in "*?["):
+        if any(c in _bare(path) for c in "*?["):
             matches = sorted(fs.glob(path))
             if not matches:
-                raise SourceError(f"no input matches {pattern}")
+                raise SourceError(f"no input matches {redact_url(pattern)}")
             out += [(fs, m) for m in matches]
         elif not fs.exists(path):
-            raise SourceError(f"input does not exist: {pattern}")
+            raise SourceError(f"input does not exist: {redact_url(pattern)}")
         else:
             out.append((fs, path))
     return out
 
 
 def _ext(path: str) -> str:
-    base = posixpath.basename(path)
+    base = posixpath.basename(_bare(path))
     return base.split(".", 1)[1].lower() if "." in base else ""
 
 
@@ -108,8 +120,8 @@ def plan_units(sources: list[str], shard_size: int, input_format: str = "auto",
             url = _full(fs, path)
             if fs.isdir(path):
                 files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
-                tars = [p for p in files if p.endswith(".tar")]
-                parquets = [p for p in files if p.endswith(".parquet")]
+                tars = [p for p in files if _bare(p).endswith(".tar")]
+                parquets = [p for p in files if _bare(p).endswith(".parquet")]
                 fmt = input_format
                 if fmt == "auto":
                     fmt = "wds" if tars else "parquet" if parquets else "folder"
@@ -124,12 +136,12 @@ def plan_units(sources: list[str], shard_size: int, input_format: str = "auto",
                            if _ext(p).rsplit(".", 1)[-1] not in SIDECAR_EXTS]
                     for s in range(0, len(rel), shard_size):
                         add("folder", url, members=tuple(rel[s:s + shard_size]))
-            elif path.endswith(".tar") or input_format == "wds":
+            elif _bare(path).endswith(".tar") or input_format == "wds":
                 add("wds", url)
-            elif path.endswith(".parquet") or input_format == "parquet":
+            elif _bare(path).endswith(".parquet") or input_format == "parquet":
                 _add_parquet(add, fs, path, shard_size)
             else:
-                raise SourceError(f"cannot tell the format of {url}: pass a folder, .tar or .parquet")
+                raise SourceError(f"cannot tell the format of {redact_url(url)}: pass a folder, .tar or .parquet")
     return units
 
 
@@ -138,7 +150,7 @@ def _add_parquet(add: Callable[..., None], fs: Any, path: str, shard_size: int) 
         with fs.open(path, "rb") as f:
             n = pq.ParquetFile(f).metadata.num_rows
     except Exception as e:
-        raise SourceError(f"cannot read Parquet metadata of {path}: {e}") from e
+        raise SourceError(redact_text(f"cannot read Parquet metadata of {path}: {e}")) from e
     for s in range(0, max(n, 1), shard_size):
         add("parquet", _full(fs, path), start=s, stop=min(n, s + shard_size))
 
@@ -178,6 +190,7 @@ def _sidecars(rec: Record, ext: str, data: bytes) -> None:
 
 
 def _read_tar(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterator[Record]:
+    source = redact_url(unit.url)
     seen: set[str] = set()
     current: Record | None = None
 
@@ -200,13 +213,13 @@ def _read_tar(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterato
                 raw_key = name[: len(name) - len(ext) - 1] if ext else name
                 key = safe_key(raw_key)
                 if key is None:
-                    yield Record(raw_key, None, unit.url, skip="unsafe_key", detail=name)
+                    yield Record(raw_key, None, source, skip="unsafe_key", detail=name)
                     continue
                 ext = ext.lower()
                 if current is None or current.key != key:
                     if current is not None:
                         yield finish(current)
-                    current = Record(key, None, unit.url)
+                    current = Record(key, None, source)
                 fobj = tar.extractfile(member)
                 assert fobj is not None  # a regular file member (isfile above) always has one
                 data = fobj.read()
@@ -218,12 +231,12 @@ def _read_tar(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterato
     except (tarfile.TarError, OSError, EOFError) as e:
         # Samples read before the damage are kept; the rest of the tar counts once.
         if current is not None:
-            current.skip, current.detail, current.image = "unreadable_source", f"{unit.url}: {e}", None
+            current.skip, current.detail, current.image = "unreadable_source", redact_text(f"{source}: {e}"), None
             yield finish(current)
             current = None
         else:
-            yield Record(f"{unit.url}#unreadable", None, unit.url, skip="unreadable_source",
-                         detail=f"{unit.url}: {e}")
+            yield Record(f"{source}#unreadable", None, source, skip="unreadable_source",
+                         detail=redact_text(f"{source}: {e}"))
     if current is not None:
         yield finish(current)
 
@@ -237,14 +250,15 @@ def _pick(names: Sequence[str], explicit: str | None, candidates: Sequence[str])
 def _read_parquet(unit: WorkUnit, storage_options: dict | None, image_column: str | None = None,
                   caption_column: str | None = None, label_column: str | None = None,
                   key_column: str | None = None) -> Iterator[Record]:
-    stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
+    source = redact_url(unit.url)
+    stem = posixpath.basename(_bare(unit.url)).rsplit(".", 1)[0]
     try:
         with fsspec.open(unit.url, "rb", **(storage_options or {})) as f:
             pf = pq.ParquetFile(f)
             names = pf.schema_arrow.names
             img_col = _pick(names, image_column, _IMAGE_COLUMNS)
             if img_col is None:
-                raise SourceError(f"{unit.url} has no image column (looked for {image_column or _IMAGE_COLUMNS})")
+                raise SourceError(f"{source} has no image column (looked for {image_column or _IMAGE_COLUMNS})")
             cap_col = _pick(names, caption_column, _CAPTION_COLUMNS)
             lab_col = _pick(names, label_column, _LABEL_COLUMNS)
             key_col = _pick(names, key_column, _KEY_COLUMNS)
@@ -253,7 +267,7 @@ def _read_parquet(unit: WorkUnit, storage_options: dict | None, image_column: st
     except SourceError:
         raise
     except Exception as e:
-        yield Record(f"{stem}#unreadable", None, unit.url, skip="unreadable_source", detail=str(e))
+        yield Record(f"{stem}#unreadable", None, source, skip="unreadable_source", detail=redact_text(str(e)))
         return
     table = table.slice(unit.start - first, unit.stop - unit.start)
     images = table.column(img_col).to_pylist()
@@ -265,7 +279,7 @@ def _read_parquet(unit: WorkUnit, storage_options: dict | None, image_column: st
         key = safe_key(str(key)) if key is not None else f"{stem}/{unit.start + i:09d}"
         if isinstance(img, dict):  # Hugging Face datasets' Image feature: {bytes, path}
             img = img.get("bytes")
-        rec = Record(key or f"{stem}/{unit.start + i:09d}", img, unit.url,
+        rec = Record(key or f"{stem}/{unit.start + i:09d}", img, source,
                      caption=cap if isinstance(cap, str) else None,
                      label=int(lab) if isinstance(lab, (int, float)) and lab == lab else None,
                      source_bytes=len(img) if img else 0)
@@ -300,24 +314,25 @@ def _read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: list[str]) ->
 
 def _read_folder(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterator[Record]:
     fs, root = _fs(unit.url, storage_options)
+    source = redact_url(unit.url)
     seen: set[str] = set()
     for rel in unit.members:
         stem, _dot, ext = rel.rpartition(".")
         key = safe_key(stem if stem else rel) or rel
         if ext.lower() in MEDIA_EXTS:
             if key in seen:  # a.jpg + a.png, or x.y.png + x_y.png: one key, keep the first
-                yield Record(key, None, unit.url, skip="duplicate_key", detail=rel)
+                yield Record(key, None, source, skip="duplicate_key", detail=rel)
                 continue
             seen.add(key)
         if ext.lower() not in MEDIA_EXTS:
-            yield Record(key, None, unit.url, skip="not_an_image", detail=rel)
+            yield Record(key, None, source, skip="not_an_image", detail=rel)
             continue
-        rec = Record(key, None, unit.url, media="video" if ext.lower() in VIDEO_EXTS else "image")
+        rec = Record(key, None, source, media="video" if ext.lower() in VIDEO_EXTS else "image")
         try:
             rec.image = fs.cat_file(posixpath.join(root, rel))
             rec.source_bytes = len(rec.image)
         except OSError as e:
-            rec.skip, rec.detail = "unreadable_source", f"{rel}: {e}"
+            rec.skip, rec.detail = "unreadable_source", redact_text(f"{rel}: {e}")
             yield rec
             continue
         for side in SIDECAR_EXTS:

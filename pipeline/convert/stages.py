@@ -37,7 +37,7 @@ from tokshard.pipeline.format.codecs import TokenCodec, token_dtype
 from tokshard.pipeline.format.layout import DatasetLayout, shard_name
 from tokshard.pipeline.format.shards import EncodedSample, get_format
 from tokshard.pipeline.format.work import read_receipt, write_receipt
-from tokshard.pipeline.storage import atomic_write, sha256
+from tokshard.pipeline.storage import atomic_write, redact_url, sha256
 from tokshard.schemas.records import Receipt, ShardEntry
 from tokshard.schemas.v1 import SAMPLES
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
@@ -254,7 +254,9 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     codes = (np.concatenate([b.codes for b in batches]) if batches
              else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
     payloads = codec.encode_batch(list(codes)) if len(codes) else []
-    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
+    # Sources arrive redacted; redacting again is a no-op that keeps it so for any reader.
+    source = {s: redact_url(s) for s in {rec.source for rec, _, _ in kept}}
+    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, source[rec.source], rec.meta)
                for (rec, w, h), p, c in zip(kept, payloads, codes)]
     identity = info.identity
     name = shard_name(unit.index)
@@ -282,7 +284,7 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         raw_bytes=len(samples) * n_tokens * dtype.itemsize,
         payload_bytes=sum(len(p) for p in payloads), stored_bytes=len(data),
         source_bytes=sum(rec.source_bytes for rec, _, _ in kept), sha256=sha256(data),
-        **identity.as_dict(), grid=list(info.grid_shape), source_shards=[unit.url],
+        **identity.as_dict(), grid=list(info.grid_shape), source_shards=[redact_url(unit.url)],
         unit=unit.index, skipped=sum(skips.values()),
         skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
         key_min=min((s.key for s in samples), default=None),

@@ -13,14 +13,22 @@
 Relative names (what the manifest and receipts record) come from the
 `*_rel` methods; absolute paths from the others. A relative path read back
 from a record goes through `resolve`, the one place that turns data into a
-path.
+path, and the one that keeps it inside the dataset: a dataset may come from
+anyone (docs/security.md), so `..`, absolute paths, other schemes or buckets
+and, on local disks, symlinks that leave the root are refused with a
+`ManifestError` naming the field. The refusal never looks at, or describes,
+what the path points to outside.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from fsspec.implementations.local import LocalFileSystem
+
+from tokshard.errors import ManifestError
 from tokshard.pipeline.storage import filesystem, join
 
 MANIFEST = "manifest.parquet"
@@ -65,9 +73,49 @@ class DatasetLayout:
         return f"{RECEIPTS_DIR}/{name}.json"
 
     # -- absolute paths -------------------------------------------------------------
-    def resolve(self, rel: str) -> str:
-        """A dataset-relative path (from the layout or read from a record) under the root."""
-        return join(self.root, *rel.split("/"))
+    def resolve(self, rel: Any, field: str = "path", *, follow_links: bool = True) -> str:
+        """The dataset-relative path `rel` (from the layout, or read from a record's
+        `field`) under the root; a ManifestError if it could leave the root.
+
+        `follow_links=False` skips the symlink check (a lexical check only), for
+        validating many paths at open without touching the disk."""
+        if not isinstance(rel, str) or not rel:
+            raise ManifestError(f"{field}: {rel!r:.80} is not a path inside the dataset")
+        parts = rel.split("/")
+        # An empty part is a leading "/" (absolute) or "//" (a scheme: s3://other-bucket);
+        # "\\" and ":" are other systems' separators and drive or scheme markers.
+        if any(p in ("", ".", "..") for p in parts) or "\\" in rel or ":" in parts[0] or "\0" in rel:
+            raise ManifestError(f"{field}: {rel!r:.200} leaves the dataset root (only plain relative "
+                                "paths inside it are allowed)")
+        path = join(self.root, *parts)
+        if follow_links and isinstance(self.fs, LocalFileSystem):
+            root = os.path.realpath(self.root)
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                raise ManifestError(f"{field}: {rel!r:.200} is a symbolic link (or under one) that "
+                                    "leaves the dataset root")
+        return path
+
+    def resolve_tree(self, rel: Any, field: str = "path") -> str:
+        """`rel`, a folder (the tokenizer copy), resolved like `resolve`, and every entry
+        under it too: a file inside it cannot be a link to one outside the root."""
+        path = self.resolve(rel, field)
+        if isinstance(self.fs, LocalFileSystem) and os.path.isdir(path):
+            for folder, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    sub = os.path.relpath(os.path.join(folder, name), path).replace(os.sep, "/")
+                    self.resolve(f"{rel}/{sub}", f"{field} ({sub})")
+        return path
+
+    def removable(self, rel: Any, field: str = "path") -> str:
+        """`rel` as a path that may be deleted: inside the root lexically, its folder inside
+        the root on disk. The file itself may be a symlink: removing one removes the link,
+        never what it points to."""
+        path = self.resolve(rel, field, follow_links=False)
+        parent = rel.rpartition("/")[0]
+        if parent:
+            self.resolve(parent, field)
+        return path
 
     @property
     def manifest(self) -> str:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from tokshard.errors import ManifestError
 from tokshard.pipeline.format.layout import MANIFEST, DatasetLayout
-from tokshard.pipeline.storage import atomic_write
+from tokshard.pipeline.storage import atomic_write, read_parquet_bytes
 from tokshard.schemas.records import DatasetRecord, Receipt, ShardEntry
 from tokshard.schemas.v1 import LABELS as LABELS_SCHEMA
 from tokshard.schemas.v1 import METADATA_KEY, SCHEMA_VERSION, SHARDS, TIMINGS
@@ -66,9 +66,7 @@ def read_record(layout: DatasetLayout, url: str) -> tuple[pa.Table, DatasetRecor
     except FileNotFoundError:
         raise ManifestError(f"no manifest at {url} (expected {MANIFEST}); is the convert finished?") from None
     try:
-        # Never through a Python file object (io.BytesIO): pyarrow's thread pool can then
-        # abort the interpreter at exit, up to 1 run in 4 here (apache/arrow#34314).
-        table = pq.read_table(pa.BufferReader(data))
+        table = read_parquet_bytes(data)    # in Arrow-owned memory: see read_parquet_bytes
         meta = json.loads(table.schema.metadata[METADATA_KEY])
     except Exception as e:
         raise ManifestError(f"{where} is not a tokshard manifest: {e}") from e

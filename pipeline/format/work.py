@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tokshard.errors import ManifestError
 from tokshard.pipeline.format.layout import JOB_SPEC, DatasetLayout
-from tokshard.pipeline.storage import atomic_write
+from tokshard.pipeline.storage import atomic_write, read_parquet_bytes
 from tokshard.schemas.records import JobSpec, Receipt
 
 
@@ -53,13 +52,15 @@ def read_receipt(layout: DatasetLayout, name: str, unit_hash: str) -> Receipt | 
         return None
     if receipt.unit_hash != unit_hash:
         return None
-    shard = layout.resolve(receipt.shard.path)
+    try:
+        shard = layout.resolve(receipt.shard.path, f"receipt {name}: shard.path")
+    except ManifestError:
+        return None                 # a receipt that points outside the dataset is no receipt
     if not layout.fs.exists(shard) or layout.fs.size(shard) != receipt.shard.stored_bytes:
         return None
     if receipt.labels is None:      # committed before schema 1.2: count them from the shard's index
         try:
-            index = pq.read_table(pa.BufferReader(layout.fs.cat_file(layout.index(receipt.shard.shard))),
-                                  columns=["label"])
+            index = read_parquet_bytes(layout.fs.cat_file(layout.index(receipt.shard.shard)), columns=["label"])
         except (FileNotFoundError, pa.ArrowInvalid):
             return None             # no readable index: redo the unit
         receipt.labels = sorted(Counter(v for v in index.column("label").to_pylist() if v is not None).items())

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pyarrow import ArrowException
 
-from tokshard.errors import CodecError, ManifestError, ShardError, UsageError
+from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, UsageError
 from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.pipeline.format.layout import DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from tokshard.tokenizers.base import Tokenizer
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
+# A codec state is a model of a few KB to a few MB (rans-ctx: ~93 KB at 1024 codes).
+MAX_CODEC_STATE_BYTES = 256 * 2**20
 
 
 def default_cache_dir() -> str:
@@ -43,16 +45,30 @@ def _is_local(fs: Any) -> bool:
     return "file" in protocol or "local" in protocol
 
 
+def check_tokenizer_trust(cls: type[Tokenizer], url: str, trusted: bool) -> None:
+    """Refuse to load a dataset's tokenizer copy whose format runs code, unless `trusted`."""
+    if cls.runs_code and not trusted:
+        raise TokenizerError(
+            f"the tokenizer stored with {url} ({cls.name}) is a format that runs code when it is "
+            "loaded; load it only if you trust whoever made this dataset: "
+            "tokshard.open(..., trust_tokenizer_code=True), or --trust-tokenizer-code on the command line")
+
+
 class TokenDataset:
     """A token dataset opened from its manifest.
 
     `verify=True` checks every shard's sha256 when it is read (cheap next to
     parsing); `cache_dir`/`cache_bytes` bound the local copies of remote shards.
+    `trust_tokenizer_code=True` lets `tokenizer()` load a tokenizer copy whose
+    format runs code when loaded (TorchScript): only for datasets whose author
+    you trust (docs/security.md).
     """
 
     def __init__(self, url: str, *, storage_options: dict | None = None, verify: bool = True,
-                 cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 trust_tokenizer_code: bool = False):
         self.url, self.storage_options, self.verify = url, storage_options, verify
+        self.trust_tokenizer_code = trust_tokenizer_code
         self._layout = DatasetLayout.at(url, storage_options)
         self.root = self._layout.root
         self._fs_pid = os.getpid()
@@ -68,8 +84,15 @@ class TokenDataset:
         self.format = info.format
         state = None
         if info.codec_state:
+            path = self._layout.resolve(info.codec_state, "record.codec_state")
             try:
-                state = self.fs.cat_file(self._layout.resolve(info.codec_state))
+                # Read no more than the record says the state holds (and never more than the cap):
+                # the codec checks the rest of what it declares before it allocates.
+                size = self.fs.size(path)
+                if size != info.codec_state_bytes or size > MAX_CODEC_STATE_BYTES:
+                    raise ManifestError(f"{url}: codec state {info.codec_state} has {size} bytes, the record "
+                                        f"says {info.codec_state_bytes} (at most {MAX_CODEC_STATE_BYTES})")
+                state = self.fs.cat_file(path)
             except FileNotFoundError:
                 raise ManifestError(f"{url}: codec state {info.codec_state} is missing") from None
         self.codec = codec_from_description(info.codec, self.vocab_size, state)
@@ -89,6 +112,11 @@ class TokenDataset:
                 raise ValueError("null or negative entries")
         except (KeyError, TypeError, ValueError, UnicodeDecodeError, ArrowException) as e:
             raise ManifestError(f"{url}: the manifest's shard table is damaged ({type(e).__name__}: {e})") from None
+        # Every path the shard table names stays inside the root (lexically here; links when read).
+        for name, rel in zip(self.shard_names, self.shard_paths):
+            self._layout.resolve(rel, f"manifest shard {name!r:.40}: path", follow_links=False)
+            self._layout.resolve(self._layout.index_rel(name), f"manifest shard {name!r:.40}: name",
+                                 follow_links=False)
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
@@ -133,7 +161,10 @@ class TokenDataset:
             if data is not None:
                 self._cache.discard(want, ext)
         try:
-            path = self.layout.resolve(rel)
+            path = self.layout.resolve(rel, "path")
+        except ManifestError as e:
+            raise ShardError(name, str(e)) from None
+        try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise ShardError(name, f"missing: {path} does not exist") from None
@@ -196,13 +227,18 @@ class TokenDataset:
 
     # -- companions ---------------------------------------------------------------
     def tokenizer(self, **options: Any) -> Tokenizer:
-        """The tokenizer stored with the dataset (for decoding tokens to pixels)."""
+        """The tokenizer stored with the dataset (for decoding tokens to pixels).
+
+        A tokenizer whose artifact runs code when loaded (`Tokenizer.runs_code`) is
+        refused unless the dataset was opened with `trust_tokenizer_code=True`."""
         from tokshard.tokenizers.registry import tokenizer_class
         tok = self.info.tokenizer
         if not _is_local(self.fs):
             raise UsageError("loading the tokenizer of a remote dataset: copy "
                              f"{self.url.rstrip('/')}/{tok.path} locally and load it from there")
-        return tokenizer_class(tok.name).load(self.layout.resolve(tok.path), **options)
+        cls = tokenizer_class(tok.name)
+        check_tokenizer_trust(cls, self.url, self.trust_tokenizer_code)
+        return cls.load(self.layout.resolve_tree(tok.path, "record.tokenizer.path"), **options)
 
     def codebook(self) -> torch.Tensor | None:
         """(vocab_size, dim) float32 torch tensor of code embeddings, or None."""

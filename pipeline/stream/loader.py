@@ -15,12 +15,16 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
   `load_state_dict()` in a new process, and the next batches are batch k+1,
   k+2, ... of the uninterrupted run, sample for sample and bit for bit
   (augmentation draws from a generator seeded per batch).
+- A tokshard error raised in a DataLoader worker (a `ShardError` naming a damaged
+  shard, ...) reaches the caller as itself: same type, message and fields as with
+  num_workers=0, after the same batches.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tokshard.errors import ShardError, UsageError
+from tokshard.errors import ShardError, TokshardError, UsageError
 from tokshard.pipeline.stream.order import (
     BufferShuffle,
     Emitted,
@@ -407,6 +411,39 @@ def _next_shards(seq: list[int], start: int, count: int) -> list[int]:
     return out
 
 
+class _WorkerError:
+    """A tokshard error caught in a DataLoader worker, carried to the main process as data."""
+
+    def __init__(self, error: TokshardError):
+        self.error = error
+
+
+class _CarryErrors(IterableDataset):
+    """What TokenLoader hands its DataLoader: the iterable's batches, and a tokshard
+    error as a last item instead of raising it in the worker.
+
+    torch's worker would wrap a raised error in an ExceptionWrapper that keeps only
+    its type and formatted traceback and rebuilds it as exc_type(text), which turns a
+    ShardError into "RuntimeError: Caught ShardError in DataLoader worker"; carried
+    as data the error pickles with its fields, and TokenLoader raises it as it was.
+    Other exceptions go through torch's own path, as before.
+    """
+
+    def __init__(self, iterable: TokenIterable):
+        super().__init__()
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[dict | _WorkerError]:
+        try:
+            yield from self.iterable
+        except TokshardError as e:
+            info = get_worker_info()
+            where = f"DataLoader worker process {info.id}" if info is not None else "a DataLoader worker"
+            frames = "".join(traceback.format_tb(e.__traceback__)).rstrip()
+            e.add_note(f"(raised in {where}; its traceback:)\n{frames}")
+            yield _WorkerError(e)
+
+
 class TokenLoader:
     """The rank's batches through a torch DataLoader, as a resumable cursor.
 
@@ -417,6 +454,10 @@ class TokenLoader:
     uninterrupted run. Loading a state saved under a different world size
     continues the same epoch on the new ranks with the samples the old ranks
     had not consumed yet: still no duplicate and no missing sample.
+
+    A tokshard error (e.g. a `ShardError` for a damaged shard with on_error="raise")
+    is raised by the iteration as itself whatever `num_workers` is, after the same
+    batches, and leaves `state_dict()` at the last batch handed out.
     """
 
     def __init__(self, iterable: TokenIterable, *, num_workers: int = 0, pin_memory: bool | None = None,
@@ -453,14 +494,16 @@ class TokenLoader:
         if it.start_batch >= total:
             self.set_epoch(it.epoch + 1)
             total = it.num_batches()
-        source: Iterable[dict]
+        source: Iterable[dict | _WorkerError]
         if self.num_workers == 0:
             source = it.batches()
         else:
-            source = DataLoader(it, batch_size=None, num_workers=self.num_workers,
+            source = DataLoader(_CarryErrors(it), batch_size=None, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                 multiprocessing_context=self.mp_context, persistent_workers=False)
         for batch in source:
+            if isinstance(batch, _WorkerError):
+                raise batch.error
             self._skipped.update(batch.pop("skipped_shards", ()))
             it.start_batch += 1
             yield batch

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tokshard.errors import UsageError
 from tokshard.pipeline.format.layout import DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
+from tokshard.pipeline.storage import read_parquet_bytes
 
 if TYPE_CHECKING:
     import duckdb
@@ -67,7 +68,7 @@ def _connect(url: str, storage_options: dict | None,
     else:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
     if info.labels:
-        labels = _literal(as_read(layout.resolve(info.labels)))
+        labels = _literal(as_read(layout.resolve(info.labels, "record.labels")))
         con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({labels})")
     else:
         con.execute("CREATE VIEW labels AS SELECT NULL::VARCHAR AS shard, NULL::BIGINT AS label, "
@@ -137,9 +138,7 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     many shards there are (shards of pre-1.1 manifests, without ranges, are
     all searched).
     """
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from tokshard.schemas.v1 import SAMPLES
     layout = DatasetLayout.at(url, storage_options)
@@ -153,7 +152,7 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     rows = []
     for shard in candidates:
         data = layout.fs.cat_file(layout.index(shard))
-        table = pq.read_table(pa.BufferReader(data), filters=[("key", "=", key)])
+        table = read_parquet_bytes(data, filters=[("key", "=", key)])
         rows += [tuple(r.values()) for r in table.to_pylist()]
     return list(SAMPLES.names), rows
 

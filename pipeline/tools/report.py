@@ -82,7 +82,8 @@ def label_counts(url: str, storage_options: dict | None = None) -> tuple[list[tu
 
 
 def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
-          labels: tuple[list[tuple[str, float]], int] = ([], 0)) -> str:
+          labels: tuple[list[tuple[str, float]], int] = ([], 0), no_preview: str = "") -> str:
+    """The page; `no_preview` says why there are no reconstructions (shown instead of the grid)."""
     rec = ds.info
     totals = rec.totals
     n = max(1, int(totals.get("samples", 0)))
@@ -115,6 +116,9 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
         '<h2 id="skips">Skipped inputs</h2>' + (_bars("skipped by reason", [(k, float(v)) for k, v in skips])
                                                 if skips else "<p>none</p>"),
     ]
+    if preview_png is None and no_preview:
+        parts.append('<h2 id="preview">Reconstructions</h2>'
+                     f"<p>not shown: {html.escape(no_preview)}</p>")
     if preview_png is not None:
         assert preview is not None   # the grid is drawn from the preview
         scores = [s for s in preview["psnr"] if s is not None and math.isfinite(s)]
@@ -131,17 +135,22 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>")
 
 
-def write_report(url: str, out: str, n_preview: int = PREVIEW_SAMPLES, storage_options: dict | None = None) -> str:
+def write_report(url: str, out: str, n_preview: int = PREVIEW_SAMPLES, storage_options: dict | None = None,
+                 trust_tokenizer_code: bool = False) -> str:
+    """Write the report page to `out`. Without `trust_tokenizer_code`, a dataset whose
+    tokenizer copy runs code when loaded gets every section but the reconstructions."""
     import tokshard
     from tokshard.pipeline.tools.preview import grid_png, reconstruct
-    ds = tokshard.open(url, storage_options=storage_options)
+    ds = tokshard.open(url, storage_options=storage_options, trust_tokenizer_code=trust_tokenizer_code)
     preview = png = None
+    no_preview = ""
     try:
         preview = reconstruct(ds, n_preview)
         png = grid_png(preview)
-    except (NotImplementedError, TokshardError):
-        pass  # a tokenizer without a decoder, a remote dataset, no samples: no preview section
-    page = build(ds, preview, png, label_counts(url, storage_options))
+    except (NotImplementedError, TokshardError) as e:
+        # A tokenizer without a decoder or not trusted, a remote dataset, no samples: no grid.
+        no_preview = str(e)
+    page = build(ds, preview, png, label_counts(url, storage_options), no_preview)
     with open(out, "w", encoding="utf-8") as f:
         f.write(page)
     return page

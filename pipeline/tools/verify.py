@@ -11,6 +11,7 @@ rewrites is byte-identical when the sources are unchanged.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from tokshard.errors import ManifestError, UsageError
 from tokshard.pipeline.format.layout import JOB_SPEC, DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
 from tokshard.pipeline.format.work import forget_receipt, read_job_spec
+from tokshard.pipeline.storage import read_parquet_bytes
 
 
 @dataclass
@@ -33,7 +35,6 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
     import hashlib
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
     layout = DatasetLayout.at(url, storage_options)
     fs = layout.fs
     table, record, _ = read_record(layout, url)
@@ -41,9 +42,14 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
     rows = table.select(["shard", "path", "unit", "stored_bytes", "sha256"]).to_pylist()
     for row in rows:
         index = layout.index_rel(row["shard"])
-        if not fs.exists(layout.resolve(index)):
-            problems.append(Problem(row["shard"], index, row["unit"], "sample index missing"))
-        path = layout.resolve(row["path"])
+        try:
+            if not fs.exists(layout.resolve(index, f"manifest shard {row['shard']!r:.40}: name")):
+                problems.append(Problem(row["shard"], index, row["unit"], "sample index missing"))
+            path = layout.resolve(row["path"], f"manifest shard {row['shard']!r:.40}: path")
+        except ManifestError as e:
+            # Never followed, never described: the re-convert writes the shard where it belongs.
+            problems.append(Problem(row["shard"], str(row["path"]), row["unit"], str(e)))
+            continue
         try:
             size = fs.size(path)
         except FileNotFoundError:
@@ -62,15 +68,21 @@ def verify(url: str, storage_options: dict | None = None) -> tuple[int, list[Pro
                                     f"sha256 {digest.hexdigest()[:16]}..., the manifest says {row['sha256'][:16]}..."))
     if record.labels:
         try:
-            pq.read_table(pa.BufferReader(fs.cat_file(layout.resolve(record.labels))))
+            read_parquet_bytes(fs.cat_file(layout.resolve(record.labels, "record.labels")))
+        except ManifestError as e:
+            problems.append(Problem("-", record.labels, -1, str(e)))
         except (FileNotFoundError, pa.ArrowInvalid) as e:
             problems.append(Problem("-", record.labels, -1, f"missing or unreadable ({type(e).__name__})"))
     return len(rows), problems
 
 
-def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True) -> dict:
-    """Re-convert the shards in `problems` from the dataset's sources."""
+def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True,
+           trust_tokenizer_code: bool = False) -> dict:
+    """Re-convert the shards in `problems` from the dataset's sources, with the dataset's
+    tokenizer copy (one whose format runs code only with `trust_tokenizer_code`)."""
     from tokshard.pipeline.convert.job import ConvertConfig, convert
+    from tokshard.pipeline.stream.dataset import check_tokenizer_trust
+    from tokshard.tokenizers.registry import tokenizer_class
     layout = DatasetLayout.at(url, storage_options)
     fs = layout.fs
     try:
@@ -81,16 +93,26 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
         raise UsageError(f"{url} has no readable {JOB_SPEC}: cannot tell how it was converted")
     job = found[0].config
     _, record, _ = read_record(layout, url)
+    check_tokenizer_trust(tokenizer_class(record.tokenizer.name), url, trust_tokenizer_code)
+    tokenizer_dir = layout.resolve_tree(record.tokenizer.path, "record.tokenizer.path")
     for p in problems:
         # A shard's receipt goes with its files, so the job redoes the unit; a dataset-wide
-        # file (the label table) is rewritten from the receipts with the manifest.
-        if fs.exists(layout.resolve(p.path)):
-            fs.rm_file(layout.resolve(p.path))
+        # file (the label table) is rewritten from the receipts with the manifest. A path that
+        # leaves the root is not touched: the re-convert writes the shard where it belongs.
+        try:
+            path = layout.removable(p.path)
+        except ManifestError:
+            path = None
+        if path is not None and (fs.exists(path) or os.path.islink(path)):
+            fs.rm_file(path)
         if p.unit >= 0:
-            forget_receipt(layout, p.shard)
+            try:
+                forget_receipt(layout, p.shard)
+            except ManifestError:
+                pass                # a shard name that leaves the root has no receipt of ours
     with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp:
         # The dataset's own tokenizer copy: same weights, so the same job hash.
-        fs.get(layout.resolve(record.tokenizer.path) + "/", tmp + "/", recursive=True)
+        fs.get(tokenizer_dir + "/", tmp + "/", recursive=True)
         cfg = ConvertConfig(**{**job, "out": url, "storage_options": storage_options,
                                "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}})
         return convert(cfg, quiet=quiet)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokshard.errors import JobError, TokshardError
+from tokshard.pipeline.storage import redact_text
 
 # Errors of the code or of its input, not of the machine it ran on. OSError (I/O,
 # sockets, timeouts) and anything unknown count as transient.
@@ -41,9 +42,10 @@ def is_transient(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
-    """One line naming the error: its type and the last line of its message."""
+    """One line naming the error: its type and the last line of its message, with the
+    credentials of any URL in it redacted (an I/O error quotes the source URL)."""
     cause = cause_of(error)
-    text = f"{type(cause).__name__}: {cause}".strip()
+    text = redact_text(f"{type(cause).__name__}: {cause}".strip())
     return text.splitlines()[-1][:500] if text else type(cause).__name__
 
 

@@ -9,6 +9,21 @@ out-of-vocabulary value, broken zstd frame, trailing bytes) raises
 `CodecError`, never another exception type and never a wrong array. What a
 codec cannot detect (e.g. a bit flip that still yields in-range tokens) is the
 shard sha256's job.
+
+Resources are bounded before they are spent. Every count or size read from a
+dataset (a sample's `n_tokens`, a state's header fields and table sizes, a zstd
+frame's declared content size) is checked for type and range against what the
+codec's params and `vocab_size` imply, and against the absolute caps below,
+before anything is allocated or decompressed; a breach is a `CodecError` naming
+the field. Decoding a sample allocates O(n_tokens) memory, never more.
+
+- `MAX_SAMPLE_TOKENS` (2**26): tokens in one sample. 256x a 64-frame clip of
+  64x64 grids, and at most 256 MiB of decoded uint32 tokens.
+- A zstd frame may declare at most `ZSTD_BLOCK_MAX` (128 KiB, the format's block
+  size limit) of content per 3 bytes of frame (a block header's size), so a
+  payload that claims more than the format can encode is refused without
+  decompressing it. Per-codec caps (rANS state tables, zstd dictionaries) live
+  with the codecs.
 """
 
 from __future__ import annotations
@@ -20,8 +35,13 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import zstandard
 
 from tokshard.errors import CodecError
+
+MAX_SAMPLE_TOKENS = 1 << 26       # tokens in one sample (see the module doc)
+ZSTD_BLOCK_MAX = 128 * 1024       # the zstd format's largest block content
+_ZSTD_MIN_BLOCK = 3               # a block header; every block is at least this long
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -36,13 +56,59 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def _count(n_tokens: Any) -> int:
     # n_tokens comes from a shard index, i.e. from data, so a bad one is a CodecError too.
+    if isinstance(n_tokens, (bool, np.bool_)):
+        raise CodecError(f"n_tokens must be an integer, got {n_tokens!r}")
     try:
         n = operator.index(n_tokens)
     except TypeError:
-        raise CodecError(f"n_tokens must be an integer, got {n_tokens!r}") from None
+        raise CodecError(f"n_tokens must be an integer, got {type(n_tokens).__name__}") from None
     if n < 0:
         raise CodecError(f"n_tokens must be >= 0, got {n}")
+    if n > MAX_SAMPLE_TOKENS:
+        raise CodecError(f"n_tokens {n} is above the limit of {MAX_SAMPLE_TOKENS} tokens per sample")
     return n
+
+
+def _zstd_content_bound(frame_bytes: int) -> int:
+    """The most content any zstd frame of `frame_bytes` bytes can decompress to."""
+    return (frame_bytes // _ZSTD_MIN_BLOCK) * ZSTD_BLOCK_MAX
+
+
+def _zstd_check_frame(data: bytes | memoryview, expected: int, what: str) -> None:
+    """Refuse a zstd frame whose header does not declare exactly `expected` content bytes.
+
+    python-zstandard allocates whatever a frame header declares, `max_output_size`
+    notwithstanding, so this runs before any decompression; a frame without a
+    declared size is refused too (tokshard always writes one).
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what}: bad zstd frame header: {e}") from None
+    if declared != expected:
+        raise CodecError(f"{what}: frame declares {'no' if declared < 0 else declared} content bytes; "
+                         f"expected {expected}")
+    if expected > _zstd_content_bound(len(data)):
+        raise CodecError(f"{what}: a {len(data)}-byte zstd frame cannot hold {expected} content bytes")
+
+
+def _zstd_decompress_exact(dctx: zstandard.ZstdDecompressor, data: bytes | memoryview, expected: int,
+                           what: str, *, header_checked: bool = False) -> bytes:
+    """Decompress one zstd frame (nothing after it) of exactly `expected` content bytes.
+
+    The header is checked first (`_zstd_check_frame`, unless the caller just did),
+    and the output is capped at `expected` bytes, so no more than that is ever
+    allocated.
+    """
+    if not header_checked:
+        _zstd_check_frame(data, expected, what)
+    try:
+        raw = dctx.decompress(data, max_output_size=expected, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what}: corrupt zstd frame: {e}") from None
+    if len(raw) != expected:
+        raise CodecError(f"{what}: zstd frame decompressed to {len(raw)} bytes, expected {expected}")
+    return raw
 
 
 def _bytes_view(payload: Any) -> memoryview:
@@ -113,7 +179,14 @@ class TokenCodec(abc.ABC):
     def _counts(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int]) -> list[int]:
         if isinstance(n_tokens, (int, np.integer)):
             return [_count(n_tokens)] * len(payloads)
-        counts = [_count(n) for n in n_tokens]
+        if isinstance(n_tokens, np.ndarray) and n_tokens.ndim == 0:
+            return [_count(n_tokens)] * len(payloads)
+        try:
+            items = list(n_tokens)
+        except TypeError:
+            raise CodecError(f"n_tokens must be an integer or a sequence of integers, "
+                             f"got {type(n_tokens).__name__}") from None
+        counts = [_count(n) for n in items]
         if len(counts) != len(payloads):
             raise CodecError(f"{len(payloads)} payloads but {len(counts)} token counts")
         return counts

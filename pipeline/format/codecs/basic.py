@@ -11,8 +11,16 @@ import numpy as np
 import zstandard
 
 from tokshard.errors import CodecError
-from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _count
+from tokshard.pipeline.format.codecs.base import (
+    TokenCodec,
+    _bytes_view,
+    _count,
+    _zstd_check_frame,
+    _zstd_decompress_exact,
+)
 from tokshard.pipeline.format.codecs.registry import register_codec
+
+MAX_DICT_SIZE = 1 << 24   # zstd-dict: the largest dictionary (see ZstdDictCodec)
 
 
 @register_codec
@@ -182,26 +190,16 @@ class ZstdCodec(TokenCodec):
         n, mv = _count(n_tokens), _bytes_view(payload)
         _, dctx, empty = self._contexts()
         expected = n * self.dtype.itemsize
-        try:
-            declared = zstandard.frame_content_size(mv)
-        except zstandard.ZstdError as e:
-            raise CodecError(f"{self.name}: bad zstd frame header: {e}") from None
-        # python-zstandard allocates whatever the header declares, max_output_size
-        # notwithstanding, so the declared size is checked before decompressing.
-        if declared != expected:
-            raise CodecError(f"{self.name}: frame declares "
-                             f"{'no' if declared < 0 else declared} content bytes; "
-                             f"{n} tokens need {expected}")
+        # The declared content size must be exactly what n tokens take, checked before
+        # decompressing (python-zstandard allocates whatever the header declares).
+        _zstd_check_frame(mv, expected, f"{self.name}: {n} tokens")
         if expected == 0:
             # decompress() returns b"" for a 0-size header without reading the frame
             # body, so only the canonical empty frame is accepted.
             if mv != empty:
                 raise CodecError(f"{self.name}: malformed empty-sample frame")
             return np.zeros(0, self.dtype)
-        try:
-            raw = dctx.decompress(mv, max_output_size=expected, allow_extra_data=False)
-        except zstandard.ZstdError as e:
-            raise CodecError(f"{self.name}: corrupt payload: {e}") from None
+        raw = _zstd_decompress_exact(dctx, mv, expected, f"{self.name}: {n} tokens", header_checked=True)
         return self._from_raw(raw, n)
 
 
@@ -216,6 +214,11 @@ class ZstdDictCodec(ZstdCodec):
     than 5 samples, tiny data), the dictionary is the tail of the concatenated
     samples used as raw content. `params["dict_kind"]` records which.
     State = 1-byte kind tag + dictionary bytes.
+
+    Bounds: `dict_size` is at most `MAX_DICT_SIZE` (16 MiB: 1024x the default,
+    ~150x zstd's own default; loading one costs ~100 MiB of zstd contexts), and a
+    loaded state's dictionary is at most the description's `dict_size` bytes (what
+    `fit` produces), checked before zstd parses it.
     """
 
     name = "zstd-dict"
@@ -231,8 +234,8 @@ class ZstdDictCodec(ZstdCodec):
     def __init__(self, vocab_size: int, **params: Any):
         super().__init__(vocab_size, **params)
         size, kind = self.params["dict_size"], self.params["dict_kind"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < self._MIN_DICT:
-            raise CodecError(f"{self.name}: dict_size must be an int >= {self._MIN_DICT}, "
+        if isinstance(size, bool) or not isinstance(size, int) or not self._MIN_DICT <= size <= MAX_DICT_SIZE:
+            raise CodecError(f"{self.name}: dict_size must be an int in [{self._MIN_DICT}, {MAX_DICT_SIZE}], "
                              f"got {size!r}")
         if kind not in (None, *self._KINDS.values()):
             raise CodecError(f"{self.name}: unknown dict_kind {kind!r}")
@@ -254,9 +257,18 @@ class ZstdDictCodec(ZstdCodec):
         return self._state
 
     def load_state(self, state: bytes) -> None:
-        self._install(bytes(_bytes_view(state)), expect_kind=self.params["dict_kind"])
+        mv = _bytes_view(state)
+        self._check_size(len(mv))   # before copying it
+        self._install(bytes(mv), expect_kind=self.params["dict_kind"])
+
+    def _check_size(self, n: int) -> None:
+        limit = 1 + self.params["dict_size"]
+        if not 1 <= n <= limit:
+            raise CodecError(f"{self.name}: state of {n} bytes; a kind tag plus a dictionary of at most "
+                             f"dict_size={self.params['dict_size']} bytes is 1 to {limit}")
 
     def _install(self, state: bytes, expect_kind: str | None) -> None:
+        self._check_size(len(state))
         kind = self._KINDS.get(state[:1])
         if kind is None:
             raise CodecError(f"{self.name}: state has unknown kind tag {state[:1]!r}")

@@ -78,6 +78,17 @@ flattened samples (what convert passes today) give width = sqrt(n) for a
 square n, else the divisor of n with the most vertical repeats, and plane 0.
 An unfitted codec codes with an empty model (every token escaped or
 uniform): convert always fits it first.
+
+Bounds (a state is dataset bytes): `load_state` checks every header field
+(magic, format, kind, flags, vocab_size, alphabet size A <= min(vocab_size,
+max_symbols), classes, width, plane) against the params and vocab_size, derives
+the exact byte size of the tables from them (at most ~68 MiB for the largest
+valid params, classes=63 and max_symbols=8191; ~1.4 MiB for the defaults at 4096
+codes), and only then decompresses, requiring the zstd frame to declare exactly
+that size and capping output there; `MAX_STATE_BODY` is an absolute backstop and
+`MAX_VOCAB` bounds the per-code decode tables. A payload longer than n tokens
+can take (one 32-bit word per token, plus one per escape chunk) is refused
+before its word buffer is allocated.
 """
 
 from __future__ import annotations
@@ -94,10 +105,10 @@ import numpy as np
 import zstandard
 
 from tokshard.errors import CodecError
-from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view
+from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _zstd_decompress_exact
 from tokshard.pipeline.format.codecs.registry import register_codec
 
-__all__ = ["RansCtxCodec", "RansUnigramCodec"]
+__all__ = ["MAX_STATE_BODY", "MAX_VOCAB", "RansCtxCodec", "RansUnigramCodec"]
 
 _LOW = 1 << 31            # rANS state lower bound; states live in [2**31, 2**63)
 _PE = 10                  # event precision (bits)
@@ -107,8 +118,12 @@ _MAGIC = b"TSRA"
 _HEADER = struct.Struct("<4sBBBBIiI")   # magic, fmt, kind, classes, flags, vocab, width, plane
 _FMT = 1
 _KINDS = {"rans-unigram": 0, "rans-ctx": 1}
-_MAX_STATE = 1 << 28
-_MAX_VOCAB = 1 << 24      # decode keeps a code -> class table
+# Absolute caps on what a state (dataset bytes) may make us allocate. Every header
+# field is checked against the codec's params and vocab_size first; these bound what
+# those may imply, and are above anything valid params produce.
+MAX_VOCAB = 1 << 24       # decode keeps code -> class tables: 16 bytes per code (256 MiB at the cap)
+MAX_STATE_BODY = 1 << 27  # decompressed state tables; the largest valid params need ~68 MiB
+_MAX_GRID = 1 << 31       # width and plane (params and state header)
 _LIT_GRID = (4.0, 16.0, 64.0, 256.0, 1024.0)
 _EV_GRID = (1.0, 4.0, 16.0, 64.0)
 _UNI_GRID = (1.0, 32.0, 1024.0)
@@ -369,9 +384,9 @@ class _RansCodec(TokenCodec):
 
     def __init__(self, vocab_size: int, **params: Any):
         super().__init__(vocab_size, **params)
-        if self.vocab_size > _MAX_VOCAB:
+        if self.vocab_size > MAX_VOCAB:
             raise CodecError(f"{self.name}: vocab_size {self.vocab_size} is above the "
-                             f"supported {_MAX_VOCAB}")
+                             f"supported {MAX_VOCAB}")
         ms = self.params["max_symbols"]
         if isinstance(ms, bool) or not isinstance(ms, int) or not 1 <= ms <= (1 << _PL) // 2 - 1:
             raise CodecError(f"{self.name}: max_symbols must be an int in "
@@ -380,7 +395,7 @@ class _RansCodec(TokenCodec):
             for k, lo in (("width", 1), ("plane", 0)):
                 v = self.params[k]
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo
-                                      or v >= 2**31):
+                                      or v >= _MAX_GRID):
                     raise CodecError(f"{self.name}: {k} must be None or an int >= {lo}, got {v!r}")
             q = self.params["classes"]
             if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 63:
@@ -536,22 +551,27 @@ class _RansCodec(TokenCodec):
         return head + struct.pack("<I", m.A) + body
 
     def _deserialize(self, state: bytes) -> _Model:
-        try:
-            magic, fmt, kind, Q, _, vm1, width, plane = _HEADER.unpack_from(state)
-            (A,) = struct.unpack_from("<I", state, _HEADER.size)
-        except struct.error:
-            raise CodecError(f"{self.name}: state too short") from None
+        """Parse a state, validating every count and size in its header against the
+        params and vocab_size before anything is allocated or decompressed."""
+        head = _HEADER.size + 4
+        if len(state) < head:
+            raise CodecError(f"{self.name}: state too short ({len(state)} bytes; the header is {head})")
+        magic, fmt, kind, Q, flags, vm1, width, plane = _HEADER.unpack_from(state)
+        (A,) = struct.unpack_from("<I", state, _HEADER.size)
         if magic != _MAGIC or fmt != _FMT:
             raise CodecError(f"{self.name}: not a rANS codec state (format {fmt})")
         if kind != _KINDS[self.name]:
             raise CodecError(f"{self.name}: the state belongs to another rANS codec (kind {kind})")
+        if flags:
+            raise CodecError(f"{self.name}: state header flags {flags:#x} are not defined")
         V = self.vocab_size
         if vm1 != V - 1:
             raise CodecError(f"{self.name}: state was fitted for vocab_size {vm1 + 1}, not {V}")
         if A > min(V, self.params["max_symbols"]):
-            raise CodecError(f"{self.name}: state alphabet of {A} codes exceeds max_symbols/vocab_size")
+            raise CodecError(f"{self.name}: state alphabet of {A} codes exceeds "
+                             f"max_symbols={self.params['max_symbols']}/vocab_size={V}")
         if self.contextual:
-            if width < 1 or plane < 0 or plane % width or not 1 <= Q <= 63:
+            if not 1 <= width < _MAX_GRID or not 0 <= plane < _MAX_GRID or plane % width or not 1 <= Q <= 63:
                 raise CodecError(f"{self.name}: bad grid/classes in state ({width}, {plane}, {Q})")
             for k, v in (("width", width), ("plane", plane), ("classes", Q)):
                 if self.params[k] is not None and self.params[k] != v:
@@ -562,14 +582,15 @@ class _RansCodec(TokenCodec):
         nL = (Q + 1) ** 2 if self.contextual else 1
         n_ev = 4 if plane else 3
         nE = (4 if plane else 1) * 16 * nL
+        # The tables' exact byte sizes follow from the validated header alone.
         sizes = [4 * A, S, 2 * nL * S] + ([4 * nE * n_ev] if self.contextual else [])
-        try:
-            body = zstandard.ZstdDecompressor().decompress(
-                state[_HEADER.size + 4:], max_output_size=min(_MAX_STATE, sum(sizes)))
-        except zstandard.ZstdError as e:
-            raise CodecError(f"{self.name}: corrupt state: {e}") from None
-        if len(body) != sum(sizes):
-            raise CodecError(f"{self.name}: state body has {len(body)} bytes, expected {sum(sizes)}")
+        total = sum(sizes)
+        if total > MAX_STATE_BODY:   # unreachable with valid params; a backstop
+            raise CodecError(f"{self.name}: state tables of {total} bytes exceed the limit {MAX_STATE_BODY}")
+        # The frame must declare exactly `total` bytes (checked before decompressing:
+        # python-zstandard allocates what a header declares), and output is capped there.
+        body = _zstd_decompress_exact(zstandard.ZstdDecompressor(), memoryview(state)[head:], total,
+                                      f"{self.name}: state tables")
         offs = np.cumsum([0] + sizes)
         alphabet = np.frombuffer(body[offs[0]:offs[1]], "<u4").astype(np.int64)
         cls_sym = np.frombuffer(body[offs[1]:offs[2]], np.uint8).astype(np.int64)
@@ -715,9 +736,18 @@ class _RansCodec(TokenCodec):
             i = int(bad[0])
             raise self._fail(n, i if B > 1 else None, f"{lens[i]} bytes is not a whole coder state "
                              "plus 32-bit words")
+        nw = lens // 4 - 2
+        # Each token renormalises at most once, plus once per escape chunk, and each
+        # renormalisation reads one word: a longer payload cannot be valid, and is
+        # refused before the word buffer (sized from the payloads) is allocated.
+        max_words = n * (1 + (len(m.esc_chunks) if m.has_esc else 0))
+        bad = np.flatnonzero(nw > max_words)
+        if len(bad):
+            i = int(bad[0])
+            raise self._fail(n, i if B > 1 else None, f"{int(nw[i])} coded words where {n} tokens "
+                             f"take at most {max_words}")
         heads = np.frombuffer(b"".join(bytes(v[:8]) for v in views), "<u8")
         bodies = [np.frombuffer(v[8:], "<u4") for v in views]
-        nw = lens // 4 - 2
         start = np.concatenate([[0], np.cumsum(nw)[:-1]]).astype(np.int64)
         end = start + nw
         steps = n * (1 + len(m.esc_chunks)) + 1

@@ -43,7 +43,7 @@ def codec_from_description(desc: dict, vocab_size: int, state: bytes | None) -> 
         raise CodecError(f"codec description must be a dict, got {type(desc).__name__}")
     name, version = desc.get("name"), desc.get("version")
     params = desc.get("params", {})
-    if name not in CODECS:
+    if not isinstance(name, str) or name not in CODECS:
         raise CodecError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}")
     cls = CODECS[name]
     if isinstance(version, bool) or not isinstance(version, int):
@@ -54,10 +54,12 @@ def codec_from_description(desc: dict, vocab_size: int, state: bytes | None) -> 
     if version != cls.version:
         raise CodecError(f"codec {name!r} version {version} is not readable "
                          f"(this tokshard reads version {cls.version})")
-    if not isinstance(params, dict):
-        raise CodecError(f"codec {name!r}: params must be a dict, got {params!r}")
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise CodecError(f"codec {name!r}: params must be a dict with string keys, got {params!r}")
     codec = cls(vocab_size, **params)
     want = desc.get("state_sha256")
+    if want is not None and not isinstance(want, str):
+        raise CodecError(f"codec {name!r}: state_sha256 must be a hex string, got {want!r}")
     if want is None:
         if state is not None:
             raise CodecError(f"codec {name!r}: a state was given but the description records none")

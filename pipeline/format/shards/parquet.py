@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat, _meta_json
 from tokshard.pipeline.format.shards.registry import register_format
+from tokshard.pipeline.storage import read_parquet_bytes
 from tokshard.schemas.v1 import SCHEMA_VERSION, shard_schema
 
 
@@ -64,7 +65,7 @@ class ParquetFormat(ShardFormat):
         return buf.getvalue(), [-1] * len(samples)
 
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
-        table = pq.read_table(pa.BufferReader(data), columns=["key", "tokens", "label"])
+        table = read_parquet_bytes(data, columns=["key", "tokens", "label"])
         col = table.column("tokens").combine_chunks()
         if codec == "raw":
             if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != n_tokens:
