@@ -1,13 +1,19 @@
 """Atomic, fsspec-backed file writes: a reader never sees a partial file. And
 `redact_url`: credentials in a source URL never reach a file. And
-`read_parquet_bytes`: every Parquet file read back as bytes goes to Arrow through it."""
+`read_parquet_bytes`: every Parquet file read back as bytes goes to Arrow through it.
+And `storage_access`: a store that cannot be used at all (no such bucket, access
+denied, no endpoint) is one typed error naming it, not a traceback."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import socket
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
@@ -179,3 +185,87 @@ def redact_text(text: str) -> str:
     return _PARAM_IN_TEXT.sub(
         lambda m: f"{m.group(1)}={REDACTED}" if unquote_plus(m.group(1)).lower() in SECRET_PARAMS else m.group(0),
         text)
+
+
+# -- a store that cannot be used at all ------------------------------------------------------
+
+# What an OSError's errno says when the endpoint is not there (aiohttp's ClientConnectorError,
+# for http(s) sources, is an OSError that carries one).
+_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+
+
+def _botocore_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(cannot connect, no usable credentials): botocore's exceptions for them (s3fs raises
+    them untranslated); none when botocore is not installed (no s3fs)."""
+    try:
+        from botocore import exceptions as b
+    except ImportError:
+        return (), ()
+    return (b.ConnectionError,), (b.NoCredentialsError, b.PartialCredentialsError, b.CredentialRetrievalError)
+
+
+def _error_code(error: BaseException) -> str | None:
+    """The S3 error code (`NoSuchBucket`, `AccessDenied`, ...) behind an fsspec error: s3fs
+    raises a Python error (FileNotFoundError, PermissionError) whose cause is botocore's."""
+    seen: BaseException | None = error
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            code = response["Error"].get("Code")
+            if code:
+                return str(code)
+        seen = seen.__cause__
+    return None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return redact_text(text) or type(error).__name__
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status of an aiohttp response error (fsspec's HTTP filesystem), if it is one."""
+    status = getattr(error, "status", None)
+    return status if type(error).__module__.startswith("aiohttp") and isinstance(status, int) else None
+
+
+def access_failure(error: BaseException | None, _depth: int = 0) -> str | None:
+    """What is wrong, in one line, when `error` says that a store cannot be used at all: its
+    bucket does not exist, access is denied (wrong or missing credentials, no permission), or
+    its endpoint cannot be reached. None for any other error, which is left to its caller
+    (a missing object, a transient failure, a bug)."""
+    if error is None or _depth > 8:
+        return None
+    connect, credentials = _botocore_errors()
+    if isinstance(error, FileNotFoundError):
+        # gcsfs and adlfs carry no S3 code, but say so (a local error names its file instead).
+        if _error_code(error) == "NoSuchBucket" or (error.filename is None
+                                                   and "bucket does not exist" in str(error).lower()):
+            return "the bucket does not exist"
+        # fsspec's HTTP filesystem reports every failure to look at a URL as FileNotFoundError,
+        # caused by what really happened.
+        return access_failure(error.__cause__, _depth + 1)
+    if isinstance(error, PermissionError) or _http_status(error) in (401, 403):
+        return f"access denied ({_one_line(error)}); check the credentials and their permissions"
+    if credentials and isinstance(error, credentials):
+        return f"no usable credentials ({_one_line(error)})"
+    if ((connect and isinstance(error, connect)) or isinstance(error, (ConnectionRefusedError, socket.gaierror))
+            or (isinstance(error, OSError) and error.errno in _UNREACHABLE)):
+        return f"cannot connect to the endpoint ({_one_line(error)})"
+    return None
+
+
+@contextmanager
+def storage_access(url: str, what: str, error: Callable[[str], Exception]) -> Iterator[None]:
+    """Run the block that first reads or writes `url`; if the store cannot be used at all
+    (`access_failure`), raise `error("{what} {url}: {the cause}")` instead, one line, with
+    the URL redacted. Every other exception passes through unchanged: this guards a job's
+    first look at its input and destination, not the retried work that follows."""
+    try:
+        yield
+    except Exception as e:
+        cause = access_failure(e)
+        if cause is None:
+            raise
+        raise error(f"{what} {redact_url(url)}: {cause}") from None

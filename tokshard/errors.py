@@ -64,6 +64,21 @@ class ShardError(TokshardError):
         super().__init__(f"shard {shard}: {message}")
 
 
+class CacheError(TokshardError):
+    """The local shard cache cannot be read or written: a full disk or quota, a
+    read-only or unreadable cache directory (ENOSPC, EDQUOT, EROFS, EACCES, EFBIG, EIO, ...).
+
+    ``errno`` is the operating system's error number (None when there is none) and
+    ``directory`` the cache's directory. The cache only ever holds copies of shards
+    the dataset's store has, so a dataset read does not fail on it: it counts and
+    warns, and reads on without the cache (pipeline/stream/shard_cache.py).
+    """
+
+    def __init__(self, message: str = "", *, directory: str | None = None, errno: int | None = None):
+        self.directory, self.errno = directory, errno
+        super().__init__(message)
+
+
 class TokenizerError(TokshardError):
     """A tokenizer artifact that is missing, malformed, or does not match."""
 

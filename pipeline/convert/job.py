@@ -29,13 +29,14 @@ from tokshard.pipeline.format.codecs import get_codec, token_dtype
 from tokshard.pipeline.format.layout import CODEC_STATE, LABELS, TOKENIZER_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import write_labels, write_manifest, write_timings
 from tokshard.pipeline.format.work import read_job_spec, write_job_spec
-from tokshard.pipeline.storage import atomic_write, clean_temporaries, redact_text, redact_url
+from tokshard.pipeline.storage import atomic_write, clean_temporaries, redact_text, redact_url, storage_access
 from tokshard.schemas.records import DatasetRecord, JobSpec, Receipt, TokenizerRecord
 from tokshard.schemas.v1 import SCHEMA_VERSION
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, artifact_files, canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
 
 RECEIPT_READERS = 16
+DESTINATION_UNUSABLE = "cannot use the destination"
 
 
 class _Progress:
@@ -106,8 +107,11 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     spec = JobSpec(tokshard=__version__, config=cfg.job_identity(), tokenizer_id=identity.tokenizer_id,
                    tokenizer_config_hash=identity.config_hash, codebook_hash=identity.codebook_hash)
     job_hash = sha256_hex(canonical_json(spec.identity()))
-    _claim_destination(layout, spec, job_hash)
-    clean_temporaries(layout.fs, layout.root)
+    # The first reads and writes of the destination: a bucket that does not exist, denied
+    # access or an endpoint that does not answer is one UsageError naming --out.
+    with storage_access(cfg.out, DESTINATION_UNUSABLE, UsageError):
+        _claim_destination(layout, spec, job_hash)
+        clean_temporaries(layout.fs, layout.root)
 
     ctx = UnitContext(layout=layout, format=cfg.format, tokenizer=TokenizerInfo.of(tok), codec=codec,
                       decode=decode,
@@ -117,7 +121,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
                       clip_shape=_clip_shape(tok, clip))
     if codec.needs_fit:
         _fit_codec(ctx, tok, units, cfg.codec_fit_samples)
-    _save_tokenizer(tok, layout)
+    with storage_access(cfg.out, DESTINATION_UNUSABLE, UsageError):  # first write of a resumed job
+        _save_tokenizer(tok, layout)
 
     committed: dict[int, Receipt] = {}
     todo = []

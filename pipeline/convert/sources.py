@@ -24,7 +24,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from tokshard.errors import SourceError
-from tokshard.pipeline.storage import redact_text, redact_url
+from tokshard.pipeline.storage import access_failure, redact_text, redact_url, storage_access
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
@@ -88,16 +88,33 @@ def _expand(src: str, storage_options: dict | None) -> list[tuple[Any, str]]:
     out = []
     for pattern in braceexpand(src):
         fs, path = _fs(pattern, storage_options)
-        if any(c in _bare(path) for c in "*?["):
+        bare = _bare(path)
+        magic = [i for i in (bare.find(c) for c in "*?[") if i >= 0]
+        if magic:
             matches = sorted(fs.glob(path))
             if not matches:
+                _raise_access_failure(fs, posixpath.dirname(bare[:min(magic)]))
                 raise SourceError(f"no input matches {redact_url(pattern)}")
             out += [(fs, m) for m in matches]
         elif not fs.exists(path):
+            _raise_access_failure(fs, path)
             raise SourceError(f"input does not exist: {redact_url(pattern)}")
         else:
             out.append((fs, path))
     return out
+
+
+def _raise_access_failure(fs: Any, path: str) -> None:
+    """Raise what keeps `path` out of reach if it is the store itself (no such bucket, access
+    denied, no endpoint): `exists` and `glob` answer False and [] for those too. Only asked
+    once an input is found missing; anything else leaves the "does not exist" to the caller."""
+    if not path:
+        return
+    try:
+        fs.info(path)
+    except Exception as e:
+        if access_failure(e) is not None:
+            raise
 
 
 def _ext(path: str) -> str:
@@ -116,33 +133,40 @@ def plan_units(sources: list[str], shard_size: int, input_format: str = "auto",
         units.append(WorkUnit(len(units), kind, url, **kw))
 
     for src in sources:
-        for fs, path in _expand(src, storage_options):
-            url = _full(fs, path)
-            if fs.isdir(path):
-                files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
-                tars = [p for p in files if _bare(p).endswith(".tar")]
-                parquets = [p for p in files if _bare(p).endswith(".parquet")]
-                fmt = input_format
-                if fmt == "auto":
-                    fmt = "wds" if tars else "parquet" if parquets else "folder"
-                if fmt == "wds":
-                    for p in tars:
-                        add("wds", _full(fs, p))
-                elif fmt == "parquet":
-                    for p in parquets:
-                        _add_parquet(add, fs, p, shard_size)
-                else:
-                    rel = [posixpath.relpath(p, path) for p in files
-                           if _ext(p).rsplit(".", 1)[-1] not in SIDECAR_EXTS]
-                    for s in range(0, len(rel), shard_size):
-                        add("folder", url, members=tuple(rel[s:s + shard_size]))
-            elif _bare(path).endswith(".tar") or input_format == "wds":
-                add("wds", url)
-            elif _bare(path).endswith(".parquet") or input_format == "parquet":
-                _add_parquet(add, fs, path, shard_size)
-            else:
-                raise SourceError(f"cannot tell the format of {redact_url(url)}: pass a folder, .tar or .parquet")
+        with storage_access(src, "cannot read the input", SourceError):
+            _plan_source(add, src, shard_size, input_format, storage_options)
     return units
+
+
+def _plan_source(add: Callable[..., None], src: str, shard_size: int, input_format: str,
+                 storage_options: dict | None) -> None:
+    """The units of one SRC argument (a path, URL, glob or brace pattern), in order."""
+    for fs, path in _expand(src, storage_options):
+        url = _full(fs, path)
+        if fs.isdir(path):
+            files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
+            tars = [p for p in files if _bare(p).endswith(".tar")]
+            parquets = [p for p in files if _bare(p).endswith(".parquet")]
+            fmt = input_format
+            if fmt == "auto":
+                fmt = "wds" if tars else "parquet" if parquets else "folder"
+            if fmt == "wds":
+                for p in tars:
+                    add("wds", _full(fs, p))
+            elif fmt == "parquet":
+                for p in parquets:
+                    _add_parquet(add, fs, p, shard_size)
+            else:
+                rel = [posixpath.relpath(p, path) for p in files
+                       if _ext(p).rsplit(".", 1)[-1] not in SIDECAR_EXTS]
+                for s in range(0, len(rel), shard_size):
+                    add("folder", url, members=tuple(rel[s:s + shard_size]))
+        elif _bare(path).endswith(".tar") or input_format == "wds":
+            add("wds", url)
+        elif _bare(path).endswith(".parquet") or input_format == "parquet":
+            _add_parquet(add, fs, path, shard_size)
+        else:
+            raise SourceError(f"cannot tell the format of {redact_url(url)}: pass a folder, .tar or .parquet")
 
 
 def _add_parquet(add: Callable[..., None], fs: Any, path: str, shard_size: int) -> None:

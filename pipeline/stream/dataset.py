@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 DEFAULT_CACHE_BYTES = 20 * 2**30
 # A codec state is a model of a few KB to a few MB (rans-ctx: ~93 KB at 1024 codes).
 MAX_CODEC_STATE_BYTES = 256 * 2**20
+# Samples a dataset may hold in all: far beyond any real one, far below where int64 ids wrap.
+MAX_SAMPLES = 2**48
 
 
 def default_cache_dir() -> str:
@@ -106,12 +108,26 @@ class TokenDataset:
             self.shard_names: list[str] = cols["shard"]
             self.shard_paths: list[str] = cols["path"]
             self.shard_sha256: list[str] = cols["sha256"]
+            # Counts are summed as Python ints, before any int64 array: a sum that would wrap
+            # (to 0: an empty epoch; to a negative length) is refused, never computed.
+            for name, n in zip(cols["shard"], cols["samples"]):
+                if type(n) is not int or n < 0:
+                    raise ManifestError(f"{url}: manifest shard {name!r:.40}: samples is {n!r:.40}, "
+                                        "not a non-negative integer")
+            total = sum(cols["samples"])
+            if total > MAX_SAMPLES:
+                raise ManifestError(f"{url}: the manifest's shards hold {total} samples in all (column samples), "
+                                    f"more than the {MAX_SAMPLES} a dataset may hold")
             self.shard_sizes = np.asarray(cols["samples"], dtype=np.int64)
             self.shard_bytes = np.asarray(cols["stored_bytes"], dtype=np.int64)
             if any(v is None for c in cols.values() for v in c) or (self.shard_sizes < 0).any():
                 raise ValueError("null or negative entries")
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError, ArrowException) as e:
+        except (KeyError, TypeError, ValueError, OverflowError, UnicodeDecodeError, ArrowException) as e:
             raise ManifestError(f"{url}: the manifest's shard table is damaged ({type(e).__name__}: {e})") from None
+        declared = info.totals.get("samples")
+        if type(declared) is not int or declared != total:
+            raise ManifestError(f"{url}: record.totals.samples is {declared!r:.40}, the manifest's shards "
+                                f"hold {total} (column samples)")
         # Every path the shard table names stays inside the root (lexically here; links when read).
         for name, rel in zip(self.shard_names, self.shard_paths):
             self._layout.resolve(rel, f"manifest shard {name!r:.40}: path", follow_links=False)
@@ -155,11 +171,10 @@ class TokenDataset:
         name, rel, want = self.shard_names[i], self.shard_paths[i], self.shard_sha256[i]
         ext = rel.rsplit(".", 1)[-1]
         if self._cache is not None:
-            data = self._cache.get(want, ext)
-            if data is not None and sha256(data) == want:
-                return data
-            if data is not None:
-                self._cache.discard(want, ext)
+            # A copy that checks, or None: a miss, a damaged copy, or a cache fault (counted and warned, not raised).
+            cached = self._cache.lookup(want, ext)
+            if cached is not None:
+                return cached
         try:
             path = self.layout.resolve(rel, "path")
         except ManifestError as e:
@@ -177,7 +192,7 @@ class TokenDataset:
             if got != want:
                 raise ShardError(name, f"checksum mismatch for {rel}: sha256 {got}, manifest {want}")
         if self._cache is not None:
-            self._cache.put(want, ext, data)
+            self._cache.store(want, ext, data)  # a full or read-only cache is counted and warned; the shard is served
         return data
 
     def read_shard(self, i: int) -> ShardColumns:

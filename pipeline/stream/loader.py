@@ -196,7 +196,7 @@ class TokenIterable(IterableDataset):
         self.buffer = shuffle_buffer if shuffle else 0
         self.augment, self.prefetch, self.on_error, self.max_tokens = augment, prefetch_shards, on_error, max_tokens
         self.where = where
-        self.selection = None if where is None else _select(ds, where)
+        self.selection = None if where is None else _select(ds, where, on_error)
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
 
@@ -392,11 +392,17 @@ class TokenIterable(IterableDataset):
         return batch
 
 
-def _select(ds: TokenDataset, where: str) -> np.ndarray:
-    """Sorted global sample ids of the samples matching `where` (SQL over the sample index)."""
+def _select(ds: TokenDataset, where: str, on_error: str = "raise") -> np.ndarray:
+    """Sorted global sample ids of the samples matching `where` (SQL over the sample index).
+
+    Every index row is checked against the shard it names (its key at that row) before
+    it becomes an id: a stale or tampered index is a typed error, never another sample.
+    With on_error="skip", the rows of a shard that cannot be read stay unchecked: the
+    stream meets the same shard, skips it and counts it.
+    """
     from tokshard.pipeline.tools.query import select_rows
-    rows = select_rows(ds.url, where, ds.storage_options)
-    index = {name: i for i, name in enumerate(ds.shard_names)}
+    rows = select_rows(ds.url, where, ds.storage_options, dataset=ds, skip_unreadable=on_error == "skip")
+    index = {name: i for i, name in enumerate(ds.shard_names)}   # every name is one the manifest lists
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
     return np.unique(ids)
 

@@ -15,10 +15,10 @@ of tokshard, registered with DuckDB.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from tokshard.errors import UsageError
+from tokshard.errors import ManifestError, ShardError, UsageError
 from tokshard.pipeline.format.layout import DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
 from tokshard.pipeline.storage import read_parquet_bytes
@@ -26,6 +26,7 @@ from tokshard.pipeline.storage import read_parquet_bytes
 if TYPE_CHECKING:
     import duckdb
 
+    from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.schemas.records import DatasetRecord
 
 FORMATS = ("table", "csv", "json")
@@ -93,7 +94,8 @@ def run(url: str, sql: str, storage_options: dict | None = None) -> tuple[list[s
     return [d[0] for d in cur.description], cur.fetchall()
 
 
-def select_rows(url: str, where: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
+def select_rows(url: str, where: str, storage_options: dict | None = None, *,
+                dataset: TokenDataset | None = None, skip_unreadable: bool = False) -> list[tuple[str, int]]:
     """(shard, row) of every sample `where` (SQL over the sample index) selects.
 
     A predicate on `label` alone that a missing label cannot satisfy (`label IN
@@ -101,24 +103,76 @@ def select_rows(url: str, where: str, storage_options: dict | None = None) -> li
     only the index files of shards that hold a matching label are read: at
     200,000 shards that is the difference between one small file plus a few
     index files and 200,000 reads. Anything else scans the whole index.
+
+    Every row is checked against the shard it names (`check_rows`), so a stale or
+    tampered index is a typed error, never another sample. `dataset` is the dataset
+    at `url` when the caller has it open; `skip_unreadable` keeps, unchecked, the rows
+    of shards that cannot be read (a loader with on_error="skip" drops those shards).
     """
     import duckdb
     con, info, index_file = _connect(url, storage_options)
     try:
         source = "samples"
-        shards = _shards_by_label(con, where) if info.labels else None
+        shards = _shards_by_label(con, where, url, info.labels) if info.labels else None
         if shards is not None:
             if not shards:
                 return []
             source = "read_parquet([" + ", ".join(_literal(index_file(s)) for s in shards) + "])"
-        return con.execute(f"SELECT shard, row FROM {source} WHERE {where} ORDER BY shard, row").fetchall()
+        found = con.execute(f"SELECT shard, row, key FROM {source} WHERE {where} ORDER BY shard, row").fetchall()
     except duckdb.Error as e:
         raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
+    if not found:
+        return []
+    if dataset is None:
+        from tokshard.pipeline.stream.dataset import TokenDataset
+        dataset = TokenDataset(url, storage_options=storage_options)
+    check_rows(dataset, found, skip_unreadable=skip_unreadable)
+    return [(shard, row) for shard, row, _ in found]
 
 
-def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str) -> list[str] | None:
+def check_rows(ds: TokenDataset, rows: Iterable[tuple[Any, Any, Any]], *,
+               skip_unreadable: bool = False) -> list[tuple[int, int]]:
+    """(shard number in manifest order, row) of each sample-index row (shard, row, key),
+    checked against the shard itself: the shard is one the manifest lists, the row is
+    inside it and the shard holds the row's key at that row. Anything else is a
+    `ManifestError` (unknown shard) or a `ShardError` naming the shard: an index that is
+    stale or was tampered with never selects another sample.
+
+    Only the shards that rows name are read (their key column is what is compared);
+    with `skip_unreadable`, the rows of a shard that cannot be read are returned unchecked.
+    """
+    number = {name: i for i, name in enumerate(ds.shard_names)}
+    out: list[tuple[int, int]] = []
+    wanted: dict[int, list[tuple[int, Any]]] = {}
+    for shard, row, key in rows:
+        i = number.get(shard) if isinstance(shard, str) else None
+        if i is None:
+            raise ManifestError(f"{ds.url}: the sample index names shard {shard!r:.40}, "
+                                "which the manifest does not list (a stale or tampered index)")
+        size = int(ds.shard_sizes[i])
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < size:
+            raise ShardError(ds.shard_names[i], f"the sample index names row {row!r:.40} for key {key!r:.60}, "
+                             f"outside the shard's {size} samples (a stale or tampered index)")
+        out.append((i, row))
+        wanted.setdefault(i, []).append((row, key))
+    for i, checks in sorted(wanted.items()):
+        try:
+            keys = ds.read_shard(i)["key"]
+        except ShardError:
+            if skip_unreadable:
+                continue
+            raise
+        for row, key in checks:
+            if keys[row] != key:
+                raise ShardError(ds.shard_names[i], f"row {row} holds key {keys[row]!r:.60}, the sample index "
+                                 f"says {key!r:.60} (a stale or tampered index)")
+    return out
+
+
+def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str, url: str, labels: str) -> list[str] | None:
     """The shards whose labels can satisfy `where`, or None when the predicate is not
-    about labels alone (or holds for a sample without a label, which labels.parquet omits)."""
+    about labels alone (or holds for a sample without a label, which labels.parquet omits).
+    Each is one the manifest lists: the label table (at `labels`) never names a file to read."""
     import duckdb
     try:
         row = con.execute(f"SELECT count(*) FROM (SELECT NULL::BIGINT AS label) WHERE {where}").fetchone()
@@ -127,7 +181,12 @@ def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str) -> list[str] | 
             return None
     except duckdb.BinderException:    # other columns: not a label-only predicate
         return None
-    return [s for (s,) in con.execute(f"SELECT DISTINCT shard FROM labels WHERE {where} ORDER BY shard").fetchall()]
+    shards = [s for (s,) in con.execute(f"SELECT DISTINCT shard FROM labels WHERE {where} ORDER BY shard").fetchall()]
+    listed = {s for (s,) in con.execute("SELECT shard FROM shards").fetchall()}
+    unknown = [s for s in shards if s not in listed]
+    if unknown:
+        raise ManifestError(f"{url}: {labels} names shard {unknown[0]!r:.40}, which the manifest does not list")
+    return shards
 
 
 def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[list[str], list[tuple]]:
@@ -136,24 +195,38 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     The manifest's per-shard key ranges route the lookup to the one or few
     index files that can hold the key, so it costs one small read however
     many shards there are (shards of pre-1.1 manifests, without ranges, are
-    all searched).
+    all searched). Each row found is checked against the shard it names
+    (`check_rows`): a stale or tampered index is a typed error, never another sample.
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
+    from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.schemas.v1 import SAMPLES
-    layout = DatasetLayout.at(url, storage_options)
-    shards, _, _ = read_record(layout, url)
+    ds = TokenDataset(url, storage_options=storage_options)
+    shards, layout = ds.manifest, ds.layout
     if "key_min" in shards.column_names:
         lo, hi = shards.column("key_min"), shards.column("key_max")
-        hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
+        try:
+            hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
+        except pa.ArrowException as e:
+            raise ManifestError(f"{url}: the manifest's key_min/key_max columns are damaged ({e})") from None
         candidates = shards.filter(pc.fill_null(hit, True)).column("shard").to_pylist()
     else:
         candidates = shards.column("shard").to_pylist()
     rows = []
     for shard in candidates:
-        data = layout.fs.cat_file(layout.index(shard))
-        table = read_parquet_bytes(data, filters=[("key", "=", key)])
-        rows += [tuple(r.values()) for r in table.to_pylist()]
+        try:
+            data = layout.fs.cat_file(layout.index(shard))
+            table = read_parquet_bytes(data, filters=[("key", "=", key)])
+        except FileNotFoundError:
+            raise ShardError(shard, "its sample index is missing (tokshard verify --repair rebuilds it)") from None
+        except pa.ArrowException as e:
+            raise ShardError(shard, f"its sample index is unreadable ({type(e).__name__})") from None
+        # By name, not position: a rewritten index file may order or omit its columns differently.
+        rows += [tuple(r.get(c) for c in SAMPLES.names) for r in table.to_pylist()]
+    shard_at, row_at, key_at = (SAMPLES.names.index(c) for c in ("shard", "row", "key"))
+    check_rows(ds, [(r[shard_at], r[row_at], r[key_at]) for r in rows])
     return list(SAMPLES.names), rows
 
 
