@@ -61,12 +61,16 @@ def repeat_manifest(src: Path, dest: Path) -> Path:
     table = pq.read_table(src / "manifest.parquet")
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     rows = []
+    (dest / "shards").mkdir(parents=True)
     for r in range(REPEAT):
         for row in table.to_pylist():
-            rows.append({**row, "shard": f"{r:03d}-{row['shard']}", "path": f"../{src.name}/{row['path']}"})
+            # Hard links: a dataset's paths stay inside its root (docs/security.md), and
+            # the copies cost no disk.
+            path = f"shards/{r:03d}-{Path(row['path']).name}"
+            os.link(src / row["path"], dest / path)
+            rows.append({**row, "shard": f"{r:03d}-{row['shard']}", "path": path})
     meta["shards"] = len(rows)
     meta["totals"] = {k: v * REPEAT for k, v in meta["totals"].items()}
-    dest.mkdir()
     (dest / "codec").mkdir()
     if meta.get("codec_state"):
         (dest / meta["codec_state"]).write_bytes((src / meta["codec_state"]).read_bytes())
