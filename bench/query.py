@@ -36,8 +36,11 @@ LABELS_PER_SHARD = 50
 
 
 def synthesise(root: Path) -> None:
+    from tokshard.pipeline.format.layout import DatasetLayout
     from tokshard.pipeline.format.manifest import write_manifest
-    from tokshard.pipeline.storage import filesystem
+    from tokshard.pipeline.format.shards import EncodedSample, get_format
+    from tokshard.pipeline.storage import sha256
+    from tokshard.schemas.records import DatasetRecord, ShardEntry, TokenizerRecord
     from tokshard.schemas.v1 import LABELS, SAMPLES
     from tokshard.schemas.v1 import SHARDS as SHARD_SCHEMA
     rng = np.random.default_rng(0)
@@ -46,7 +49,7 @@ def synthesise(root: Path) -> None:
     names = [f"{s:06d}" for s in range(SHARDS)]
     cols = {
         "shard": names, "path": [f"shards/{n}.parquet" for n in names], "format": ["parquet"] * SHARDS,
-        "codec": ["rans-ctx"] * SHARDS, "codec_version": [1] * SHARDS, "samples": [PER_SHARD] * SHARDS,
+        "codec": ["zstd"] * SHARDS, "codec_version": [1] * SHARDS, "samples": [PER_SHARD] * SHARDS,
         "tokens": [PER_SHARD * 256] * SHARDS, "raw_bytes": [PER_SHARD * 512] * SHARDS,
         "payload_bytes": (stored - 600_000).tolist(), "stored_bytes": stored.tolist(),
         "source_bytes": rng.integers(300_000_000, 500_000_000, SHARDS).tolist(),
@@ -57,12 +60,25 @@ def synthesise(root: Path) -> None:
         "skipped_by_reason": [[{"reason": "decode_error", "count": int(k)}] for k in skipped],
         "key_min": [f"{n}0000" for n in names], "key_max": [f"{n}{PER_SHARD - 1:04d}" for n in names],
     }
+    # The indexed shards exist for real: `lookup` checks the key it returns against its shard.
+    indexed_shards = np.linspace(0, SHARDS - 1, INDEXED).astype(int)
+    (root / "shards").mkdir()
+    tokens = np.zeros(256, np.uint16)
+    for s in indexed_shards:
+        n = names[s]
+        data, _ = get_format("parquet").write(
+            [EncodedSample(f"{n}{i:04d}", b"\0", tokens, None, None, 256, 256, "", None) for i in range(PER_SHARD)],
+            "zstd", (16, 16), np.dtype(np.uint16), {})
+        (root / cols["path"][s]).write_bytes(data)
+        cols["sha256"][s], cols["stored_bytes"][s] = sha256(data), len(data)
     table = pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
-    fs, dest = filesystem(str(root))
-    dataset = {"format": "parquet", "shards": SHARDS, "totals": {"samples": SHARDS * PER_SHARD},
-               "labels": "labels.parquet",
-               "tokenizer": {"tokenizer_id": "kmeans-vq/1", "vocab_size": 1024}}
-    write_manifest(fs, dest, table.to_pylist(), dataset)
+    record = DatasetRecord(
+        tokshard_version="bench", format="parquet", codec={"name": "zstd", "version": 1},
+        tokenizer=TokenizerRecord(name="kmeans-vq", tokenizer_id="kmeans-vq/1", tokenizer_config_hash="c" * 64,
+                                  codebook_hash="b" * 64, config={}, vocab_size=1024, path="tokenizer"),
+        grid=[16, 16], token_dtype="uint16", job_hash="", shards=SHARDS,
+        totals={"samples": SHARDS * PER_SHARD}, skipped_by_reason={}, labels="labels.parquet")
+    write_manifest(DatasetLayout.at(str(root)), [ShardEntry(**r) for r in table.to_pylist()], record)
     # labels.parquet: each shard holds LABELS_PER_SHARD of 1,000 classes (ImageNet-like).
     shard_col = np.repeat(np.array(names, dtype=object), LABELS_PER_SHARD)
     label_col = (np.arange(SHARDS)[:, None] * 7 + np.arange(LABELS_PER_SHARD)[None, :]) % 1000
@@ -71,7 +87,7 @@ def synthesise(root: Path) -> None:
         "count": np.full(SHARDS * LABELS_PER_SHARD, PER_SHARD // LABELS_PER_SHARD)}, schema=LABELS),
         root / "labels.parquet", compression="zstd")
     (root / "samples").mkdir()
-    for s in np.linspace(0, SHARDS - 1, INDEXED).astype(int):
+    for s in indexed_shards:
         n = names[s]
         pq.write_table(pa.Table.from_pydict({
             "key": [f"{n}{i:04d}" for i in range(PER_SHARD)], "shard": [n] * PER_SHARD,

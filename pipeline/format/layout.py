@@ -23,6 +23,7 @@ what the path points to outside.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ TOKENIZER_DIR = "tokenizer"
 WORK_DIR = "_work"
 JOB_SPEC = f"{WORK_DIR}/job.json"
 RECEIPTS_DIR = f"{WORK_DIR}/units"
+
+
+# Anything `resolve` could refuse contains one of these: an empty, "." or ".." part,
+# a backslash, a colon, a NUL.
+_SUSPICIOUS = r"\.\.|//|^/|/$|^\./|/\./|/\.$|^\.$|\\|:|\x00"
 
 
 def shard_name(unit_index: int) -> str:
@@ -95,6 +101,25 @@ class DatasetLayout:
                 raise ManifestError(f"{field}: {rel!r:.200} is a symbolic link (or under one) that "
                                     "leaves the dataset root")
         return path
+
+    def check_paths(self, paths: list[Any], field: Callable[[int], str]) -> None:
+        """`resolve(paths[i], field(i), follow_links=False)` for every i, in one vectorised pass:
+        a manifest of 200,000 shards is checked in milliseconds, not seconds. The pass flags
+        a superset of what `resolve` refuses; `resolve` judges (and words) each flagged one."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        try:
+            column = pa.array(paths, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            column = None
+        if column is None:
+            flagged = [i for i, p in enumerate(paths) if not isinstance(p, str)]
+        else:
+            suspicious = pc.match_substring_regex(column, _SUSPICIOUS)
+            suspicious = pc.or_kleene(pc.fill_null(suspicious, True), pc.equal(pc.utf8_length(column), 0))
+            flagged = pc.indices_nonzero(pc.fill_null(suspicious, True)).to_pylist()
+        for i in flagged:
+            self.resolve(paths[i], field(i), follow_links=False)
 
     def resolve_tree(self, rel: Any, field: str = "path") -> str:
         """`rel`, a folder (the tokenizer copy), resolved like `resolve`, and every entry

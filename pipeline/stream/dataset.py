@@ -14,6 +14,8 @@ from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyarrow import ArrowException
 
 from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, UsageError
@@ -104,35 +106,41 @@ class TokenDataset:
         self.sample_shape = info.stored_shape()
         self.tokens_per_sample = int(np.prod(self.sample_shape))
         try:
-            cols = self.manifest.select(["shard", "path", "sha256", "samples", "stored_bytes"]).to_pydict()
+            table = self.manifest.select(["shard", "path", "sha256", "samples", "stored_bytes"])
+            if any(table.column(c).null_count for c in table.column_names):
+                raise ValueError("null entries")
+            if not all(pa.types.is_integer(table.schema.field(c).type) for c in ("samples", "stored_bytes")):
+                raise ValueError("samples and stored_bytes must be integer columns")
+            cols = table.select(["shard", "path", "sha256"]).to_pydict()
             self.shard_names: list[str] = cols["shard"]
             self.shard_paths: list[str] = cols["path"]
             self.shard_sha256: list[str] = cols["sha256"]
-            # Counts are summed as Python ints, before any int64 array: a sum that would wrap
-            # (to 0: an empty epoch; to a negative length) is refused, never computed.
-            for name, n in zip(cols["shard"], cols["samples"]):
-                if type(n) is not int or n < 0:
-                    raise ManifestError(f"{url}: manifest shard {name!r:.40}: samples is {n!r:.40}, "
-                                        "not a non-negative integer")
-            total = sum(cols["samples"])
-            if total > MAX_SAMPLES:
-                raise ManifestError(f"{url}: the manifest's shards hold {total} samples in all (column samples), "
-                                    f"more than the {MAX_SAMPLES} a dataset may hold")
-            self.shard_sizes = np.asarray(cols["samples"], dtype=np.int64)
-            self.shard_bytes = np.asarray(cols["stored_bytes"], dtype=np.int64)
-            if any(v is None for c in cols.values() for v in c) or (self.shard_sizes < 0).any():
-                raise ValueError("null or negative entries")
+            sizes = table.column("samples").to_numpy()
+            self.shard_bytes = np.array(table.column("stored_bytes").to_numpy(), dtype=np.int64)
         except (KeyError, TypeError, ValueError, OverflowError, UnicodeDecodeError, ArrowException) as e:
             raise ManifestError(f"{url}: the manifest's shard table is damaged ({type(e).__name__}: {e})") from None
+        negative = np.flatnonzero(sizes < 0)
+        if len(negative):
+            name = self.shard_names[int(negative[0])]
+            raise ManifestError(f"{url}: manifest shard {name!r:.40}: samples is {int(sizes[negative[0]])}, "
+                                "not a non-negative integer")
+        # A sum that would wrap int64 (to 0: an empty epoch; to a negative length) is refused, never
+        # computed: the float sum bounds it first, then the exact sum cannot overflow.
+        if float(sizes.sum(dtype=np.float64)) > MAX_SAMPLES:
+            raise ManifestError(f"{url}: the manifest's shards hold more than the {MAX_SAMPLES} samples a "
+                                "dataset may hold (column samples)")
+        self.shard_sizes = sizes.astype(np.int64)
+        total = int(self.shard_sizes.sum())
         declared = info.totals.get("samples")
         if type(declared) is not int or declared != total:
             raise ManifestError(f"{url}: record.totals.samples is {declared!r:.40}, the manifest's shards "
                                 f"hold {total} (column samples)")
         # Every path the shard table names stays inside the root (lexically here; links when read).
-        for name, rel in zip(self.shard_names, self.shard_paths):
-            self._layout.resolve(rel, f"manifest shard {name!r:.40}: path", follow_links=False)
-            self._layout.resolve(self._layout.index_rel(name), f"manifest shard {name!r:.40}: name",
-                                 follow_links=False)
+        names = self.shard_names
+        self._layout.check_paths(self.shard_paths, lambda i: f"manifest shard {names[i]!r:.40}: path")
+        index_paths = pc.binary_join_element_wise(pa.scalar(self._layout.index_rel("")[:-len(".parquet")]),
+                                                  table.column("shard"), pa.scalar(".parquet"), "")
+        self._layout.check_paths(index_paths.to_pylist(), lambda i: f"manifest shard {names[i]!r:.40}: name")
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
