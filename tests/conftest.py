@@ -3,12 +3,17 @@ every supported source kind."""
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.pipeline.sample_data import jpeg_bytes, sample_images, write_img2dataset_shards
+from tokshard.schemas.v1 import METADATA_KEY
 from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
 
 RES = 64
@@ -144,3 +149,31 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     fs.mkdir(name)
     return fs, name, s3_server
+
+
+def rewrite_manifest(ds: Path, rows=None, record=None) -> None:
+    """Tamper with a dataset's manifest: `rows(list of shard-row dicts)` and `record(dict)`
+    edit them in place before it is written back."""
+    table = pq.read_table(ds / "manifest.parquet")
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    pylist = table.to_pylist()
+    if rows:
+        rows(pylist)
+    if record:
+        record(meta)
+    out = pa.Table.from_pylist(pylist, schema=table.schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()}))
+    pq.write_table(out, ds / "manifest.parquet")
+
+
+def break_one_payload(shard: Path, row: int) -> int:
+    """Cut two bytes off the coded payload of `row` in a Parquet shard: the file still parses
+    (its checksum is then the tamperer's business), the codec catches the payload. Returns the
+    file's new size."""
+    table = pq.read_table(shard)
+    tokens = table.column("tokens").to_pylist()
+    tokens[row] = tokens[row][:-2]
+    table = table.set_column(1, table.schema.field("tokens"), pa.array(tokens, pa.binary()))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    shard.write_bytes(buf.getvalue())
+    return len(buf.getvalue())

@@ -1,21 +1,18 @@
 """tokshard.open: reading what the manifest promises, and typed errors when a
 shard or the manifest does not hold its promise."""
 
-import io
-import json
 import os
 import time
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from conftest import break_one_payload, rewrite_manifest
 
 import tokshard
 from tokshard.errors import CodecError, ManifestError, ShardError
 from tokshard.pipeline.storage import TMP_MARK
 from tokshard.pipeline.stream.shard_cache import STALE_TMP_S, ShardCache
-from tokshard.schemas.v1 import METADATA_KEY
 
 
 @pytest.fixture()
@@ -30,12 +27,7 @@ def dataset_copy(tmp_path, loader_datasets):
 
 
 def rewrite_record(root, **changes):
-    path = root / "manifest.parquet"
-    table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[METADATA_KEY])
-    for k, v in changes.items():
-        meta[k] = v
-    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()}), path)
+    rewrite_manifest(root, record=lambda meta: meta.update(changes))
 
 
 def all_ids(loader):
@@ -121,17 +113,9 @@ def test_a_corrupt_coded_payload_names_shard_and_sample(dataset_copy):
     # A payload that is wrong although the file's checksum matches (a writer bug,
     # or a tampered manifest): the codec catches it, and the error says where.
     root = dataset_copy()
-    shard = root / "shards" / "000000.parquet"
-    table = pq.read_table(shard)
-    tokens = table.column("tokens").to_pylist()
-    tokens[5] = tokens[5][:-2]
-    import pyarrow as pa
-    table = table.set_column(1, table.schema.field("tokens"), pa.array(tokens, pa.binary()))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    shard.write_bytes(buf.getvalue())
+    size = break_one_payload(root / "shards" / "000000.parquet", 5)
     ds = tokshard.open(root, verify=False)
-    ds.shard_bytes[0] = len(buf.getvalue())
+    ds.shard_bytes[0] = size
     with pytest.raises(ShardError, match="shard 000000: sample row 5"):
         all_ids(ds.loader(16, rank=0, world_size=1, shuffle=False))
 

@@ -1,13 +1,11 @@
 """Typed errors across process boundaries: every tokshard error pickles with its
 fields, and one raised in a DataLoader worker reaches the training loop as itself."""
 
-import io
 import pickle
 import shutil
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import break_one_payload
 
 import tokshard
 import tokshard.errors as errors
@@ -87,16 +85,9 @@ def corrupt_one_payload(root):
     # The file parses but one coded payload does not decode: raised while a
     # worker builds the batch holding that sample, not while every worker reads
     # the shard.
-    shard = root / "shards" / "000004.parquet"
-    table = pq.read_table(shard)
-    tokens = table.column("tokens").to_pylist()
-    tokens[5] = tokens[5][:-2]
-    table = table.set_column(1, table.schema.field("tokens"), pa.array(tokens, pa.binary()))
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    shard.write_bytes(buf.getvalue())
+    size = break_one_payload(root / "shards" / "000004.parquet", 5)
     ds = tokshard.open(root, verify=False)
-    ds.shard_bytes[4] = len(buf.getvalue())
+    ds.shard_bytes[4] = size
     return ds, "000004", "sample row 5"
 
 

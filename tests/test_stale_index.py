@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import rewrite_manifest
 
 import tokshard
 from tokshard.errors import ManifestError, ShardError
@@ -40,18 +41,6 @@ def ds(tmp_path) -> Path:
     dest = tmp_path / "root" / "ds"
     shutil.copytree(GOLDEN / "parquet-rans", dest)
     return dest
-
-
-def _rewrite_manifest(ds: Path, rows=None, record=None) -> None:
-    table = pq.read_table(ds / "manifest.parquet")
-    meta = json.loads(table.schema.metadata[b"tokshard"])
-    pylist = table.to_pylist()
-    if rows:
-        rows(pylist)
-    if record:
-        record(meta)
-    out = pa.Table.from_pylist(pylist, schema=table.schema.with_metadata({b"tokshard": json.dumps(meta).encode()}))
-    pq.write_table(out, ds / "manifest.parquet")
 
 
 def _rewrite_index(ds: Path, shard: str, change) -> None:
@@ -227,12 +216,12 @@ def test_counts_that_overflow_are_refused_at_open(ds):
     def counts(rows):
         for r, n in zip(rows, sizes):
             r["samples"] = n
-    _rewrite_manifest(ds, rows=counts, record=lambda rec: rec["totals"].update(samples=sum(sizes)))
+    rewrite_manifest(ds, rows=counts, record=lambda rec: rec["totals"].update(samples=sum(sizes)))
     with pytest.raises(ManifestError, match="column samples"):
         tokshard.open(str(ds))
     # Just over the cap, and just under (then the totals decide).
     shutil.copy(GOLDEN / "parquet-rans" / "manifest.parquet", ds / "manifest.parquet")
-    _rewrite_manifest(ds, rows=lambda rows: rows[0].update(samples=2**48),
+    rewrite_manifest(ds, rows=lambda rows: rows[0].update(samples=2**48),
                       record=lambda rec: rec["totals"].update(samples=2**48 + 3))
     with pytest.raises(ManifestError, match="more than"):
         tokshard.open(str(ds))
@@ -240,7 +229,7 @@ def test_counts_that_overflow_are_refused_at_open(ds):
 
 @pytest.mark.parametrize("samples", [-1, -(2**63)])
 def test_a_negative_count_is_refused_at_open(ds, samples):
-    _rewrite_manifest(ds, rows=lambda rows: rows[1].update(samples=samples))
+    rewrite_manifest(ds, rows=lambda rows: rows[1].update(samples=samples))
     with pytest.raises(ManifestError, match="manifest shard '000001': samples"):
         tokshard.open(str(ds))
 
@@ -250,18 +239,18 @@ def test_totals_that_disagree_with_the_shards_are_refused_at_open(ds, totals):
     def change(rec):
         del rec["totals"]["samples"]
         rec["totals"].update(totals)
-    _rewrite_manifest(ds, record=change)
+    rewrite_manifest(ds, record=change)
     with pytest.raises(ManifestError, match="record.totals.samples"):
         tokshard.open(str(ds))
 
 
 def test_a_count_that_disagrees_with_the_totals_is_refused_at_open(ds):
     # One shard claims a sample more than it holds; the record's totals still say 8.
-    _rewrite_manifest(ds, rows=lambda rows: rows[0].update(samples=6))
+    rewrite_manifest(ds, rows=lambda rows: rows[0].update(samples=6))
     with pytest.raises(ManifestError, match="record.totals.samples is 8, the manifest's shards hold 9"):
         tokshard.open(str(ds))
     # Both changed consistently: it opens, and reading the shard finds the lie.
-    _rewrite_manifest(ds, record=lambda rec: rec["totals"].update(samples=9))
+    rewrite_manifest(ds, record=lambda rec: rec["totals"].update(samples=9))
     d = tokshard.open(str(ds))
     assert len(d) == 9
     with pytest.raises(ShardError, match="holds 5 samples, the manifest says 6"):

@@ -13,9 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import rewrite_manifest
 
 import tokshard
 from tokshard.errors import ManifestError, ShardError
@@ -54,18 +53,6 @@ def world(tmp_path):
     return ds, canary
 
 
-def _rewrite_manifest(ds: Path, rows=None, record=None) -> None:
-    table = pq.read_table(ds / "manifest.parquet")
-    meta = json.loads(table.schema.metadata[b"tokshard"])
-    pylist = table.to_pylist()
-    if rows:
-        rows(pylist)
-    if record:
-        record(meta)
-    out = pa.Table.from_pylist(pylist, schema=table.schema.with_metadata({b"tokshard": json.dumps(meta).encode()}))
-    pq.write_table(out, ds / "manifest.parquet")
-
-
 def _check_untouched(canary: Path, before: bytes, opened: list[str]) -> None:
     assert canary.read_bytes() == before
     assert not [p for p in opened if os.path.realpath(p) == os.path.realpath(canary)]
@@ -76,7 +63,7 @@ def _check_untouched(canary: Path, before: bytes, opened: list[str]) -> None:
 def test_a_shard_path_that_leaves_the_root_is_refused_at_open(world, path):
     ds, canary = world
     before = canary.read_bytes()
-    _rewrite_manifest(ds, rows=lambda rows: rows[0].update(path=path))
+    rewrite_manifest(ds, rows=lambda rows: rows[0].update(path=path))
     with Opened() as opened, pytest.raises(ManifestError, match="manifest shard '000000': path"):
         tokshard.open(str(ds))
     _check_untouched(canary, before, opened)
@@ -84,7 +71,7 @@ def test_a_shard_path_that_leaves_the_root_is_refused_at_open(world, path):
 
 def test_a_shard_name_that_leaves_the_root_is_refused(world):
     ds, canary = world
-    _rewrite_manifest(ds, rows=lambda rows: rows[0].update(shard="../../outside"))
+    rewrite_manifest(ds, rows=lambda rows: rows[0].update(shard="../../outside"))
     with pytest.raises(ManifestError, match="name"):
         tokshard.open(str(ds))
 
@@ -118,7 +105,7 @@ def test_a_symlinked_folder_inside_the_root_is_fine(world):
 def test_a_record_path_that_leaves_the_root_is_refused(world, field, value):
     ds, canary = world
     before = canary.read_bytes()
-    _rewrite_manifest(ds, record=lambda rec: rec.update({field: value}))
+    rewrite_manifest(ds, record=lambda rec: rec.update({field: value}))
     with Opened() as opened, pytest.raises(ManifestError, match=f"record.{field}"):
         tokshard.open(str(ds))
     _check_untouched(canary, before, opened)
@@ -128,7 +115,7 @@ def test_a_tokenizer_path_that_leaves_the_root_is_refused(world, tmp_path):
     ds, canary = world
     outside = tmp_path / "root" / "tok"
     shutil.copytree(ds / "tokenizer", outside)
-    _rewrite_manifest(ds, record=lambda rec: rec["tokenizer"].update(path="../tok"))
+    rewrite_manifest(ds, record=lambda rec: rec["tokenizer"].update(path="../tok"))
     d = tokshard.open(str(ds))
     with Opened() as opened, pytest.raises(ManifestError, match="record.tokenizer.path"):
         d.tokenizer()
@@ -141,7 +128,7 @@ def test_wrong_types_in_the_record_are_one_typed_error(world):
                    lambda r: r.update(totals={"samples": "8"}), lambda r: r.update(views=[1, 2]),
                    lambda r: r.update(codec=["zstd"]), lambda r: r.update(tokenizer=None)):
         shutil.copy(GOLDEN / "parquet-rans" / "manifest.parquet", ds / "manifest.parquet")
-        _rewrite_manifest(ds, record=tamper)
+        rewrite_manifest(ds, record=tamper)
         with pytest.raises(ManifestError, match="field"):
             tokshard.open(str(ds))
 
@@ -196,7 +183,7 @@ def test_verify_reports_paths_that_leave_the_root_and_repair_writes_the_shard_wh
     shard = ds / "shards" / "000001.parquet"
     shard.unlink()
     shard.symlink_to(canary)
-    _rewrite_manifest(ds, rows=lambda rows: rows[2].update(path="../outside.parquet"))
+    rewrite_manifest(ds, rows=lambda rows: rows[2].update(path="../outside.parquet"))
     with Opened() as opened:
         checked, problems = verify(str(ds))
     assert checked == 3

@@ -17,7 +17,7 @@ from tokshard.errors import CodecError, JobError, ManifestError, UsageError
 from tokshard.pipeline.convert.config import CHOICES, DEFAULT_TOKENIZER, ConvertConfig
 from tokshard.pipeline.convert.decode import DecodeConfig
 from tokshard.pipeline.convert.default_tokenizer import default_artifact
-from tokshard.pipeline.convert.engines import get_engine
+from tokshard.pipeline.convert.engines import engine_class
 from tokshard.pipeline.convert.engines.base import EngineJob
 from tokshard.pipeline.convert.engines.retry import RetryPolicy, UnitFailure
 from tokshard.pipeline.convert.select import check_predicate
@@ -136,8 +136,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         else:
             committed[unit.index] = receipt
     progress = _Progress(len(units), len(committed), quiet)
-    engine = get_engine(cfg.engine, **({"address": cfg.address, "encoders": cfg.encoders,
-                                        "gpus_per_encoder": cfg.gpus_per_encoder} if cfg.engine == "ray" else {}))
+    engine = engine_class(cfg.engine).from_config(cfg)
     job = EngineJob(ctx=ctx, tokenizer=tok, tokenizer_name=cfg.tokenizer,
                     tokenizer_options={k: v for k, v in opts.items() if k != "path"},
                     retry=RetryPolicy(cfg.retries))

@@ -254,9 +254,8 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     codes = (np.concatenate([b.codes for b in batches]) if batches
              else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
     payloads = codec.encode_batch(list(codes)) if len(codes) else []
-    # Sources arrive redacted; redacting again is a no-op that keeps it so for any reader.
-    source = {s: redact_url(s) for s in {rec.source for rec, _, _ in kept}}
-    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, source[rec.source], rec.meta)
+    # rec.source is already redacted: the source readers (sources.py) are the one place that does it.
+    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
                for (rec, w, h), p, c in zip(kept, payloads, codes)]
     identity = info.identity
     name = shard_name(unit.index)

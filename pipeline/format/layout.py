@@ -75,6 +75,13 @@ class DatasetLayout:
         return f"{INDEX_DIR}/{name}.parquet"
 
     @staticmethod
+    def index_rels(names: Any) -> list[str]:
+        """`index_rel` of every name of an Arrow string column, in one vectorised pass."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        return pc.binary_join_element_wise(pa.scalar(f"{INDEX_DIR}/"), names, pa.scalar(".parquet"), "").to_pylist()
+
+    @staticmethod
     def receipt_rel(name: str) -> str:
         return f"{RECEIPTS_DIR}/{name}.json"
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyarrow import ArrowException
 
 from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, UsageError
@@ -138,9 +137,8 @@ class TokenDataset:
         # Every path the shard table names stays inside the root (lexically here; links when read).
         names = self.shard_names
         self._layout.check_paths(self.shard_paths, lambda i: f"manifest shard {names[i]!r:.40}: path")
-        index_paths = pc.binary_join_element_wise(pa.scalar(self._layout.index_rel("")[:-len(".parquet")]),
-                                                  table.column("shard"), pa.scalar(".parquet"), "")
-        self._layout.check_paths(index_paths.to_pylist(), lambda i: f"manifest shard {names[i]!r:.40}: name")
+        self._layout.check_paths(self._layout.index_rels(table.column("shard")),
+                                 lambda i: f"manifest shard {names[i]!r:.40}: name")
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)

@@ -75,13 +75,16 @@ class ShardCache:
         return data
 
     def discard(self, sha256: str, ext: str) -> None:
-        path = self.path(sha256, ext)
+        self._unlink(self.path(sha256, ext), "cannot remove")
+
+    def _unlink(self, path: str, what: str) -> None:
+        """Remove a copy; one already gone (another process evicted it) is no error."""
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise self._error("cannot remove", path, e) from e
+            raise self._error(what, path, e) from e
 
     def put(self, sha256: str, ext: str, data: bytes) -> None:
         """Store `data` as the copy of `sha256` (whole or not at all), then evict down to the bound.
@@ -180,10 +183,5 @@ class ShardCache:
                 break
             if path == keep:
                 continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise self._error("cannot evict", path, e) from e
+            self._unlink(path, "cannot evict")
             total -= size

@@ -25,13 +25,19 @@ ENGINES: dict[str, str] = {
 }
 
 
-def get_engine(name: str, **settings: Any) -> Engine:
-    """The engine `name`, built with its own settings (e.g. Ray's `address`)."""
+def engine_class(name: str) -> type[Engine]:
+    """The engine class registered as `name`."""
     target = ENGINES.get(name)
     if target is None:
         raise UsageError(f"unknown engine {name!r} (one of {', '.join(ENGINES)})")
     module, _, cls = target.partition(":")
-    return getattr(import_module(module), cls)(**settings)
+    engine: type[Engine] = getattr(import_module(module), cls)
+    return engine
 
 
-__all__ = ["ENGINES", "get_engine"]
+def get_engine(name: str, **settings: Any) -> Engine:
+    """The engine `name`, built with its own settings (e.g. Ray's `address`)."""
+    return engine_class(name)(**settings)
+
+
+__all__ = ["ENGINES", "engine_class", "get_engine"]

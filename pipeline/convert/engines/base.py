@@ -11,13 +11,16 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tokshard.pipeline.convert.engines.retry import RetryPolicy, UnitFailure
 from tokshard.pipeline.convert.sources import WorkUnit
 from tokshard.pipeline.convert.stages import UnitContext
 from tokshard.schemas.records import Receipt
 from tokshard.tokenizers.base import Tokenizer
+
+if TYPE_CHECKING:  # config imports the engine registry
+    from tokshard.pipeline.convert.config import ConvertConfig
 
 OnReceipt = Callable[[Receipt], None]
 OnFailure = Callable[[WorkUnit, UnitFailure], None]
@@ -36,6 +39,11 @@ class EngineJob:
 
 class Engine(abc.ABC):
     name: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, cfg: ConvertConfig) -> Engine:
+        """The engine with the settings `cfg` has for it (none, unless the engine says so)."""
+        return cls()
 
     @abc.abstractmethod
     def run(self, units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failure: OnFailure) -> None:

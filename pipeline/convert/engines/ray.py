@@ -48,6 +48,7 @@ from tokshard.tokenizers.base import Tokenizer, TokenizerIdentity, artifact_file
 if TYPE_CHECKING:  # Ray is an optional dependency: imported only when this engine runs
     from ray import ObjectRef, ObjectRefGenerator
 
+    from tokshard.pipeline.convert.config import ConvertConfig
     from tokshard.schemas.records import Receipt
 
 ENCODER_CPUS = 0.5     # fractional: actors holding every CPU would starve the decode tasks
@@ -169,6 +170,10 @@ class RayEngine(Engine):
 
     def __init__(self, address: str | None = None, encoders: int = 0, gpus_per_encoder: float | None = None):
         self.address, self.encoders, self.gpus_per_encoder = address, encoders, gpus_per_encoder
+
+    @classmethod
+    def from_config(cls, cfg: ConvertConfig) -> RayEngine:
+        return cls(address=cfg.address, encoders=cfg.encoders, gpus_per_encoder=cfg.gpus_per_encoder)
 
     def run(self, units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt, on_failure: OnFailure) -> None:
         if units:
