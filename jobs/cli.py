@@ -107,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", default=default("format"), choices=CHOICES["format"])
     d.add_argument("--codec", default=default("codec"), choices=CHOICES["codec"])
 
-    v = sub.add_parser("preview", help="originals beside reconstructions from the stored tokens, with PSNR")
+    from tokshard.pipeline.tools.preview import ORIGINALS_HELP, SOURCES_HELP
+    v = sub.add_parser("preview", help="reconstructions from the stored tokens (beside the originals, with PSNR, "
+                                       "with --originals or --sources)")
     v.add_argument("dataset")
-    v.add_argument("--out", required=True, help="PNG to write (originals on top, reconstructions below)")
+    v.add_argument("--out", required=True, help="PNG to write (originals on top when read, reconstructions below)")
     v.add_argument("-n", type=int, default=PREVIEW_SAMPLES, help=f"samples to show (default {PREVIEW_SAMPLES})")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP)
+    vo = v.add_mutually_exclusive_group()
+    vo.add_argument("--originals", action="store_true", help=ORIGINALS_HELP)
+    vo.add_argument("--sources", nargs="+", metavar="URL", help=SOURCES_HELP)
 
     q = sub.add_parser("query", help="SQL (DuckDB) over a dataset's views: shards, samples, dataset")
     q.add_argument("dataset")
@@ -126,8 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--format", default=OUTPUT_FORMATS[0], choices=OUTPUT_FORMATS)
     k.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
-    r = sub.add_parser("verify", help="check every shard's existence, size and sha256 against the manifest")
+    r = sub.add_parser("verify", help="check that the dataset holds exactly what its manifest says: every file's "
+                       "size and sha256, every shard parsed and decoded, every index row against its shard")
     r.add_argument("dataset")
+    r.add_argument("--quick", action="store_true",
+                   help="files only: sizes and sha256s, stray files (no shard is parsed or decoded)")
     r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
     r.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP + " (--repair loads it)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
@@ -138,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("-n", type=int, default=PREVIEW_SAMPLES,
                    help=f"samples in the preview grid (default {PREVIEW_SAMPLES})")
     h.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP)
+    ho = h.add_mutually_exclusive_group()
+    ho.add_argument("--originals", action="store_true", help=ORIGINALS_HELP)
+    ho.add_argument("--sources", nargs="+", metavar="URL", help=SOURCES_HELP)
 
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
@@ -208,19 +219,23 @@ def _cmd_preview(a: argparse.Namespace) -> int:
     import math
 
     import tokshard
-    from tokshard.pipeline.tools.preview import grid_png, reconstruct
+    from tokshard.pipeline.tools.preview import announce_sources, grid_png, reconstruct
     if a.n < 1:
         raise UsageError("-n must be at least 1")
-    result = reconstruct(tokshard.open(a.dataset, trust_tokenizer_code=a.trust_tokenizer_code), a.n, a.seed)
+    originals = a.sources or a.originals
+    result = reconstruct(tokshard.open(a.dataset, trust_tokenizer_code=a.trust_tokenizer_code), a.n, a.seed,
+                         originals=originals, announce=announce_sources if a.originals else None)
     with open(a.out, "wb") as f:
         f.write(grid_png(result))
     scores = [s for s in result["psnr"] if s is not None]
     for key, score in zip(result["keys"], result["psnr"]):
-        print(f"{key}\t{'original not found' if score is None else f'{score:.2f} dB'}")
+        missing = "original not found" if originals else "no original"
+        print(f"{key}\t{missing if score is None else f'{score:.2f} dB'}")
     mean = sum(s for s in scores if math.isfinite(s)) / max(1, sum(map(math.isfinite, scores)))
     print(f"{result['tokenizer']}: mean PSNR {mean:.2f} dB over {len(scores)} of {len(result['keys'])} "
-          f"samples -> {a.out}" if scores else
-          f"{result['tokenizer']}: originals not reachable (sources moved?); reconstructions only -> {a.out}")
+          f"samples -> {a.out}" if scores else f"{result['tokenizer']}: reconstructions only -> {a.out}")
+    if not scores:
+        print(f"tokshard: {result['originals_note'] or 'no original found in the sources'}", file=sys.stderr)
     return 0
 
 
@@ -244,11 +259,11 @@ def _cmd_lookup(a: argparse.Namespace) -> int:
 def _cmd_verify(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.verify import repair, verify
     opts = _storage_options(a.storage_opt)
-    checked, problems = verify(a.dataset, opts)
+    checked, problems = verify(a.dataset, opts, quick=a.quick)
     for p in problems:
         print(f"{p.path}" + (f" (shard {p.shard})" if p.unit >= 0 else "") + f": {p.what}")
     if not problems:
-        print(f"ok: {checked} shards match the manifest")
+        print(f"ok: {checked} shards match the manifest" + (" (files only: --quick)" if a.quick else ""))
         return 0
     bad = len({p.shard for p in problems if p.unit >= 0})
     if not a.repair:
@@ -257,16 +272,21 @@ def _cmd_verify(a: argparse.Namespace) -> int:
               + " (re-run with --repair)")
         return 1
     repair(a.dataset, problems, opts, trust_tokenizer_code=a.trust_tokenizer_code)
-    _, still = verify(a.dataset, opts)
+    _, still = verify(a.dataset, opts, quick=a.quick)
     print(f"repaired {len(problems) - len(still)} of {len(problems)} problem(s)"
           + ("" if not still else f"; still bad: {', '.join(p.path for p in still)}"))
     return 1 if still else 0
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
+    from tokshard.pipeline.tools.preview import ORIGINALS_HINT, announce_sources
     from tokshard.pipeline.tools.report import write_report
-    write_report(a.dataset, a.out, a.n, trust_tokenizer_code=a.trust_tokenizer_code)
+    originals = a.sources or a.originals
+    write_report(a.dataset, a.out, a.n, trust_tokenizer_code=a.trust_tokenizer_code, originals=originals,
+                 announce=announce_sources if a.originals else None)
     print(f"report: {a.out}")
+    if not originals:
+        print(f"tokshard: {ORIGINALS_HINT}", file=sys.stderr)
     return 0
 
 

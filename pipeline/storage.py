@@ -71,7 +71,17 @@ def read_parquet_bytes(data: bytes, columns: list[str] | None = None,
     import pyarrow.parquet as pq
     buf = pa.allocate_buffer(len(data))
     memoryview(buf).cast("B")[:] = data
-    return pq.read_table(pa.BufferReader(buf), columns=columns, filters=filters)
+    if filters is not None:
+        return pq.read_table(pa.BufferReader(buf), columns=columns, filters=filters)
+    # Without filters, the file reader itself: ~3x faster than read_table on the small files
+    # a sample index or label table is (no dataset machinery). It ignores a column it does not
+    # have, where read_table refuses one: refused here the same way.
+    reader = pq.ParquetFile(pa.BufferReader(buf))
+    if columns is not None:
+        missing = [c for c in columns if c not in reader.schema_arrow.names]
+        if missing:
+            raise pa.ArrowInvalid(f"No match for column(s) {missing} in the Parquet file")
+    return reader.read(columns=columns)
 
 
 def sha256(data: bytes) -> str:

@@ -42,11 +42,41 @@ def _ints(value: Any, where: str, name: str, *, optional: bool = False) -> list[
     return list(value)
 
 
+def _file_map(value: Any, where: str, name: str) -> dict[str, FileDigest]:
+    _check(value, dict, where, name)
+    return {k: FileDigest.from_dict(v, where, f"{name}[{k!r:.80}]") for k, v in value.items()}
+
+
 def _count_map(value: Any, where: str, name: str) -> dict[str, int]:
     _check(value, dict, where, name)
     for k, v in value.items():
         _check(v, int, where, f"{name}.{k}")
     return dict(value)
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """What a reader checks a file against before it trusts its bytes (schema 1.3): its
+    size, known before the read (so the read is bounded), then its sha256."""
+    size: int                   # stored as "bytes"
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def of(cls, data: bytes) -> FileDigest:
+        import hashlib
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, name: str) -> FileDigest:
+        _check(d, dict, where, name)
+        size = _check(d.get("bytes"), int, where, f"{name}.bytes")
+        digest = _check(d.get("sha256"), str, where, f"{name}.sha256")
+        if size < 0 or len(digest) != 64:
+            raise ManifestError(f"{where}: field {name!r} is not a file digest ({size} bytes, sha256 {digest!r:.70})")
+        return cls(size, digest)
 
 
 @dataclass(frozen=True)
@@ -91,6 +121,9 @@ class DatasetRecord:
     codec_state_bytes: int = 0
     labels: str | None = None           # relative to the dataset root (schema 1.2)
     schema_version: str = "1.0"
+    # Every dataset-wide file a reader trusts (codec state, label table, tokenizer copy),
+    # by its path relative to the root (schema 1.3; empty before: nothing to check).
+    files: dict[str, FileDigest] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> DatasetRecord:
@@ -122,10 +155,15 @@ class DatasetRecord:
             codec_state_bytes=_check(d.get("codec_state_bytes", 0), int, where, "codec_state_bytes"),
             labels=_check(d.get("labels"), str, where, "labels", optional=True) or None,
             schema_version=str(d.get("schema_version", "1.0")),
+            files=_file_map(d.get("files", {}), where, "files"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["files"] = {rel: digest.to_dict() for rel, digest in self.files.items()}
+        if not self.files:          # a record before schema 1.3 reads back and writes as it was
+            del d["files"]
+        return d
 
     def stored_shape(self) -> tuple[int, ...]:
         """Codes per sample: the grid, with a leading view or time axis."""
@@ -191,15 +229,24 @@ class ShardEntry:
     skipped_by_reason: list[dict[str, Any]]     # [{"reason", "count"}], reasons in sorted order
     key_min: str | None = None
     key_max: str | None = None
+    index_bytes: int | None = None      # the shard's sample-index file (schema 1.3)
+    index_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def index(self) -> FileDigest | None:
+        """What the shard's sample-index file must be; None before schema 1.3."""
+        if self.index_bytes is None or self.index_sha256 is None:
+            return None
+        return FileDigest(self.index_bytes, self.index_sha256)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ShardEntry:
         _check(d, dict, where, "shard")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d) - {"key_min", "key_max"})
+        missing = sorted(names - set(d) - {"key_min", "key_max", "index_bytes", "index_sha256"})
         if missing:
             raise ManifestError(f"{where}: shard entry lacks {missing}")
         for name in ("shard", "path", "format", "codec", "sha256"):
@@ -207,6 +254,8 @@ class ShardEntry:
         for name in ("codec_version", "samples", "tokens", "raw_bytes", "payload_bytes", "stored_bytes",
                      "source_bytes", "unit", "skipped"):
             _check(d[name], int, where, name)
+        _check(d.get("index_bytes"), int, where, "index_bytes", optional=True)
+        _check(d.get("index_sha256"), str, where, "index_sha256", optional=True)
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -6,7 +6,8 @@ adds nullable columns or metadata keys.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet
+SCHEMA_VERSION = "1.3"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet;
+                         # 1.3: shards.index_bytes/index_sha256, record.files (sizes and sha256s)
 METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
 
 
@@ -61,6 +62,8 @@ SHARDS = pa.schema([
     ("skipped_by_reason", pa.list_(SKIP)),
     ("key_min", pa.string()),               # smallest / largest sample key in the shard (byte order):
     ("key_max", pa.string()),               # routes a key lookup to one sample-index file
+    ("index_bytes", pa.int64()),            # the shard's sample-index file: size and sha256 (1.3)
+    ("index_sha256", pa.string()),
 ])
 
 # labels.parquet: how many samples of each label every shard holds (labelled samples

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tokshard
+from tokshard.errors import ShardError
 from tokshard.jobs.cli import main
 from tokshard.pipeline.tools.query import run, select_rows
 from tokshard.pipeline.tools.verify import verify
@@ -84,7 +85,7 @@ def test_verify_finds_and_repairs_bad_shards(dataset, capsys):
     (dataset / "labels.parquet").write_bytes(b"not parquet")
     checked, problems = verify(str(dataset))
     assert checked == 9 and [(p.shard, p.what.split()[0]) for p in problems] == [
-        ("000002", "missing"), ("000005", "sha256"), ("000007", "sample"), ("-", "missing")]
+        ("000002", "missing"), ("000005", "sha256"), ("000007", "sample"), ("-", "record.labels:")]
     assert main(["verify", str(dataset)]) == 1
     assert "4 problem(s): 3 of 9 shards do not match the manifest, and dataset files" in capsys.readouterr().out
     assert main(["verify", str(dataset), "--repair"]) == 0
@@ -133,4 +134,11 @@ def test_label_selections_read_only_the_shards_that_hold_the_labels(dataset):
         p.unlink()
     assert select_rows(str(dataset), wanted) == rows
     assert select_rows(str(dataset), "label = -12345") == []
-    assert {s for s, _ in select_rows(str(dataset), "key LIKE '%'")} == holding   # scans what is left
+    # Any other predicate reads every index file: a missing one is a ShardError, or, when
+    # unreadable shards are skipped, selects nothing and is named.
+    with pytest.raises(ShardError, match="sample index"):
+        select_rows(str(dataset), "key LIKE '%'")
+    unreadable: list[str] = []
+    assert {s for s, _ in select_rows(str(dataset), "key LIKE '%'", skip_unreadable=True,
+                                      unreadable=unreadable)} == holding
+    assert sorted(unreadable) == sorted(p.stem for p in others)

@@ -1,5 +1,8 @@
-"""tokshard report: a static page, rendered in headless Chromium and checked."""
+"""tokshard report: a static page, rendered in headless Chromium and checked; it reads no
+source a dataset's job spec names unless the user asks (docs/security.md)."""
 
+import math
+import os
 import re
 import shutil
 import subprocess
@@ -9,11 +12,13 @@ from html.parser import HTMLParser
 import numpy as np
 from conftest import convert_config
 from PIL import Image
+from test_preview import Opened, hostile_job_spec, opened_outside
 
 import tokshard
 from tokshard.jobs.cli import main
 from tokshard.pipeline.convert.job import convert
-from tokshard.pipeline.tools.report import token_counts
+from tokshard.pipeline.tools.preview import ORIGINALS_HINT, reconstruct
+from tokshard.pipeline.tools.report import token_counts, write_report
 
 CHROMIUM = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -40,8 +45,11 @@ def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsy
     (photo_folder / "notes.pdf").write_bytes(b"%PDF-1.4")          # one counted skip
     convert(convert_config([photo_folder], dest, tokenizer_dir, shard_size=7), quiet=True)
     out = tmp_path / "report.html"
-    assert main(["report", str(dest), "--out", str(out), "-n", "4"]) == 0
-    assert capsys.readouterr().out.strip() == f"report: {out}"
+    assert main(["report", str(dest), "--out", str(out), "-n", "4", "--originals"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"report: {out}"
+    assert captured.err == f"tokshard: reading originals from the sources the dataset's job spec names: " \
+                           f"{photo_folder}\n"
 
     # The DOM as Chromium built it (not the file as written): the charts and the preview are there.
     dom = chromium(tmp_path, "--dump-dom", out.as_uri())
@@ -77,3 +85,43 @@ def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsy
     chroma = pixels.max(-1) - pixels.min(-1)
     chart = (np.abs(pixels - (0x4a, 0x7b, 0xd0)).sum(-1) < 60) | (np.abs(pixels - (0xd0, 0x4a, 0x4a)).sum(-1) < 60)
     assert ((chroma > 60) & ~chart).sum() > 5000
+
+
+def test_report_reads_no_source_unless_asked(tmp_path, photo_folder, tokenizer_dir, capsys):
+    """The job spec names the user's private files: the default report opens nothing outside
+    the dataset root (reconstructions only, and how to get originals); with consent, or with
+    the user's own sources, the originals and PSNR are there."""
+    dest = tmp_path / "ds"
+    convert(convert_config([photo_folder], dest, tokenizer_dir), quiet=True)
+    private = tmp_path / "private"
+    shutil.copytree(photo_folder, private)
+    hostile_job_spec(dest, private)
+    out = tmp_path / "report.html"
+
+    with Opened() as opened:
+        page = write_report(str(dest), str(out), 4)
+        assert main(["report", str(dest), "--out", str(out), "-n", "3"]) == 0
+    assert opened_outside(opened, dest, out) == [] and Opened.connects == []
+    assert "preview grid" in page and "mean PSNR" not in page and "Reconstructions from the tokens" in page
+    assert "reconstructions only: originals not read" in page and "--originals" in page
+    captured = capsys.readouterr()
+    assert captured.out == f"report: {out}\n" and captured.err == f"tokshard: {ORIGINALS_HINT}\n"
+
+    with Opened() as opened:
+        page = write_report(str(dest), str(out), 4, originals=True)
+    reads = opened_outside(opened, dest, out)
+    assert reads and all(r.startswith(str(private) + os.sep) for r in reads)
+    assert "Originals (top)" in page
+    mean = float(re.search(r"mean PSNR ([0-9.]+) dB over 4 samples", page).group(1))
+    assert math.isfinite(mean) and 8 < mean < 40
+
+    # The user's own copy instead of what the job spec names: the same pictures, the same PSNR.
+    shutil.rmtree(private)
+    with Opened() as opened:
+        again = write_report(str(dest), str(out), 4, originals=[str(photo_folder)])
+    reads = opened_outside(opened, dest, out)
+    assert reads and all(r.startswith(str(photo_folder) + os.sep) for r in reads)
+    assert f"mean PSNR {mean:.2f} dB over 4 samples" in again
+    assert main(["report", str(dest), "--out", str(out), "-n", "4", "--sources", str(photo_folder)]) == 0
+    assert capsys.readouterr().err == "" and f"mean PSNR {mean:.2f} dB" in out.read_text()
+    assert reconstruct(tokshard.open(dest), 4, originals=True)["psnr"] == [None] * 4    # the job spec's are gone

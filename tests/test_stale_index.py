@@ -12,6 +12,7 @@ Each tamper is applied to a copy of a committed golden dataset (tests/golden).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,12 +45,26 @@ def ds(tmp_path) -> Path:
 
 
 def _rewrite_index(ds: Path, shard: str, change) -> None:
-    """Rewrite samples/SHARD.parquet with `change(rows)` applied to its rows (a list of dicts)."""
+    """Rewrite samples/SHARD.parquet with `change(rows)` applied to its rows (a list of dicts),
+    and the manifest's digest of it with it: an author's consistent lie, which only the
+    per-row check against the shard can catch (an index that differs from its digest is
+    refused before it is parsed: tests/test_integrity.py)."""
     path = ds / "samples" / f"{shard}.parquet"
     table = pq.read_table(path)
     rows = table.to_pylist()
     change(rows)
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    _record_index_digest(ds, shard)
+
+
+def _record_index_digest(ds: Path, shard: str) -> None:
+    data = (ds / "samples" / f"{shard}.parquet").read_bytes()
+
+    def rows(pylist):
+        for r in pylist:
+            if r["shard"] == shard:
+                r["index_bytes"], r["index_sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    rewrite_manifest(ds, rows=rows)
 
 
 def _shift_keys(rows: list[dict]) -> None:
@@ -133,6 +148,7 @@ def test_a_whole_index_file_from_another_shard_is_refused(ds):
         r["shard"] = "000001"
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(ds / "samples" / "000001.parquet")),
                    ds / "samples" / "000001.parquet")
+    _record_index_digest(ds, "000001")
     with pytest.raises(ShardError, match="stale or tampered") as e:
         _keys(ds, "key = '00000001'")   # two index rows claim it; one of them lies
     assert e.value.shard == "000001"
@@ -162,6 +178,9 @@ def test_a_label_table_naming_an_unknown_shard_is_a_manifest_error(ds, tmp_path)
     table = pq.read_table(ds / "labels.parquet")
     rows = table.to_pylist() + [{"shard": "../../outside", "label": 1, "count": 1}]
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), ds / "labels.parquet")
+    data = (ds / "labels.parquet").read_bytes()
+    rewrite_manifest(ds, record=lambda meta: meta["files"].update(
+        {"labels.parquet": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
     with pytest.raises(ManifestError, match="does not list"):
         _keys(ds, "label = 1")
     assert sorted(_keys(ds, "label = 4")) == ["00000004", "part/000000002"]

@@ -30,7 +30,7 @@ from tokshard.pipeline.format.layout import CODEC_STATE, LABELS, TOKENIZER_DIR, 
 from tokshard.pipeline.format.manifest import write_labels, write_manifest, write_timings
 from tokshard.pipeline.format.work import read_job_spec, write_job_spec
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, redact_text, redact_url, storage_access
-from tokshard.schemas.records import DatasetRecord, JobSpec, Receipt, TokenizerRecord
+from tokshard.schemas.records import DatasetRecord, FileDigest, JobSpec, Receipt, TokenizerRecord
 from tokshard.schemas.v1 import SCHEMA_VERSION
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, artifact_files, canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
@@ -122,7 +122,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     if codec.needs_fit:
         _fit_codec(ctx, tok, units, cfg.codec_fit_samples)
     with storage_access(cfg.out, DESTINATION_UNUSABLE, UsageError):  # first write of a resumed job
-        _save_tokenizer(tok, layout)
+        files = _save_tokenizer(tok, layout)
 
     committed: dict[int, Receipt] = {}
     todo = []
@@ -159,6 +159,9 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         for item in row.skipped_by_reason:
             skips[item["reason"]] = skips.get(item["reason"], 0) + item["count"]
     state = codec.state()
+    if state is not None:
+        files[CODEC_STATE] = FileDigest.of(state)
+    files[LABELS] = FileDigest.of(write_labels(layout, receipts))
     record = DatasetRecord(
         schema_version=SCHEMA_VERSION, tokshard_version=__version__, format=cfg.format, codec=codec.describe(),
         tokenizer=TokenizerRecord(name=tok.name, tokenizer_id=identity.tokenizer_id,
@@ -171,9 +174,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         shards=len(rows), totals=totals, skipped_by_reason=dict(sorted(skips.items())),
         codec_state=CODEC_STATE if state is not None else None,
         codec_state_bytes=len(state or b""),
-        labels=LABELS,
+        labels=LABELS, files=dict(sorted(files.items())),
     )
-    write_labels(layout, receipts)
     write_manifest(layout, rows, record)
     write_timings(layout, receipts)
     elapsed = time.perf_counter() - started
@@ -227,10 +229,14 @@ def _clip_shape(tok: Tokenizer, clip: ClipConfig | None) -> tuple[int, ...] | No
         raise UsageError(f"tokenizer {tok.name}: {e}") from None
 
 
-def _save_tokenizer(tok: Tokenizer, layout: DatasetLayout) -> None:
-    """A copy of the tokenizer artifact inside the dataset, so it decodes on its own."""
+def _save_tokenizer(tok: Tokenizer, layout: DatasetLayout) -> dict[str, FileDigest]:
+    """A copy of the tokenizer artifact inside the dataset, so it decodes on its own;
+    returns the copy's files' digests, by dataset-relative path, for the record."""
+    files = {}
     for rel, data in artifact_files(tok).items():
         atomic_write(layout.fs, layout.tokenizer_file(rel), data)
+        files[f"{TOKENIZER_DIR}/{rel}"] = FileDigest.of(data)
+    return files
 
 
 def _claim_destination(layout: DatasetLayout, spec: JobSpec, job_hash: str) -> None:

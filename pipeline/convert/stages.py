@@ -272,7 +272,8 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         "source": [s.source for s in samples]}, schema=SAMPLES)
     buf = io.BytesIO()
     pq.write_table(index, buf, compression="zstd")
-    atomic_write(ctx.layout.fs, ctx.layout.index(name), buf.getvalue())
+    index_data = buf.getvalue()
+    atomic_write(ctx.layout.fs, ctx.layout.index(name), index_data)
     timings = {"decode_s": tail.decode_s, "encode_s": sum(b.encode_s for b in batches),
                "write_s": time.perf_counter() - t0}  # coding, serialising and writing
     n_tokens = int(np.prod(ctx.sample_shape))
@@ -288,6 +289,7 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
         key_min=min((s.key for s in samples), default=None),
         key_max=max((s.key for s in samples), default=None),
+        index_bytes=len(index_data), index_sha256=sha256(index_data),
     )
     labels = Counter(s.label for s in samples if s.label is not None)
     receipt = Receipt(unit_hash=unit_hash(unit, ctx.job_hash), shard=entry, timings=timings,

@@ -30,13 +30,14 @@ def write_manifest(layout: DatasetLayout, rows: list[ShardEntry], record: Datase
     return data
 
 
-def write_labels(layout: DatasetLayout, receipts: list[Receipt]) -> None:
-    """labels.parquet from the shards' receipts, in shard order then label order."""
+def write_labels(layout: DatasetLayout, receipts: list[Receipt]) -> bytes:
+    """labels.parquet from the shards' receipts, in shard order then label order; its bytes."""
     rows = [{"shard": r.shard.shard, "label": label, "count": count}
             for r in receipts for label, count in (r.labels or [])]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), buf, compression="zstd")
     atomic_write(layout.fs, layout.labels, buf.getvalue())
+    return buf.getvalue()
 
 
 def write_timings(layout: DatasetLayout, receipts: list[Receipt]) -> None:

@@ -9,13 +9,14 @@ job and whose shard still has the size the receipt records.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pyarrow as pa
 
 from tokshard.errors import ManifestError
 from tokshard.pipeline.format.layout import JOB_SPEC, DatasetLayout
 from tokshard.pipeline.storage import atomic_write, read_parquet_bytes
-from tokshard.schemas.records import JobSpec, Receipt
+from tokshard.schemas.records import FileDigest, JobSpec, Receipt
 
 
 def read_job_spec(layout: DatasetLayout) -> tuple[JobSpec, str] | None:
@@ -58,10 +59,17 @@ def read_receipt(layout: DatasetLayout, name: str, unit_hash: str) -> Receipt | 
         return None                 # a receipt that points outside the dataset is no receipt
     if not layout.fs.exists(shard) or layout.fs.size(shard) != receipt.shard.stored_bytes:
         return None
-    if receipt.labels is None:      # committed before schema 1.2: count them from the shard's index
+    if receipt.labels is None or receipt.shard.index is None:
+        # Committed before schema 1.2 (labels) or 1.3 (the index file's digest): complete the
+        # receipt from the shard's index, which the receipt's presence says is whole.
         try:
-            index = read_parquet_bytes(layout.fs.cat_file(layout.index(receipt.shard.shard)), columns=["label"])
+            data = layout.fs.cat_file(layout.index(receipt.shard.shard))
+            index = read_parquet_bytes(data, columns=["label"])
         except (FileNotFoundError, pa.ArrowInvalid):
             return None             # no readable index: redo the unit
-        receipt.labels = sorted(Counter(v for v in index.column("label").to_pylist() if v is not None).items())
+        if receipt.labels is None:
+            receipt.labels = sorted(Counter(v for v in index.column("label").to_pylist() if v is not None).items())
+        if receipt.shard.index is None:
+            digest = FileDigest.of(data)
+            receipt.shard = replace(receipt.shard, index_bytes=digest.size, index_sha256=digest.sha256)
     return receipt

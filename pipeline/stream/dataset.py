@@ -19,11 +19,13 @@ from pyarrow import ArrowException
 
 from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, UsageError
 from tokshard.pipeline.format.codecs import codec_from_description
+from tokshard.pipeline.format.integrity import check_tree, read_checked
 from tokshard.pipeline.format.layout import DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
-from tokshard.pipeline.format.shards import ShardColumns, parse_shard
-from tokshard.pipeline.storage import sha256
+from tokshard.pipeline.format.shards import ShardColumns, parse_keys, parse_shard
+from tokshard.pipeline.storage import read_parquet_bytes, sha256
 from tokshard.pipeline.stream.shard_cache import ShardCache
+from tokshard.schemas.records import FileDigest
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 DEFAULT_CACHE_BYTES = 20 * 2**30
 # A codec state is a model of a few KB to a few MB (rans-ctx: ~93 KB at 1024 codes).
 MAX_CODEC_STATE_BYTES = 256 * 2**20
+# A shard's sample index: ~100 bytes a sample; a shard of a million samples stays far below.
+MAX_INDEX_BYTES = 2**30
 # Samples a dataset may hold in all: far beyond any real one, far below where int64 ids wrap.
 MAX_SAMPLES = 2**48
 
@@ -87,15 +91,16 @@ class TokenDataset:
         self.format = info.format
         state = None
         if info.codec_state:
-            path = self._layout.resolve(info.codec_state, "record.codec_state")
+            # Read no more than the record says the state holds (and never more than the cap):
+            # the codec checks the rest of what it declares before it allocates.
+            digest = info.files.get(info.codec_state)
             try:
-                # Read no more than the record says the state holds (and never more than the cap):
-                # the codec checks the rest of what it declares before it allocates.
-                size = self.fs.size(path)
-                if size != info.codec_state_bytes or size > MAX_CODEC_STATE_BYTES:
-                    raise ManifestError(f"{url}: codec state {info.codec_state} has {size} bytes, the record "
-                                        f"says {info.codec_state_bytes} (at most {MAX_CODEC_STATE_BYTES})")
-                state = self.fs.cat_file(path)
+                if digest is None and self.fs.size(self._layout.resolve(info.codec_state, "record.codec_state")) \
+                        != info.codec_state_bytes:
+                    raise ManifestError(f"{url}: codec state {info.codec_state} does not have the "
+                                        f"{info.codec_state_bytes} bytes the record says")
+                state = read_checked(self._layout, info.codec_state, "record.codec_state", digest,
+                                     limit=min(info.codec_state_bytes, MAX_CODEC_STATE_BYTES))
             except FileNotFoundError:
                 raise ManifestError(f"{url}: codec state {info.codec_state} is missing") from None
         self.codec = codec_from_description(info.codec, self.vocab_size, state)
@@ -136,7 +141,7 @@ class TokenDataset:
                                 f"hold {total} (column samples)")
         # Every path the shard table names stays inside the root (lexically here; links when read).
         names = self.shard_names
-        self._layout.check_paths(self.shard_paths, lambda i: f"manifest shard {names[i]!r:.40}: path")
+        self._layout.check_paths(table.column("path"), lambda i: f"manifest shard {names[i]!r:.40}: path")
         self._layout.check_paths(self._layout.index_rels(table.column("shard")),
                                  lambda i: f"manifest shard {names[i]!r:.40}: name")
         # Global sample id = offset of the shard in manifest order + row.
@@ -211,6 +216,25 @@ class TokenDataset:
         cols["id"] = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
         return cols
 
+    def shard_numbers(self, names: set[str]) -> dict[str, int]:
+        """{name: shard number in manifest order} of those of `names` the manifest lists,
+        found by Arrow in the shard column: a lookup naming one shard of 200,000 does not
+        build a dict of them all."""
+        import pyarrow.compute as pc
+        if not names:
+            return {}
+        column = self.manifest.column("shard")
+        hits = pc.indices_nonzero(pc.is_in(column, value_set=pa.array(sorted(names), pa.string()))).to_pylist()
+        return {self.shard_names[i]: i for i in hits}
+
+    def read_keys(self, i: int) -> list[str]:
+        """Shard `i`'s sample keys in row order (the shard read and checked as `read_shard`
+        reads it, only its keys parsed): what an index row is checked against."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard index {i} out of range [0, {self.num_shards})")
+        return parse_keys(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
+                          codec=self.codec.name, samples=int(self.shard_sizes[i]))
+
     def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """A tokens column (raw rows or coded payloads) -> (n, *sample_shape) token ids."""
         if tokens.dtype != object:
@@ -246,6 +270,46 @@ class TokenDataset:
             s = self.shard(i)
             yield from zip(s["id"].tolist(), s["key"], s["tokens"], s["label"].tolist())
 
+    def index_digest(self, i: int) -> FileDigest | None:
+        """What shard `i`'s sample-index file must be (None: not recorded, before schema 1.3).
+        Read from the manifest's columns one scalar at a time: a lookup at 200,000 shards
+        touches one row, not the whole column."""
+        columns = self.manifest.column_names
+        if "index_bytes" not in columns or "index_sha256" not in columns:
+            return None
+        name = self.shard_names[i]
+        try:
+            size = self.manifest.column("index_bytes")[i].as_py()
+            digest = self.manifest.column("index_sha256")[i].as_py()
+        except (ArrowException, ValueError) as e:
+            raise ManifestError(f"{self.url}: the manifest's index_bytes/index_sha256 columns are damaged "
+                                f"({type(e).__name__})") from None
+        if size is None and digest is None:
+            return None
+        try:
+            return FileDigest.from_dict({"bytes": size, "sha256": digest}, self.url,
+                                        f"manifest shard {name!r:.40}: index")
+        except ManifestError as e:
+            raise ShardError(name, str(e)) from None
+
+    def read_index(self, i: int, **options: Any) -> pa.Table:
+        """Shard `i`'s sample index (`options` go to the Parquet reader: columns, filters),
+        checked against the size and sha256 the manifest records. A missing, damaged or
+        altered index is a ShardError naming the shard."""
+        name = self.shard_names[i]
+        rel = self._layout.index_rel(name)
+        try:
+            data = read_checked(self.layout, rel, f"manifest shard {name!r:.40}: index", self.index_digest(i),
+                                limit=MAX_INDEX_BYTES)
+            return read_parquet_bytes(data, **options)
+        except FileNotFoundError:
+            raise ShardError(name, f"its sample index {rel} is missing (tokshard verify --repair rebuilds "
+                             "it)") from None
+        except ManifestError as e:
+            raise ShardError(name, f"its sample index does not match the manifest: {e}") from None
+        except ArrowException as e:
+            raise ShardError(name, f"its sample index {rel} is unreadable ({type(e).__name__})") from None
+
     # -- companions ---------------------------------------------------------------
     def tokenizer(self, **options: Any) -> Tokenizer:
         """The tokenizer stored with the dataset (for decoding tokens to pixels).
@@ -259,7 +323,12 @@ class TokenDataset:
                              f"{self.url.rstrip('/')}/{tok.path} locally and load it from there")
         cls = tokenizer_class(tok.name)
         check_tokenizer_trust(cls, self.url, self.trust_tokenizer_code)
-        return cls.load(self.layout.resolve_tree(tok.path, "record.tokenizer.path"), **options)
+        path = self.layout.resolve_tree(tok.path, "record.tokenizer.path")
+        problems = check_tree(self.layout, tok.path, self.info.files)
+        if problems:
+            raise ManifestError(f"{self.url}: the tokenizer copy does not match the manifest: {problems[0]}"
+                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return cls.load(path, **options)
 
     def codebook(self) -> torch.Tensor | None:
         """(vocab_size, dim) float32 torch tensor of code embeddings, or None."""

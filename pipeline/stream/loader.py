@@ -196,7 +196,9 @@ class TokenIterable(IterableDataset):
         self.buffer = shuffle_buffer if shuffle else 0
         self.augment, self.prefetch, self.on_error, self.max_tokens = augment, prefetch_shards, on_error, max_tokens
         self.where = where
-        self.selection = None if where is None else _select(ds, where, on_error)
+        # Shards whose sample index could not be read (on_error="skip"): they select nothing.
+        self.index_skipped: list[str] = []
+        self.selection = None if where is None else _select(ds, where, on_error, self.index_skipped)
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
 
@@ -392,16 +394,18 @@ class TokenIterable(IterableDataset):
         return batch
 
 
-def _select(ds: TokenDataset, where: str, on_error: str = "raise") -> np.ndarray:
+def _select(ds: TokenDataset, where: str, on_error: str = "raise", skipped: list[str] | None = None) -> np.ndarray:
     """Sorted global sample ids of the samples matching `where` (SQL over the sample index).
 
     Every index row is checked against the shard it names (its key at that row) before
     it becomes an id: a stale or tampered index is a typed error, never another sample.
     With on_error="skip", the rows of a shard that cannot be read stay unchecked: the
-    stream meets the same shard, skips it and counts it.
+    stream meets the same shard, skips it and counts it; a shard whose index cannot be
+    read selects nothing and is appended to `skipped`.
     """
     from tokshard.pipeline.tools.query import select_rows
-    rows = select_rows(ds.url, where, ds.storage_options, dataset=ds, skip_unreadable=on_error == "skip")
+    rows = select_rows(ds.url, where, ds.storage_options, dataset=ds, skip_unreadable=on_error == "skip",
+                       unreadable=skipped)
     index = {name: i for i, name in enumerate(ds.shard_names)}   # every name is one the manifest lists
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
     return np.unique(ids)
@@ -491,8 +495,9 @@ class TokenLoader:
 
     @property
     def skipped_shards(self) -> list[str]:
-        """Shards skipped (on_error="skip") so far, sorted."""
-        return sorted(self._skipped)
+        """Shards skipped (on_error="skip") so far, sorted: those that could not be read, and
+        those whose sample index could not be read to evaluate `where`."""
+        return sorted(self._skipped | set(self.iterable.index_skipped))
 
     def __iter__(self) -> Iterator[dict]:
         it = self.iterable

@@ -16,32 +16,54 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tokshard.errors import ManifestError, ShardError, UsageError
-from tokshard.pipeline.format.layout import DatasetLayout
+from tokshard.pipeline.format.integrity import file_digest, read_checked
+from tokshard.pipeline.format.layout import INDEX_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
 from tokshard.pipeline.storage import read_parquet_bytes
 
 if TYPE_CHECKING:
     import duckdb
+    import pyarrow as pa
 
     from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.schemas.records import DatasetRecord
 
 FORMATS = ("table", "csv", "json")
+# where=: index files read concurrently (object stores are latency-bound), and filtered in
+# groups so memory is bounded by a group (a shard's index is ~100 bytes a sample).
+INDEX_READERS = 16
+INDEX_GROUP = 256
+# labels.parquet: a row per (shard, label); a million shards of a thousand labels stay below.
+MAX_LABELS_BYTES = 2**30
+
+
+VIEWS = ("shards", "samples", "labels", "dataset")
 
 
 def connect(url: str, storage_options: dict | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with every view of the dataset at `url`, confined to it."""
     return _connect(url, storage_options)[0]
 
 
-def _connect(url: str, storage_options: dict | None,
-             ) -> tuple[duckdb.DuckDBPyConnection, DatasetRecord, Callable[[str], str]]:
-    """(connection with the views, dataset record, path of a shard's index file as DuckDB reads it)."""
+def _connect(url: str, storage_options: dict | None, views: Iterable[str] | None = None,
+             ) -> tuple[duckdb.DuckDBPyConnection, DatasetRecord]:
+    """(connection with the views, dataset record). `views`: the file-backed views to make
+    (`samples`, `labels`; None: all): each costs a listing or a checked read, so a query
+    makes only those it names. `shards` and `dataset` are always there (in memory).
+
+    The connection is confined to the dataset: DuckDB may read files under its root only,
+    and may not write, attach, install or change that setting, so SQL (a `--where`
+    included) cannot reach another file. The `samples` view reads only the index files
+    of shards the manifest lists (a stray or orphaned file adds no rows); the label table
+    is checked against its recorded size and sha256 before DuckDB reads it."""
     import duckdb
     import pyarrow as pa
 
+    wanted = set(VIEWS if views is None else views)
     layout = DatasetLayout.at(url, storage_options)
     fs = layout.fs
     shards, info, record = read_record(layout, url)
@@ -52,29 +74,102 @@ def _connect(url: str, storage_options: dict | None,
     dataset = pa.Table.from_pylist([{**scalars, "record": json.dumps(record, sort_keys=True)}])
     con.register("dataset_arrow", dataset)
     con.execute("CREATE VIEW dataset AS SELECT * FROM dataset_arrow")
-    remote = getattr(fs, "protocol", "file") not in ("file", ("file", "local"))
-
-    def as_read(path: str) -> str:
-        """A path as DuckDB reads it: through the registered fsspec filesystem when remote."""
-        return fs.unstrip_protocol(path) if remote else path
-
-    def index_file(shard: str) -> str:
-        return as_read(layout.index(shard))
-
-    if remote:
+    as_read = _as_read(fs)
+    if as_read is not None:
         con.register_filesystem(fs)
-    index = as_read(layout.index_glob())
-    if shards.num_rows:
-        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet({_literal(index)})")
     else:
+        as_read = str
+    con.execute(f"SET allowed_directories = [{_literal(as_read(layout.root).rstrip('/') + '/')}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    if "labels" in wanted:
+        _labels_view(con, layout, info, url)
+    if "samples" in wanted and shards.num_rows:
+        _check_index_links(layout)
+        folder = as_read(layout.resolve(INDEX_DIR)).rstrip("/") + "/"
+        con.execute(f"CREATE VIEW samples AS SELECT * EXCLUDE (filename) FROM read_parquet("
+                    f"{_literal(as_read(layout.index_glob()))}, filename = true) "
+                    f"WHERE filename = {_literal(folder)} || shard || '.parquet' "
+                    "AND shard IN (SELECT shard FROM shards)")
+    elif "samples" in wanted:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
-    if info.labels:
-        labels = _literal(as_read(layout.resolve(info.labels, "record.labels")))
-        con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({labels})")
-    else:
+    return con, info
+
+
+def _as_read(fs: Any) -> Callable[[str], str] | None:
+    """How DuckDB names a path of `fs`: through the registered fsspec filesystem (its URL)
+    when remote; None for the local disk, which DuckDB reads itself."""
+    if getattr(fs, "protocol", "file") in ("file", ("file", "local")):
+        return None
+    return fs.unstrip_protocol
+
+
+def _labels_view(con: duckdb.DuckDBPyConnection, layout: DatasetLayout, info: DatasetRecord, url: str) -> None:
+    """The `labels` view: labels.parquet, checked against the manifest's digest, read by
+    DuckDB itself (at 200,000 shards it holds millions of rows: no copy through Python)."""
+    import duckdb
+
+    from tokshard.schemas.v1 import LABELS
+    if not info.labels:
         con.execute("CREATE VIEW labels AS SELECT NULL::VARCHAR AS shard, NULL::BIGINT AS label, "
                     "NULL::BIGINT AS count WHERE false")
-    return con, info, index_file
+        return
+    path = layout.resolve(info.labels, "record.labels")
+    digest = info.files.get(info.labels)
+    try:
+        size = layout.fs.size(path)
+        got = file_digest(layout, path) if digest is not None and size == digest.size else None
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: the label table {info.labels} is missing") from None
+    if digest is not None and got != digest:
+        what = f"{size} bytes" if got is None else f"sha256 {got.sha256[:16]}..."
+        raise ManifestError(f"record.labels: {info.labels} has {what}, the manifest says {digest.size} bytes, "
+                            f"sha256 {digest.sha256[:16]}...")
+    if size > MAX_LABELS_BYTES:
+        raise ManifestError(f"record.labels: {info.labels} has {size} bytes, more than the {MAX_LABELS_BYTES} "
+                            "a reader accepts")
+    columns = ", ".join(f"{name}::{'VARCHAR' if name == 'shard' else 'BIGINT'} AS {name}" for name in LABELS.names)
+    try:
+        source = _literal((_as_read(layout.fs) or str)(path))
+        con.execute(f"CREATE VIEW labels AS SELECT {columns} FROM read_parquet({source})")
+    except duckdb.Error as e:
+        raise ManifestError(f"{url}: the label table {info.labels} is unreadable ({str(e).splitlines()[0]})") from None
+
+
+def _labels(layout: DatasetLayout, info: DatasetRecord, url: str) -> pa.Table:
+    """The label table as Arrow, checked against the manifest's digest (`verify` compares it
+    with the shards); an empty one before schema 1.2."""
+    import pyarrow as pa
+
+    from tokshard.schemas.v1 import LABELS
+    if not info.labels:
+        return LABELS.empty_table()
+    try:
+        data = read_checked(layout, info.labels, "record.labels", info.files.get(info.labels),
+                            limit=MAX_LABELS_BYTES)
+        table = read_parquet_bytes(data)
+        return table.select(LABELS.names).cast(LABELS)
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: the label table {info.labels} is missing") from None
+    except (KeyError, pa.ArrowException) as e:
+        raise ManifestError(f"{url}: the label table {info.labels} is unreadable ({type(e).__name__})") from None
+
+
+def _check_index_links(layout: DatasetLayout) -> None:
+    """On a local disk, DuckDB follows links: an index file that is a link leaving the root is
+    refused before DuckDB can read it (one directory listing, no stat per file)."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+    if not isinstance(layout.fs, LocalFileSystem):
+        return
+    folder = layout.resolve(INDEX_DIR)
+    if not os.path.isdir(folder):
+        return
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_symlink():
+                layout.resolve(f"{INDEX_DIR}/{entry.name}", "sample index")
 
 
 def _literal(text: str) -> str:
@@ -84,7 +179,11 @@ def _literal(text: str) -> str:
 def run(url: str, sql: str, storage_options: dict | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
     """(column names, rows) of `sql` over the dataset's views."""
     import duckdb
-    con = connect(url, storage_options)
+    try:
+        named: set[str] | None = set(duckdb.connect().get_table_names(sql)) & set(VIEWS)
+    except duckdb.Error:
+        named = None        # not parsed alone (several statements, ...): make every view
+    con, _ = _connect(url, storage_options, named)
     try:
         cur = con.execute(sql)
     except duckdb.Error as e:
@@ -95,7 +194,8 @@ def run(url: str, sql: str, storage_options: dict | None = None) -> tuple[list[s
 
 
 def select_rows(url: str, where: str, storage_options: dict | None = None, *,
-                dataset: TokenDataset | None = None, skip_unreadable: bool = False) -> list[tuple[str, int]]:
+                dataset: TokenDataset | None = None, skip_unreadable: bool = False,
+                unreadable: list[str] | None = None) -> list[tuple[str, int]]:
     """(shard, row) of every sample `where` (SQL over the sample index) selects.
 
     A predicate on `label` alone that a missing label cannot satisfy (`label IN
@@ -104,29 +204,71 @@ def select_rows(url: str, where: str, storage_options: dict | None = None, *,
     200,000 shards that is the difference between one small file plus a few
     index files and 200,000 reads. Anything else scans the whole index.
 
-    Every row is checked against the shard it names (`check_rows`), so a stale or
-    tampered index is a typed error, never another sample. `dataset` is the dataset
-    at `url` when the caller has it open; `skip_unreadable` keeps, unchecked, the rows
-    of shards that cannot be read (a loader with on_error="skip" drops those shards).
+    Each index file is read by the dataset (`TokenDataset.read_index`: its size and
+    sha256 checked against the manifest) and filtered by DuckDB in groups, so memory
+    stays bounded by a group, not the index. Every row is then checked against the
+    shard it names (`check_rows`), so a stale or tampered index is a typed error, never
+    another sample. `dataset` is the dataset at `url` when the caller has it open.
+    With `skip_unreadable`, a shard whose index cannot be read selects nothing and is
+    appended to `unreadable`; the rows of shards that cannot be read are kept unchecked
+    (a loader with on_error="skip" drops those shards and counts them).
     """
     import duckdb
-    con, info, index_file = _connect(url, storage_options)
-    try:
-        source = "samples"
-        shards = _shards_by_label(con, where, url, info.labels) if info.labels else None
-        if shards is not None:
-            if not shards:
-                return []
-            source = "read_parquet([" + ", ".join(_literal(index_file(s)) for s in shards) + "])"
-        found = con.execute(f"SELECT shard, row, key FROM {source} WHERE {where} ORDER BY shard, row").fetchall()
-    except duckdb.Error as e:
-        raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
-    if not found:
-        return []
+    import pyarrow as pa
+
+    from tokshard.schemas.v1 import SAMPLES
     if dataset is None:
         from tokshard.pipeline.stream.dataset import TokenDataset
         dataset = TokenDataset(url, storage_options=storage_options)
-    check_rows(dataset, found, skip_unreadable=skip_unreadable)
+    ds = dataset
+    con, info = _connect(url, storage_options, views=())
+    try:
+        con.register("index_group", SAMPLES.empty_table())     # the predicate binds, or fails now
+        con.execute(f"SELECT shard, row, key FROM index_group WHERE {where}").fetchall()
+        routed = _shards_by_label(con, where, url, info.labels,
+                                  lambda: _labels_view(con, ds.layout, info, url)) if info.labels else None
+    except duckdb.Error as e:
+        raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
+    number = {name: i for i, name in enumerate(ds.shard_names)}
+    todo = sorted((number[s] for s in routed) if routed is not None else range(ds.num_shards),
+                  key=lambda i: ds.shard_names[i])
+
+    def read(i: int) -> pa.Table | None:
+        try:
+            return ds.read_index(i).select(SAMPLES.names).cast(SAMPLES)
+        except ShardError:
+            if skip_unreadable:
+                return None
+            raise
+        except (KeyError, pa.ArrowException) as e:
+            if skip_unreadable:
+                return None
+            raise ShardError(ds.shard_names[i], f"its sample index does not have the index columns "
+                             f"({type(e).__name__})") from None
+
+    found: list[tuple[str, int, str]] = []
+    with ThreadPoolExecutor(INDEX_READERS) as pool:
+        for start in range(0, len(todo), INDEX_GROUP):
+            group = todo[start:start + INDEX_GROUP]
+            tables = []
+            for i, table in zip(group, pool.map(read, group)):
+                if table is None:
+                    if unreadable is not None:
+                        unreadable.append(ds.shard_names[i])
+                else:
+                    tables.append(table)
+            if not tables:
+                continue
+            con.register("index_group", pa.concat_tables(tables))
+            try:
+                found += con.execute(f"SELECT shard, row, key FROM index_group WHERE {where} "
+                                     "ORDER BY shard, row").fetchall()
+            except duckdb.Error as e:
+                raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
+            con.unregister("index_group")
+    if not found:
+        return []
+    check_rows(ds, found, skip_unreadable=skip_unreadable)
     return [(shard, row) for shard, row, _ in found]
 
 
@@ -141,7 +283,8 @@ def check_rows(ds: TokenDataset, rows: Iterable[tuple[Any, Any, Any]], *,
     Only the shards that rows name are read (their key column is what is compared);
     with `skip_unreadable`, the rows of a shard that cannot be read are returned unchecked.
     """
-    number = {name: i for i, name in enumerate(ds.shard_names)}
+    rows = list(rows)
+    number = ds.shard_numbers({shard for shard, _, _ in rows if isinstance(shard, str)})
     out: list[tuple[int, int]] = []
     wanted: dict[int, list[tuple[int, Any]]] = {}
     for shard, row, key in rows:
@@ -157,7 +300,7 @@ def check_rows(ds: TokenDataset, rows: Iterable[tuple[Any, Any, Any]], *,
         wanted.setdefault(i, []).append((row, key))
     for i, checks in sorted(wanted.items()):
         try:
-            keys = ds.read_shard(i)["key"]
+            keys = ds.read_keys(i)
         except ShardError:
             if skip_unreadable:
                 continue
@@ -169,18 +312,21 @@ def check_rows(ds: TokenDataset, rows: Iterable[tuple[Any, Any, Any]], *,
     return out
 
 
-def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str, url: str, labels: str) -> list[str] | None:
+def _shards_by_label(con: duckdb.DuckDBPyConnection, where: str, url: str, labels: str,
+                     make_view: Callable[[], None]) -> list[str] | None:
     """The shards whose labels can satisfy `where`, or None when the predicate is not
     about labels alone (or holds for a sample without a label, which labels.parquet omits).
-    Each is one the manifest lists: the label table (at `labels`) never names a file to read."""
+    Each is one the manifest lists: the label table (at `labels`; its view made by
+    `make_view`, only when it is needed) never names a file to read."""
     import duckdb
     try:
-        row = con.execute(f"SELECT count(*) FROM (SELECT NULL::BIGINT AS label) WHERE {where}").fetchone()
-        assert row is not None   # count(*) always returns a row
-        if row[0]:
+        # fetchall, not fetchone: an unfinished result would block the connection's next use.
+        (count,), = con.execute(f"SELECT count(*) FROM (SELECT NULL::BIGINT AS label) WHERE {where}").fetchall()
+        if count:
             return None
     except duckdb.BinderException:    # other columns: not a label-only predicate
         return None
+    make_view()
     shards = [s for (s,) in con.execute(f"SELECT DISTINCT shard FROM labels WHERE {where} ORDER BY shard").fetchall()]
     listed = {s for (s,) in con.execute("SELECT shard FROM shards").fetchall()}
     unknown = [s for s in shards if s not in listed]
@@ -204,25 +350,20 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.schemas.v1 import SAMPLES
     ds = TokenDataset(url, storage_options=storage_options)
-    shards, layout = ds.manifest, ds.layout
+    shards = ds.manifest
     if "key_min" in shards.column_names:
         lo, hi = shards.column("key_min"), shards.column("key_max")
         try:
             hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
         except pa.ArrowException as e:
             raise ManifestError(f"{url}: the manifest's key_min/key_max columns are damaged ({e})") from None
-        candidates = shards.filter(pc.fill_null(hit, True)).column("shard").to_pylist()
+        candidates = pc.indices_nonzero(pc.fill_null(hit, True)).to_pylist()
     else:
-        candidates = shards.column("shard").to_pylist()
+        candidates = list(range(ds.num_shards))
     rows = []
-    for shard in candidates:
-        try:
-            data = layout.fs.cat_file(layout.index(shard))
-            table = read_parquet_bytes(data, filters=[("key", "=", key)])
-        except FileNotFoundError:
-            raise ShardError(shard, "its sample index is missing (tokshard verify --repair rebuilds it)") from None
-        except pa.ArrowException as e:
-            raise ShardError(shard, f"its sample index is unreadable ({type(e).__name__})") from None
+    for i in candidates:
+        # Checked against the manifest's digest (schema 1.3) before it is parsed.
+        table = ds.read_index(i, filters=[("key", "=", key)])
         # By name, not position: a rewritten index file may order or omit its columns differently.
         rows += [tuple(r.get(c) for c in SAMPLES.names) for r in table.to_pylist()]
     shard_at, row_at, key_at = (SAMPLES.names.index(c) for c in ("shard", "row", "key"))

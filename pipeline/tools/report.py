@@ -5,7 +5,9 @@ can be mailed or dropped into a bucket. Sections: summary, storage per image
 (source JPEG bytes vs raw / coded / stored token bytes), token frequency
 (rank vs count, log-log: how far from uniform the codes are, which is what
 entropy coding exploits), samples per shard, samples per label (from the label
-table), skips by reason, and originals beside reconstructions.
+table), skips by reason, and reconstructions from the tokens (beside the
+originals only when asked: `originals=`, `--originals` / `--sources`; see
+`tokshard.pipeline.tools.preview`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokshard.errors import TokshardError
-from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES
+from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES, Originals, check_originals
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
@@ -123,8 +126,10 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
         assert preview is not None   # the grid is drawn from the preview
         scores = [s for s in preview["psnr"] if s is not None and math.isfinite(s)]
         caption = (f"mean PSNR {sum(scores) / len(scores):.2f} dB over {len(scores)} samples"
-                   if scores else "originals not reachable: reconstructions only")
-        parts.append('<h2 id="preview">Originals (top) and reconstructions from the tokens (bottom)</h2>'
+                   if scores else "reconstructions only: " + (preview.get("originals_note") or "no original found"))
+        heading = ("Originals (top) and reconstructions from the tokens (bottom)"
+                   if any(o is not None for o in preview["originals"]) else "Reconstructions from the tokens")
+        parts.append(f'<h2 id="preview">{heading}</h2>'
                      f'<img alt="preview grid" src="data:image/png;base64,{base64.b64encode(preview_png).decode()}">'
                      f"<p>{html.escape(caption)}</p>")
     title = f"tokshard report: {ds.url}"
@@ -136,16 +141,20 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
 
 
 def write_report(url: str, out: str, n_preview: int = PREVIEW_SAMPLES, storage_options: dict | None = None,
-                 trust_tokenizer_code: bool = False) -> str:
+                 trust_tokenizer_code: bool = False, originals: Originals = False,
+                 announce: Callable[[list[str]], None] | None = None) -> str:
     """Write the report page to `out`. Without `trust_tokenizer_code`, a dataset whose
-    tokenizer copy runs code when loaded gets every section but the reconstructions."""
+    tokenizer copy runs code when loaded gets every section but the reconstructions.
+    `originals` and `announce` as in `preview.reconstruct`: by default no source is read
+    and the page shows reconstructions only, saying how to get the originals."""
     import tokshard
     from tokshard.pipeline.tools.preview import grid_png, reconstruct
+    originals = check_originals(originals)
     ds = tokshard.open(url, storage_options=storage_options, trust_tokenizer_code=trust_tokenizer_code)
     preview = png = None
     no_preview = ""
     try:
-        preview = reconstruct(ds, n_preview)
+        preview = reconstruct(ds, n_preview, originals=originals, announce=announce)
         png = grid_png(preview)
     except (NotImplementedError, TokshardError) as e:
         # A tokenizer without a decoder or not trusted, a remote dataset, no samples: no grid.

@@ -63,3 +63,8 @@ class ShardFormat(abc.ABC):
     @abc.abstractmethod
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
         """The shard's key, label and tokens columns; any exception means a damaged file."""
+
+    @abc.abstractmethod
+    def keys(self, data: bytes, codec: str) -> list[str]:
+        """The shard's sample keys in order, without its tokens (what an index row is checked
+        against); any exception means a damaged file."""

@@ -64,6 +64,9 @@ class ParquetFormat(ShardFormat):
                        use_dictionary=dictionary, write_statistics=["key", "label"])
         return buf.getvalue(), [-1] * len(samples)
 
+    def keys(self, data: bytes, codec: str) -> list[str]:
+        return read_parquet_bytes(data, columns=["key"]).column("key").to_pylist()
+
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
         table = read_parquet_bytes(data, columns=["key", "tokens", "label"])
         col = table.column("tokens").combine_chunks()

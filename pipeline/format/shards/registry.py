@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
+from typing import TypeVar
+
 import numpy as np
 
 from tokshard.errors import ShardError
 from tokshard.pipeline.format.shards.base import ShardColumns, ShardFormat
 
 SHARD_FORMATS: dict[str, ShardFormat] = {}
+_Parsed = TypeVar("_Parsed", bound=Sized)
 
 
 def register_format(cls: type[ShardFormat]) -> type[ShardFormat]:
@@ -27,12 +31,24 @@ def get_format(name: str) -> ShardFormat:
 
 def parse_shard(data: bytes, *, shard: str, fmt: str, codec: str, n_tokens: int,
                 dtype: np.dtype, samples: int) -> ShardColumns:
+    """Shard `shard`'s columns (`ShardFormat.parse`), held to the manifest's sample count."""
+    return _held(lambda: get_format(fmt).parse(data, codec, n_tokens, dtype), shard, fmt, samples)
+
+
+def parse_keys(data: bytes, *, shard: str, fmt: str, codec: str, samples: int) -> list[str]:
+    """Shard `shard`'s keys (`ShardFormat.keys`), held to the manifest's sample count."""
+    return _held(lambda: get_format(fmt).keys(data, codec), shard, fmt, samples)
+
+
+def _held(parse: Callable[[], _Parsed], shard: str, fmt: str, samples: int) -> _Parsed:
+    """The one reading rule: any failure inside a parser is a ShardError naming the shard, and
+    the shard holds exactly the samples the manifest says."""
     try:
-        cols = get_format(fmt).parse(data, codec, n_tokens, dtype)
+        parsed = parse()
     except ShardError:
         raise
     except Exception as e:  # a damaged file can fail anywhere inside the parser
         raise ShardError(shard, f"unreadable {fmt} shard: {type(e).__name__}: {e}") from None
-    if len(cols) != samples:
-        raise ShardError(shard, f"holds {len(cols)} samples, the manifest says {samples}")
-    return cols
+    if len(parsed) != samples:
+        raise ShardError(shard, f"holds {len(parsed)} samples, the manifest says {samples}")
+    return parsed

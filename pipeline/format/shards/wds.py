@@ -55,6 +55,12 @@ class WebDatasetFormat(ShardFormat):
                     add(f"{s.key}.cls", str(s.label).encode())
         return buf.getvalue(), offsets
 
+    def keys(self, data: bytes, codec: str) -> list[str]:
+        ext = self.token_member(codec)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [key for member in tar if member.isfile()
+                    for key, _, suffix in [member.name.partition(".")] if suffix == ext]
+
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
         ext = self.token_member(codec)
         keys, tokens, labels = [], [], {}
