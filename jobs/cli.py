@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset")
     r.add_argument("--quick", action="store_true",
                    help="files only: sizes and sha256s, stray files (no shard is parsed or decoded)")
-    r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources")
+    r.add_argument("--repair", action="store_true", help="re-convert bad shards from the sources the dataset's job "
+                   "spec names (printed first: any file or URL, read with your credentials)")
+    r.add_argument("--sources", nargs="+", metavar="URL",
+                   help="with --repair: the job's sources as you can read them (presigned anew, with credentials)")
     r.add_argument("--trust-tokenizer-code", action="store_true", help=TRUST_HELP + " (--repair loads it)")
     r.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
 
@@ -258,6 +261,8 @@ def _cmd_lookup(a: argparse.Namespace) -> int:
 
 def _cmd_verify(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.verify import repair, verify
+    if a.sources and not a.repair:
+        raise UsageError("--sources goes with --repair (the sources it re-reads)")
     opts = _storage_options(a.storage_opt)
     checked, problems = verify(a.dataset, opts, quick=a.quick)
     for p in problems:
@@ -271,7 +276,9 @@ def _cmd_verify(a: argparse.Namespace) -> int:
               + (", and dataset files" if bad < len({(p.shard, p.unit) for p in problems}) else "")
               + " (re-run with --repair)")
         return 1
-    repair(a.dataset, problems, opts, trust_tokenizer_code=a.trust_tokenizer_code)
+    repair(a.dataset, problems, opts, trust_tokenizer_code=a.trust_tokenizer_code, sources=a.sources,
+           announce=lambda sources: print("tokshard: repair re-reads the sources the dataset's job spec names: "
+                                          + ", ".join(sources), file=sys.stderr))
     _, still = verify(a.dataset, opts, quick=a.quick)
     print(f"repaired {len(problems) - len(still)} of {len(problems)} problem(s)"
           + ("" if not still else f"; still bad: {', '.join(p.path for p in still)}"))

@@ -302,3 +302,23 @@ def test_query_lookup_where_and_verify_on_s3(ds, s3_bucket):
     assert [p.path for p in problems] == ["samples/000001.parquet"]
     with pytest.raises(ShardError, match="000001"):
         query.lookup(url, "part/000000001", opts)
+
+
+def test_repair_says_which_sources_it_reads_and_takes_only_the_jobs_own(ds, tmp_path, capsys):
+    from tokshard.jobs.cli import main
+    sys.path.insert(0, str(Path(__file__).parent / "golden"))
+    import make
+    (ds / "shards" / "000001.parquet").unlink()
+    _golden_sources()
+    job = json.loads((ds / "_work" / "job.json").read_text())["config"]["sources"]
+    assert main(["verify", str(ds), "--repair", "--sources", str(tmp_path)]) == 2
+    assert "--sources must be the job's own sources" in capsys.readouterr().err
+    assert not (ds / "shards" / "000001.parquet").exists()
+    assert main(["verify", str(ds), "--repair"]) == 0
+    err = capsys.readouterr().err
+    assert f"repair re-reads the sources the dataset's job spec names: {', '.join(job)}" in err
+    (ds / "shards" / "000001.parquet").unlink()
+    assert main(["verify", str(ds), "--repair", "--sources", *job]) == 0
+    assert "re-reads" not in capsys.readouterr().err
+    assert (ds / "manifest.parquet").read_bytes() == (GOLDEN / "parquet-rans" / "manifest.parquet").read_bytes()
+    assert str(make.SOURCE_ROOT) in job[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from tokshard.pipeline.format.integrity import check_tree, file_digest, read_che
 from tokshard.pipeline.format.layout import INDEX_DIR, JOB_SPEC, MANIFEST, SHARDS_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import read_record
 from tokshard.pipeline.format.work import forget_receipt, read_job_spec
-from tokshard.pipeline.storage import read_parquet_bytes
+from tokshard.pipeline.storage import read_parquet_bytes, redact_url
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
@@ -246,9 +247,15 @@ def _check_labels(ds: TokenDataset, whole: set[str], counts: dict[str, Counter[i
 
 
 def repair(url: str, problems: list[Problem], storage_options: dict | None = None, quiet: bool = True,
-           trust_tokenizer_code: bool = False) -> dict:
+           trust_tokenizer_code: bool = False, sources: list[str] | None = None,
+           announce: Callable[[list[str]], None] | None = None) -> dict:
     """Re-convert the shards in `problems` from the dataset's sources, with the dataset's
-    tokenizer copy (one whose format runs code only with `trust_tokenizer_code`)."""
+    tokenizer copy (one whose format runs code only with `trust_tokenizer_code`).
+
+    The sources are those the job spec names (`announce` is called with them first: they
+    may be any file or URL, read with your credentials), or `sources`: the same URLs as
+    you can read them (presigned anew, with the credentials the job spec's redacted copy
+    lacks); other sources would be another job and are refused."""
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.stream.dataset import check_tokenizer_trust
     from tokshard.tokenizers.registry import tokenizer_class
@@ -265,6 +272,13 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
     if found is None:
         raise UsageError(f"{url} has no readable {JOB_SPEC}: cannot tell how it was converted")
     job = found[0].config
+    if sources is not None:
+        if [redact_url(s) for s in sources] != job.get("sources"):
+            raise UsageError("--sources must be the job's own sources, as you can read them (the same URLs, "
+                             "presigned anew or with credentials): the job spec names "
+                             + ", ".join(map(str, job.get("sources") or [])))
+    elif announce is not None:
+        announce(list(job.get("sources") or []))
     _, record, _ = read_record(layout, url)
     check_tokenizer_trust(tokenizer_class(record.tokenizer.name), url, trust_tokenizer_code)
     tokenizer_dir = layout.resolve_tree(record.tokenizer.path, "record.tokenizer.path")
@@ -288,5 +302,6 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
         # The dataset's own tokenizer copy: same weights, so the same job hash.
         fs.get(tokenizer_dir + "/", tmp + "/", recursive=True)
         cfg = ConvertConfig(**{**job, "out": url, "storage_options": storage_options,
+                               **({"sources": list(sources)} if sources is not None else {}),
                                "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}})
         return convert(cfg, quiet=quiet)
