@@ -299,8 +299,9 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 def _cmd_info(a: argparse.Namespace) -> int:
     from tokshard.pipeline.format.layout import DatasetLayout
-    from tokshard.pipeline.format.manifest import read_record
-    table, rec, meta = read_record(DatasetLayout.at(a.dataset), a.dataset)
+    from tokshard.pipeline.format.manifest import read_valid
+    # What every reader checks (paths, counts, totals): info never shows what open would refuse.
+    table, rec, meta, _ = read_valid(DatasetLayout.at(a.dataset), a.dataset)
     if a.json:
         print(json.dumps({"shards": table.num_rows, **meta}, indent=2, sort_keys=True))
         return 0

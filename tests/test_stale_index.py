@@ -268,8 +268,12 @@ def test_a_count_that_disagrees_with_the_totals_is_refused_at_open(ds):
     rewrite_manifest(ds, rows=lambda rows: rows[0].update(samples=6))
     with pytest.raises(ManifestError, match="record.totals.samples is 8, the manifest's shards hold 9"):
         tokshard.open(str(ds))
-    # Both changed consistently: it opens, and reading the shard finds the lie.
+    # With the totals changed too, the shard's token count (6 samples of 16 tokens?) still disagrees.
     rewrite_manifest(ds, record=lambda rec: rec["totals"].update(samples=9))
+    with pytest.raises(ManifestError, match="6 samples of 16 tokens, but the tokens column says 80"):
+        tokshard.open(str(ds))
+    # All three changed consistently: it opens, and reading the shard finds the lie.
+    rewrite_manifest(ds, rows=lambda rows: rows[0].update(tokens=96))
     d = tokshard.open(str(ds))
     assert len(d) == 9
     with pytest.raises(ShardError, match="holds 5 samples, the manifest says 6"):

@@ -74,6 +74,7 @@ def check_tree(layout: DatasetLayout, rel_dir: str, files: dict[str, FileDigest]
     """Problems of the folder `rel_dir` (the tokenizer copy) against the digests the record
     holds for paths under it: a file changed, missing or not recorded (an extra file can
     change what a loader does). Empty when it matches, or when nothing is recorded."""
+    layout.resolve_tree(rel_dir, "record.tokenizer.path")    # first: a path that leaves the root is refused
     prefix = rel_dir.rstrip("/") + "/"
     want = {rel: d for rel, d in files.items() if rel.startswith(prefix)}
     if not want:

@@ -21,7 +21,7 @@ from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerErro
 from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.pipeline.format.integrity import check_tree, read_checked
 from tokshard.pipeline.format.layout import DatasetLayout
-from tokshard.pipeline.format.manifest import read_record
+from tokshard.pipeline.format.manifest import check_record_paths, check_shards, read_record
 from tokshard.pipeline.format.shards import ShardColumns, parse_keys, parse_shard
 from tokshard.pipeline.storage import read_parquet_bytes, sha256
 from tokshard.pipeline.stream.shard_cache import ShardCache
@@ -38,8 +38,6 @@ DEFAULT_CACHE_BYTES = 20 * 2**30
 MAX_CODEC_STATE_BYTES = 256 * 2**20
 # A shard's sample index: ~100 bytes a sample; a shard of a million samples stays far below.
 MAX_INDEX_BYTES = 2**30
-# Samples a dataset may hold in all: far beyond any real one, far below where int64 ids wrap.
-MAX_SAMPLES = 2**48
 
 
 def default_cache_dir() -> str:
@@ -81,6 +79,7 @@ class TokenDataset:
         self._fs_pid = os.getpid()
         # `record`: the dataset record as stored (a dict); `info`: the same, typed and validated.
         self.manifest, self.info, self.record = read_record(self._layout, url)
+        check_record_paths(self._layout, self.info)
         info = self.info
         self.grid = tuple(info.grid)
         self.vocab_size = info.tokenizer.vocab_size
@@ -109,41 +108,9 @@ class TokenDataset:
         # Stored codes per sample: the grid, with a leading view or time axis.
         self.sample_shape = info.stored_shape()
         self.tokens_per_sample = int(np.prod(self.sample_shape))
-        try:
-            table = self.manifest.select(["shard", "path", "sha256", "samples", "stored_bytes"])
-            if any(table.column(c).null_count for c in table.column_names):
-                raise ValueError("null entries")
-            if not all(pa.types.is_integer(table.schema.field(c).type) for c in ("samples", "stored_bytes")):
-                raise ValueError("samples and stored_bytes must be integer columns")
-            cols = table.select(["shard", "path", "sha256"]).to_pydict()
-            self.shard_names: list[str] = cols["shard"]
-            self.shard_paths: list[str] = cols["path"]
-            self.shard_sha256: list[str] = cols["sha256"]
-            sizes = table.column("samples").to_numpy()
-            self.shard_bytes = np.array(table.column("stored_bytes").to_numpy(), dtype=np.int64)
-        except (KeyError, TypeError, ValueError, OverflowError, UnicodeDecodeError, ArrowException) as e:
-            raise ManifestError(f"{url}: the manifest's shard table is damaged ({type(e).__name__}: {e})") from None
-        negative = np.flatnonzero(sizes < 0)
-        if len(negative):
-            name = self.shard_names[int(negative[0])]
-            raise ManifestError(f"{url}: manifest shard {name!r:.40}: samples is {int(sizes[negative[0]])}, "
-                                "not a non-negative integer")
-        # A sum that would wrap int64 (to 0: an empty epoch; to a negative length) is refused, never
-        # computed: the float sum bounds it first, then the exact sum cannot overflow.
-        if float(sizes.sum(dtype=np.float64)) > MAX_SAMPLES:
-            raise ManifestError(f"{url}: the manifest's shards hold more than the {MAX_SAMPLES} samples a "
-                                "dataset may hold (column samples)")
-        self.shard_sizes = sizes.astype(np.int64)
-        total = int(self.shard_sizes.sum())
-        declared = info.totals.get("samples")
-        if type(declared) is not int or declared != total:
-            raise ManifestError(f"{url}: record.totals.samples is {declared!r:.40}, the manifest's shards "
-                                f"hold {total} (column samples)")
-        # Every path the shard table names stays inside the root (lexically here; links when read).
-        names = self.shard_names
-        self._layout.check_paths(table.column("path"), lambda i: f"manifest shard {names[i]!r:.40}: path")
-        self._layout.check_paths(self._layout.index_rels(table.column("shard")),
-                                 lambda i: f"manifest shard {names[i]!r:.40}: name")
+        shards = check_shards(self._layout, self.manifest, info, url)
+        self.shard_names, self.shard_paths, self.shard_sha256 = shards.names, shards.paths, shards.sha256
+        self.shard_sizes, self.shard_bytes = shards.samples, shards.stored_bytes
         # Global sample id = offset of the shard in manifest order + row.
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._cache = None if _is_local(self.fs) else ShardCache(cache_dir or default_cache_dir(), cache_bytes)
@@ -296,19 +263,26 @@ class TokenDataset:
         """Shard `i`'s sample index (`options` go to the Parquet reader: columns, filters),
         checked against the size and sha256 the manifest records. A missing, damaged or
         altered index is a ShardError naming the shard."""
+        data = self.index_bytes(i)
+        try:
+            return read_parquet_bytes(data, **options)
+        except ArrowException as e:
+            raise ShardError(self.shard_names[i], f"its sample index {self._layout.index_rel(self.shard_names[i])} "
+                             f"is unreadable ({type(e).__name__})") from None
+
+    def index_bytes(self, i: int) -> bytes:
+        """The bytes of shard `i`'s sample-index file, checked against the manifest's digest
+        (a ShardError naming the shard if missing or different)."""
         name = self.shard_names[i]
         rel = self._layout.index_rel(name)
         try:
-            data = read_checked(self.layout, rel, f"manifest shard {name!r:.40}: index", self.index_digest(i),
+            return read_checked(self.layout, rel, f"manifest shard {name!r:.40}: index", self.index_digest(i),
                                 limit=MAX_INDEX_BYTES)
-            return read_parquet_bytes(data, **options)
         except FileNotFoundError:
             raise ShardError(name, f"its sample index {rel} is missing (tokshard verify --repair rebuilds "
                              "it)") from None
         except ManifestError as e:
             raise ShardError(name, f"its sample index does not match the manifest: {e}") from None
-        except ArrowException as e:
-            raise ShardError(name, f"its sample index {rel} is unreadable ({type(e).__name__})") from None
 
     # -- companions ---------------------------------------------------------------
     def tokenizer(self, **options: Any) -> Tokenizer:

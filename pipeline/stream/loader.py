@@ -512,12 +512,25 @@ class TokenLoader:
             source = DataLoader(_CarryErrors(it), batch_size=None, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                 multiprocessing_context=self.mp_context, persistent_workers=False)
-        for batch in source:
-            if isinstance(batch, _WorkerError):
-                raise batch.error
-            self._skipped.update(batch.pop("skipped_shards", ()))
-            it.start_batch += 1
-            yield batch
+        batches = iter(source)
+        error: TokshardError | None = None
+        try:
+            for batch in batches:
+                if isinstance(batch, _WorkerError):
+                    error = batch.error
+                    break
+                self._skipped.update(batch.pop("skipped_shards", ()))
+                it.start_batch += 1
+                yield batch
+        finally:
+            # Workers stop here, not when the error (whose traceback holds this frame) is
+            # collected: that can happen inside a later fork, where torch's cleanup fails.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches, source
+        if error is not None:
+            raise error
         self.set_epoch(it.epoch + 1)
 
     def state_dict(self) -> dict:

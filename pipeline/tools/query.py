@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tokshard.errors import ManifestError, ShardError, UsageError
 from tokshard.pipeline.format.integrity import file_digest, read_checked
 from tokshard.pipeline.format.layout import INDEX_DIR, DatasetLayout
-from tokshard.pipeline.format.manifest import read_record
+from tokshard.pipeline.format.manifest import read_valid
 from tokshard.pipeline.storage import read_parquet_bytes
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ FORMATS = ("table", "csv", "json")
 # groups so memory is bounded by a group (a shard's index is ~100 bytes a sample).
 INDEX_READERS = 16
 INDEX_GROUP = 256
+# query's `samples` view: index files hashed before DuckDB scans them when all of them together
+# are at most this (a few seconds); beyond, sizes here, sha256s in verify / where= / lookup.
+QUERY_HASH_BYTES = 2**30
 # labels.parquet: a row per (shard, label); a million shards of a thousand labels stay below.
 MAX_LABELS_BYTES = 2**30
 
@@ -66,7 +69,7 @@ def _connect(url: str, storage_options: dict | None, views: Iterable[str] | None
     wanted = set(VIEWS if views is None else views)
     layout = DatasetLayout.at(url, storage_options)
     fs = layout.fs
-    shards, info, record = read_record(layout, url)
+    shards, info, record, _ = read_valid(layout, url)     # what open checks, query checks
     con = duckdb.connect()
     con.register("shards_arrow", shards)
     con.execute("CREATE VIEW shards AS SELECT * FROM shards_arrow")
@@ -85,12 +88,23 @@ def _connect(url: str, storage_options: dict | None, views: Iterable[str] | None
     if "labels" in wanted:
         _labels_view(con, layout, info, url)
     if "samples" in wanted and shards.num_rows:
-        _check_index_links(layout)
-        folder = as_read(layout.resolve(INDEX_DIR)).rstrip("/") + "/"
-        con.execute(f"CREATE VIEW samples AS SELECT * EXCLUDE (filename) FROM read_parquet("
-                    f"{_literal(as_read(layout.index_glob()))}, filename = true) "
-                    f"WHERE filename = {_literal(folder)} || shard || '.parquet' "
-                    "AND shard IN (SELECT shard FROM shards)")
+        _check_index_files(layout, shards)
+        folder = _literal(as_read(layout.resolve(INDEX_DIR)).rstrip("/") + "/")
+        # Only the index files of listed shards, each row held to its file: it names the
+        # file's shard and a row inside it (anything else stops the query with the reason).
+        try:
+            con.execute(
+                f"CREATE VIEW samples AS SELECT * EXCLUDE (filename, _s, _n, _f) FROM read_parquet("
+                f"{_literal(as_read(layout.index_glob()))}, filename = true) AS i "
+                f"JOIN (SELECT shard AS _s, samples AS _n, {folder} || shard || '.parquet' AS _f FROM shards) AS m "
+                "ON i.filename = m._f WHERE CASE "
+                "WHEN i.shard IS DISTINCT FROM m._s THEN error('the sample index of shard ' || m._s || "
+                "' holds a row naming shard ' || coalesce(i.shard, 'NULL') || ' (a stale or tampered index)') "
+                "WHEN i.row IS NULL OR i.row < 0 OR i.row >= m._n THEN error('the sample index of shard ' || "
+                "m._s || ' names row ' || coalesce(i.row::VARCHAR, 'NULL') || ', outside its ' || m._n || "
+                "' samples (a stale or tampered index)') ELSE true END")
+        except duckdb.Error as e:
+            raise ManifestError(f"{url}: the sample index is unreadable ({str(e).splitlines()[0]})") from None
     elif "samples" in wanted:
         con.execute("CREATE VIEW samples AS SELECT NULL::VARCHAR AS key, NULL::VARCHAR AS shard WHERE false")
     return con, info
@@ -155,21 +169,54 @@ def _labels(layout: DatasetLayout, info: DatasetRecord, url: str) -> pa.Table:
         raise ManifestError(f"{url}: the label table {info.labels} is unreadable ({type(e).__name__})") from None
 
 
-def _check_index_links(layout: DatasetLayout) -> None:
-    """On a local disk, DuckDB follows links: an index file that is a link leaving the root is
-    refused before DuckDB can read it (one directory listing, no stat per file)."""
+def _check_index_files(layout: DatasetLayout, shards: pa.Table) -> None:
+    """Before DuckDB scans them: every listed shard's index file exists with the size the
+    manifest records (one listing of the folder, no read), and is not a link that leaves the
+    root (DuckDB follows links). When all of them together are at most QUERY_HASH_BYTES,
+    their sha256s are checked too (read in threads); larger indexes are checked by size here
+    and by sha256 in `verify`, `where=` and `lookup`, which read them through the dataset."""
     import os
+    from concurrent.futures import ThreadPoolExecutor
 
     from fsspec.implementations.local import LocalFileSystem
-    if not isinstance(layout.fs, LocalFileSystem):
-        return
     folder = layout.resolve(INDEX_DIR)
-    if not os.path.isdir(folder):
+    found: dict[str, int] = {}
+    if isinstance(layout.fs, LocalFileSystem):
+        if os.path.isdir(folder):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        layout.resolve(f"{INDEX_DIR}/{entry.name}", "sample index")
+                    found[entry.name] = entry.stat().st_size
+    else:
+        try:
+            found = {d["name"].rstrip("/").rsplit("/", 1)[-1]: int(d.get("size") or 0)
+                     for d in layout.fs.ls(folder, detail=True)}
+        except FileNotFoundError:
+            pass
+    names = shards.column("shard").to_pylist()
+    has_digests = "index_sha256" in shards.column_names and "index_bytes" in shards.column_names
+    sizes = shards.column("index_bytes").to_pylist() if has_digests else [None] * len(names)
+    digests = shards.column("index_sha256").to_pylist() if has_digests else [None] * len(names)
+    for name, size in zip(names, sizes):
+        got = found.get(f"{name}.parquet")
+        if got is None:
+            raise ShardError(name, f"its sample index {INDEX_DIR}/{name}.parquet is missing (tokshard verify "
+                             "--repair rebuilds it)")
+        if size is not None and got != size:
+            raise ShardError(name, f"its sample index has {got} bytes, the manifest says {size}")
+    if not has_digests or sum(s or 0 for s in sizes) > QUERY_HASH_BYTES:
         return
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_symlink():
-                layout.resolve(f"{INDEX_DIR}/{entry.name}", "sample index")
+
+    def check(item: tuple[str, Any]) -> None:
+        name, want = item
+        if want is None:
+            return
+        got = file_digest(layout, layout.index(name)).sha256
+        if got != want:
+            raise ShardError(name, f"its sample index has sha256 {got[:16]}..., the manifest says {str(want)[:16]}...")
+    with ThreadPoolExecutor(INDEX_READERS) as pool:
+        list(pool.map(check, zip(names, digests)))
 
 
 def _literal(text: str) -> str:
@@ -246,10 +293,37 @@ def select_rows(url: str, where: str, storage_options: dict | None = None, *,
             raise ShardError(ds.shard_names[i], f"its sample index does not have the index columns "
                              f"({type(e).__name__})") from None
 
+    def checked(i: int) -> bool:
+        """Shard `i`'s index file matches its digest (on a local disk, where DuckDB then reads
+        the same file itself, in parallel, faster than parsing it here)."""
+        try:
+            ds.index_bytes(i)
+            return True
+        except ShardError:
+            if skip_unreadable:
+                return False
+            raise
+
+    def select(source: str) -> list[tuple[str, int, str]]:
+        return con.execute(f"SELECT shard, row, key FROM {source} WHERE {where} ORDER BY shard, row").fetchall()
+
+    local = _as_read(ds.layout.fs) is None
     found: list[tuple[str, int, str]] = []
     with ThreadPoolExecutor(INDEX_READERS) as pool:
         for start in range(0, len(todo), INDEX_GROUP):
             group = todo[start:start + INDEX_GROUP]
+            if local:
+                ok = [i for i, good in zip(group, pool.map(checked, group)) if good]
+                if unreadable is not None:
+                    unreadable += [ds.shard_names[i] for i in sorted(set(group) - set(ok))]
+                if not ok:
+                    continue
+                files = ", ".join(_literal(ds.layout.index(ds.shard_names[i])) for i in ok)
+                try:
+                    found += select(f"read_parquet([{files}])")
+                    continue
+                except duckdb.Error:
+                    group = ok      # a file DuckDB cannot read: each parsed here, to name it
             tables = []
             for i, table in zip(group, pool.map(read, group)):
                 if table is None:
@@ -261,8 +335,7 @@ def select_rows(url: str, where: str, storage_options: dict | None = None, *,
                 continue
             con.register("index_group", pa.concat_tables(tables))
             try:
-                found += con.execute(f"SELECT shard, row, key FROM index_group WHERE {where} "
-                                     "ORDER BY shard, row").fetchall()
+                found += select("index_group")
             except duckdb.Error as e:
                 raise UsageError(f"where={where!r} failed: {str(e).splitlines()[0]}") from None
             con.unregister("index_group")

@@ -32,7 +32,7 @@ import numpy as np
 from tokshard.errors import ManifestError, TokshardError, UsageError
 from tokshard.pipeline.format.integrity import check_tree, file_digest, read_checked
 from tokshard.pipeline.format.layout import INDEX_DIR, JOB_SPEC, MANIFEST, SHARDS_DIR, DatasetLayout
-from tokshard.pipeline.format.manifest import read_record
+from tokshard.pipeline.format.manifest import check_record_paths, check_shards, read_record
 from tokshard.pipeline.format.work import forget_receipt, read_job_spec
 from tokshard.pipeline.storage import read_parquet_bytes, redact_url
 
@@ -68,6 +68,7 @@ def verify(url: str, storage_options: dict | None = None, *, quick: bool = False
     cols += [c for c in ("index_bytes", "index_sha256") if c in table.column_names]
     rows = table.select(cols).to_pylist()
     whole = [row for row in rows if not _check_files(layout, row, problems)]
+    _check_manifest(layout, table, record, url, problems)
     _check_dataset_files(layout, record, rows, problems)
     if not quick and not any(p.path == record.codec_state for p in problems):
         # (With a codec state that fails, nothing can be decoded: its repair comes first.)
@@ -97,6 +98,23 @@ def _check_files(layout: DatasetLayout, row: dict[str, Any], problems: list[Prob
         problems.append(Problem(name, index, unit, ("sample index " if what == "missing" else "sample index: ")
                                 + what))
     return len(problems) > found
+
+
+def _check_manifest(layout: DatasetLayout, table: Any, record: DatasetRecord, url: str,
+                    problems: list[Problem]) -> None:
+    """What every reader checks before it trusts the manifest (`read_valid`): record paths,
+    counts, totals, token counts. A shard path already reported above is not repeated."""
+    try:
+        check_record_paths(layout, record)
+    except ManifestError as e:
+        # The record names where the tokenizer copy is: the sources cannot say where it went.
+        unit = NOT_REPAIRABLE if "record.tokenizer.path" in str(e) else DATASET_FILE
+        problems.append(Problem("-", MANIFEST, unit, str(e)))
+    try:
+        check_shards(layout, table, record, url)
+    except ManifestError as e:
+        if not any(p.what == str(e) for p in problems):
+            problems.append(Problem("-", MANIFEST, DATASET_FILE, str(e)))
 
 
 def _compare(layout: DatasetLayout, path: str, size: Any, digest: Any) -> str | None:
@@ -137,7 +155,8 @@ def _check_dataset_files(layout: DatasetLayout, record: DatasetRecord, rows: lis
         for what in check_tree(layout, record.tokenizer.path, record.files):
             problems.append(Problem("-", record.tokenizer.path, NOT_REPAIRABLE, f"tokenizer copy: {what}"))
     except ManifestError as e:
-        problems.append(Problem("-", str(record.tokenizer.path), NOT_REPAIRABLE, str(e)))
+        if not any(p.what == str(e) for p in problems):     # (a path already reported above)
+            problems.append(Problem("-", str(record.tokenizer.path), NOT_REPAIRABLE, str(e)))
     listed = {str(row["path"]) for row in rows} | {layout.index_rel(row["shard"]) for row in rows
                                                    if isinstance(row["shard"], str)}
     for folder in (SHARDS_DIR, INDEX_DIR):
