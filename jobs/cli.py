@@ -166,12 +166,14 @@ def _summary(result: dict) -> str:
     rate = t["samples"] / max(result["elapsed_s"], 1e-9)
     pct = 100.0 * t["stored_bytes"] / t["source_bytes"] if t["source_bytes"] else float("nan")
     skipped = ", ".join(f"{k}={v}" for k, v in ds["skipped_by_reason"].items()) or "none"
+    dropped = ", ".join(f"{k}={v}" for k, v in (ds.get("dropped_by_reason") or {}).items())
     return (f"converted {t['samples']} images into {ds['shards']} shard(s) in {result['elapsed_s']:.1f}s "
             f"({rate:.1f} images/s; {result['units_reused']} shard(s) already done)\n"
             f"  tokens/image {t['tokens'] // n}, payload {t['payload_bytes'] / n:.1f} B/image, "
             f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
             f"({t['source_bytes'] / n:.0f} B/image)\n"
-            f"  skipped: {skipped}")
+            f"  skipped: {skipped}"
+            + (f"\n  kept, with parts dropped (fields stored as null, members ignored): {dropped}" if dropped else ""))
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
@@ -319,6 +321,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
         f"skipped     {skips}",
+        *([f"dropped     {', '.join(f'{k} {v:,}' for k, v in rec.dropped_by_reason.items())} (parts of kept "
+           "samples: fields stored as null, members ignored)"] if rec.dropped_by_reason else []),
         f"sources     {', '.join(rec.sources)}",
     ]
     if video:

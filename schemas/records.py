@@ -113,6 +113,7 @@ class DatasetRecord:
     totals: dict[str, int]
     skipped_by_reason: dict[str, int]
     views: list[str] = field(default_factory=lambda: ["orig"])
+    dropped_by_reason: dict[str, int] | None = None     # schema 1.4: parts of kept samples, by reason
     sample_shape: list[int] | None = None   # None (before it was recorded): grid, with a view axis
     video: dict[str, Any] | None = None
     decode: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +147,8 @@ class DatasetRecord:
             shards=_check(d.get("shards", 0), int, where, "shards"),
             totals=_count_map(d.get("totals", {}), where, "totals"),
             skipped_by_reason=_count_map(d.get("skipped_by_reason", {}), where, "skipped_by_reason"),
+            dropped_by_reason=(None if d.get("dropped_by_reason") is None
+                               else _count_map(d.get("dropped_by_reason"), where, "dropped_by_reason")),
             views=list(views),
             sample_shape=_ints(d.get("sample_shape"), where, "sample_shape", optional=True) or None,
             video=_check(d.get("video"), dict, where, "video", optional=True),
@@ -163,6 +166,8 @@ class DatasetRecord:
         d["files"] = {rel: digest.to_dict() for rel, digest in self.files.items()}
         if not self.files:          # a record before schema 1.3 reads back and writes as it was
             del d["files"]
+        if self.dropped_by_reason is None:  # (and before 1.4)
+            del d["dropped_by_reason"]
         return d
 
     def stored_shape(self) -> tuple[int, ...]:
@@ -231,6 +236,8 @@ class ShardEntry:
     key_max: str | None = None
     index_bytes: int | None = None      # the shard's sample-index file (schema 1.3)
     index_sha256: str | None = None
+    # Parts of kept samples dropped (a field stored as null, a member ignored), by reason (1.4).
+    dropped_by_reason: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,7 +253,7 @@ class ShardEntry:
     def from_dict(cls, d: Any, where: str) -> ShardEntry:
         _check(d, dict, where, "shard")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d) - {"key_min", "key_max", "index_bytes", "index_sha256"})
+        missing = sorted(names - set(d) - {"key_min", "key_max", "index_bytes", "index_sha256", "dropped_by_reason"})
         if missing:
             raise ManifestError(f"{where}: shard entry lacks {missing}")
         for name in ("shard", "path", "format", "codec", "sha256"):

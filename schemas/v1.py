@@ -6,8 +6,9 @@ adds nullable columns or metadata keys.
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.3"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet;
-                         # 1.3: shards.index_bytes/index_sha256, record.files (sizes and sha256s)
+SCHEMA_VERSION = "1.4"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet;
+                         # 1.3: shards.index_bytes/index_sha256, record.files (sizes and sha256s);
+                         # 1.4: shards.dropped_by_reason, record.dropped_by_reason
 METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
 
 
@@ -64,6 +65,7 @@ SHARDS = pa.schema([
     ("key_max", pa.string()),               # routes a key lookup to one sample-index file
     ("index_bytes", pa.int64()),            # the shard's sample-index file: size and sha256 (1.3)
     ("index_sha256", pa.string()),
+    ("dropped_by_reason", pa.list_(SKIP)),  # parts of kept samples dropped, by reason (1.4)
 ])
 
 # labels.parquet: how many samples of each label every shard holds (labelled samples

@@ -85,7 +85,7 @@ def test_the_manifest_records_a_digest_of_every_file_a_reader_trusts(ds):
     for row in table.to_pylist():
         data = (ds / "samples" / f"{row['shard']}.parquet").read_bytes()
         assert {"bytes": row["index_bytes"], "sha256": row["index_sha256"]} == _digest(data)
-    assert record["schema_version"] == "1.3"
+    assert record["schema_version"] == "1.4"
 
 
 def test_an_altered_index_is_a_shard_error_for_lookup_and_where_and_skip_counts_it(ds):

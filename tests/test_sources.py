@@ -79,7 +79,7 @@ def test_parquet_units_read_only_their_row_groups_and_columns(tmp_path, photo_jp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tokshard.pipeline.convert.sources import _read_rows
+    from tokshard.pipeline.convert.sources.parquet import read_rows as _read_rows
     rows = [(f"k{i:03d}", photo_jpegs[i % len(photo_jpegs)][1], i % 5) for i in range(70)]
     path = tmp_path / "big.parquet"
     pq.write_table(pa.table({"key": [k for k, _, _ in rows], "jpg": [d for _, d, _ in rows],

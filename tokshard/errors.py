@@ -101,6 +101,22 @@ SKIP_REASONS = (
 )
 
 
+# Reasons a part of a kept sample is dropped: a field stored as null or a member ignored,
+# while the sample itself is kept (counted per shard in `dropped_by_reason`, schema 1.4).
+# A closed set, like SKIP_REASONS.
+DROP_REASONS = (
+    "nonfinite_number",    # NaN / Infinity in metadata or a float label: stored as null
+    "deep_metadata",       # JSON metadata nested deeper than the reader accepts: stored as null
+    "invalid_metadata",    # a JSON sidecar or metadata value that does not parse: stored as null
+    "bad_label",           # a label that is not an integer in int64 range: stored as null
+    "non_utf8_text",       # text that is not UTF-8 (caption, member name): undecodable bytes replaced
+    "link_member",         # a symbolic or hard link member of a tar: ignored
+    "duplicate_member",    # a second member with the same name and extension in one sample: ignored
+    "unknown_member",      # a member no reader takes (not media, not a sidecar): ignored
+    "mixed_type",          # a metadata field whose type differs from other samples' under --where: null
+)
+
+
 class SkipSample(TokshardError):
     """Raised for one bad sample; the caller counts ``reason`` and moves on."""
 

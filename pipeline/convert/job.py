@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -172,6 +173,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         token_dtype=token_dtype(tok.vocab_size).name,
         decode=asdict(decode), sources=[redact_url(s) for s in cfg.sources], job_hash=job_hash,
         shards=len(rows), totals=totals, skipped_by_reason=dict(sorted(skips.items())),
+        dropped_by_reason=_sum_reasons(row.dropped_by_reason or [] for row in rows),
         codec_state=CODEC_STATE if state is not None else None,
         codec_state_bytes=len(state or b""),
         labels=LABELS, files=dict(sorted(files.items())),
@@ -180,6 +182,15 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     write_timings(layout, receipts)
     elapsed = time.perf_counter() - started
     return {"dataset": record.to_dict(), "elapsed_s": elapsed, "units_reused": done_before}
+
+
+def _sum_reasons(per_shard: Any) -> dict[str, int]:
+    """{reason: count} over shards' [{"reason", "count"}] lists, reasons sorted."""
+    out: Counter[str] = Counter()
+    for items in per_shard:
+        for item in items:
+            out[item["reason"]] += item["count"]
+    return dict(sorted(out.items()))
 
 
 def _failure_message(failures: list[tuple[WorkUnit, UnitFailure]], units: int, committed: int) -> str:

@@ -103,6 +103,7 @@ class EncodedBatch:
 class UnitTail:
     """The last item a unit's decode yields: what was skipped, and the time spent."""
     skips: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)   # parts of kept samples, by DROP_REASONS
     decode_s: float = 0.0
 
 
@@ -171,6 +172,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
         decoder = partial(decode_clips, decode=ctx.decode, clip=ctx.clip)
         window = 2 * ctx.decode_workers  # a video holds many frames: fewer in flight
     for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers, window, decoder):
+        tail.dropped.update(rec.dropped)
         if dec is None:
             tail.skips[rec.skip] += 1
             continue
@@ -287,6 +289,7 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         **identity.as_dict(), grid=list(info.grid_shape), source_shards=[redact_url(unit.url)],
         unit=unit.index, skipped=sum(skips.values()),
         skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
+        dropped_by_reason=[{"reason": r, "count": c} for r, c in sorted(tail.dropped.items())],
         key_min=min((s.key for s in samples), default=None),
         key_max=max((s.key for s in samples), default=None),
         index_bytes=len(index_data), index_sha256=sha256(index_data),
