@@ -25,12 +25,18 @@ class WorkUnit:
     members: tuple[str, ...] = ()   # folder: relative image paths
     start: int = 0                  # parquet: row range
     stop: int = 0
+    # A sidecar table of per-sample metadata joined by key (img2dataset's per-shard
+    # NNNNN.parquet beside NNNNN.tar); "" for none.
+    metadata: str = ""
 
     def spec(self) -> dict[str, Any]:
         """What identifies the unit (its receipt's hash is taken over it); the URL without
         credentials, so a presigned URL signed anew is the same unit."""
-        return {"kind": self.kind, "url": redact_url(self.url), "members": list(self.members),
+        spec = {"kind": self.kind, "url": redact_url(self.url), "members": list(self.members),
                 "start": self.start, "stop": self.stop}
+        if self.metadata:           # (absent otherwise: units planned before it existed keep their hash)
+            spec["metadata"] = redact_url(self.metadata)
+        return spec
 
 
 @dataclass
