@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from typing import Any, NoReturn
 
 from tokshard.errors import TokshardError, UsageError
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resolution", type=int, help="override the tokenizer's input resolution")
     c.add_argument("--resize-mode", default=default("resize_mode"), choices=CHOICES["resize_mode"])
     c.add_argument("--input-format", default=default("input_format"), choices=CHOICES["input_format"])
+    c.add_argument("--split", metavar="NAME", help="convert only this split of a layout with splits "
+                   "(data/train-*.parquet, test/...); without it, each sample's metadata gets its split")
     c.add_argument("--min-image-size", type=int, default=default("min_image_size"))
     c.add_argument("--max-image-pixels", type=int, default=default("max_pixels"))
     c.add_argument("--decode-workers", type=int, default=default("decode_workers"))
@@ -173,7 +176,18 @@ def _summary(result: dict) -> str:
             f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
             f"({t['source_bytes'] / n:.0f} B/image)\n"
             f"  skipped: {skipped}"
-            + (f"\n  kept, with parts dropped (fields stored as null, members ignored): {dropped}" if dropped else ""))
+            + (f"\n  kept, with parts dropped (fields stored as null, members ignored): {dropped}" if dropped else "")
+            + _ignored(result.get("ignored") or []))
+
+
+def _ignored(ignored: list[list[str]], show: int = 5) -> str:
+    """The input files no reader took, counted by reason, the first few named."""
+    if not ignored:
+        return ""
+    counts = Counter(reason for _, reason in ignored)
+    named = "".join(f"\n    {path} ({reason})" for path, reason in ignored[:show])
+    more = f"\n    ... and {len(ignored) - show} more" if len(ignored) > show else ""
+    return ("\n  input files not read: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) + named + more)
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
@@ -184,7 +198,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         sources=a.sources, out=a.out, format=a.format, codec=a.codec,
         codec_params=_codec_params(a.codec_opt), tokenizer=a.tokenizer,
         tokenizer_options=_kv(a.tokenizer_opt, "--tokenizer-opt"), shard_size=a.shard_size,
-        resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format,
+        resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format, split=a.split,
         max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
         decode_workers=a.decode_workers, columns=cols, views=a.views, engine=a.engine, address=a.address,
         where=a.where, clip_frames=a.clip_frames, clip_fps=a.clip_fps, clip_stride=a.clip_stride, max_clips=a.max_clips,
@@ -321,6 +335,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
         f"skipped     {skips}",
+        *([f"ignored     {', '.join(f'{k} {v:,}' for k, v in rec.ignored_inputs.items())} (input files no "
+           "reader took)"] if rec.ignored_inputs else []),
         *([f"dropped     {', '.join(f'{k} {v:,}' for k, v in rec.dropped_by_reason.items())} (parts of kept "
            "samples: fields stored as null, members ignored)"] if rec.dropped_by_reason else []),
         f"sources     {', '.join(rec.sources)}",

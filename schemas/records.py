@@ -54,6 +54,19 @@ def _count_map(value: Any, where: str, name: str) -> dict[str, int]:
     return dict(value)
 
 
+def _class_names(value: Any, where: str) -> dict[str, list[str]] | None:
+    if value is None:
+        return None
+    _check(value, dict, where, "class_names")
+    out = {}
+    for column, names in value.items():
+        _check(names, list, where, f"class_names.{column}")
+        for n in names:
+            _check(n, str, where, f"class_names.{column}")
+        out[str(column)] = list(names)
+    return out
+
+
 @dataclass(frozen=True)
 class FileDigest:
     """What a reader checks a file against before it trusts its bytes (schema 1.3): its
@@ -114,6 +127,8 @@ class DatasetRecord:
     skipped_by_reason: dict[str, int]
     views: list[str] = field(default_factory=lambda: ["orig"])
     dropped_by_reason: dict[str, int] | None = None     # schema 1.4: parts of kept samples, by reason
+    # Files in the input folders that no reader took, by reason (plan.IGNORE_REASONS; 1.4).
+    ignored_inputs: dict[str, int] | None = None
     sample_shape: list[int] | None = None   # None (before it was recorded): grid, with a view axis
     video: dict[str, Any] | None = None
     decode: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +140,9 @@ class DatasetRecord:
     # Every dataset-wide file a reader trusts (codec state, label table, tokenizer copy),
     # by its path relative to the root (schema 1.3; empty before: nothing to check).
     files: dict[str, FileDigest] = field(default_factory=dict)
+    # The Hugging Face ClassLabel names of the sources' columns, {column: names}; None
+    # (not written) when no source has any, so records without them are unchanged.
+    class_names: dict[str, list[str]] | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> DatasetRecord:
@@ -149,6 +167,8 @@ class DatasetRecord:
             skipped_by_reason=_count_map(d.get("skipped_by_reason", {}), where, "skipped_by_reason"),
             dropped_by_reason=(None if d.get("dropped_by_reason") is None
                                else _count_map(d.get("dropped_by_reason"), where, "dropped_by_reason")),
+            ignored_inputs=(None if d.get("ignored_inputs") is None
+                            else _count_map(d.get("ignored_inputs"), where, "ignored_inputs")),
             views=list(views),
             sample_shape=_ints(d.get("sample_shape"), where, "sample_shape", optional=True) or None,
             video=_check(d.get("video"), dict, where, "video", optional=True),
@@ -159,6 +179,7 @@ class DatasetRecord:
             labels=_check(d.get("labels"), str, where, "labels", optional=True) or None,
             schema_version=str(d.get("schema_version", "1.0")),
             files=_file_map(d.get("files", {}), where, "files"),
+            class_names=_class_names(d.get("class_names"), where),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,8 +187,11 @@ class DatasetRecord:
         d["files"] = {rel: digest.to_dict() for rel, digest in self.files.items()}
         if not self.files:          # a record before schema 1.3 reads back and writes as it was
             del d["files"]
-        if self.dropped_by_reason is None:  # (and before 1.4)
-            del d["dropped_by_reason"]
+        for name in ("dropped_by_reason", "ignored_inputs"):   # (absent before 1.4, or when none)
+            if d[name] is None:
+                del d[name]
+        if self.class_names is None:
+            del d["class_names"]
         return d
 
     def stored_shape(self) -> tuple[int, ...]:

@@ -113,6 +113,7 @@ DROP_REASONS = (
     "link_member",         # a symbolic or hard link member of a tar: ignored
     "duplicate_member",    # a second member with the same name and extension in one sample: ignored
     "unknown_member",      # a member no reader takes (not media, not a sidecar): ignored
+    "extra_media",         # a media member of a sample besides the one taken as its image: ignored
     "mixed_type",          # a metadata field whose type differs from other samples' under --where: null
 )
 

@@ -40,6 +40,9 @@ class ConvertConfig:
     resolution: int | None = None
     resize_mode: str = _DECODE.resize_mode
     input_format: str = "auto"
+    # Keep only this split's files (Hugging Face layouts: data/train-*.parquet, test/...). None:
+    # every file; if more than one split is found, each record's meta gets its `split`.
+    split: str | None = None
     max_pixels: int = _DECODE.max_pixels
     min_image_size: int = _DECODE.min_image_size
     codec_fit_samples: int = 2048
@@ -67,6 +70,8 @@ class ConvertConfig:
         for k in ("out", "decode_workers", "storage_options", "engine", "address", "encoders",
                   "gpus_per_encoder", "retries"):
             d.pop(k)
+        if d["split"] is None:   # (absent unless set: jobs planned before it existed keep their hash)
+            d.pop("split")
         d["tokenizer_options"] = {k: v for k, v in d["tokenizer_options"].items()
                                   if k not in ("device", "path")}
         return d

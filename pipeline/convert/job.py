@@ -22,7 +22,9 @@ from tokshard.pipeline.convert.engines import engine_class
 from tokshard.pipeline.convert.engines.base import EngineJob
 from tokshard.pipeline.convert.engines.retry import RetryPolicy, UnitFailure
 from tokshard.pipeline.convert.select import check_predicate
-from tokshard.pipeline.convert.sources import WorkUnit, plan_units
+from tokshard.pipeline.convert.sources import WorkUnit
+from tokshard.pipeline.convert.sources.parquet import class_names as source_class_names
+from tokshard.pipeline.convert.sources.plan import plan_sources
 from tokshard.pipeline.convert.stages import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
 from tokshard.pipeline.convert.video import ClipConfig
 from tokshard.pipeline.convert.views import decode_resolution, view_names
@@ -100,9 +102,12 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     codec = get_codec(cfg.codec, tok.vocab_size, **cfg.codec_params)
-    units = plan_units(cfg.sources, cfg.shard_size, cfg.input_format, cfg.storage_options)
+    plan = plan_sources(cfg.sources, cfg.shard_size, cfg.input_format, cfg.storage_options, split=cfg.split,
+                        image_column=(cfg.columns or {}).get("image_column"))
+    units = plan.units
     if not units:
         raise UsageError("no input found in " + " ".join(redact_url(s) for s in cfg.sources))
+    class_names = _class_names(units, cfg.storage_options)
     layout = DatasetLayout.at(cfg.out, cfg.storage_options)
     identity = tok.identity()
     spec = JobSpec(tokshard=__version__, config=cfg.job_identity(), tokenizer_id=identity.tokenizer_id,
@@ -159,6 +164,15 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     for row in rows:
         for item in row.skipped_by_reason:
             skips[item["reason"]] = skips.get(item["reason"], 0) + item["count"]
+    if totals["samples"] == 0:
+        # Never an empty dataset that looks fine: no manifest, and the reasons.
+        why = ", ".join(f"{k}={v}" for k, v in sorted(skips.items())) or "the inputs hold no samples"
+        ignored = Counter(reason for _, reason in plan.ignored)
+        raise JobError(redact_text(
+            f"converted nothing from {len(units)} unit(s): skipped {why}"
+            + (f"; input files not read: {', '.join(f'{k}={v}' for k, v in sorted(ignored.items()))}"
+               if ignored else "")
+            + "; no manifest was written"))
     state = codec.state()
     if state is not None:
         files[CODEC_STATE] = FileDigest.of(state)
@@ -176,12 +190,36 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         dropped_by_reason=_sum_reasons(row.dropped_by_reason or [] for row in rows),
         codec_state=CODEC_STATE if state is not None else None,
         codec_state_bytes=len(state or b""),
-        labels=LABELS, files=dict(sorted(files.items())),
+        labels=LABELS, files=dict(sorted(files.items())), class_names=class_names,
+        ignored_inputs=dict(sorted(Counter(reason for _, reason in plan.ignored).items())) or None,
     )
     write_manifest(layout, rows, record)
     write_timings(layout, receipts)
     elapsed = time.perf_counter() - started
-    return {"dataset": record.to_dict(), "elapsed_s": elapsed, "units_reused": done_before}
+    return {"dataset": record.to_dict(), "elapsed_s": elapsed, "units_reused": done_before,
+            "ignored": [list(item) for item in plan.ignored]}
+
+
+def _class_names(units: list[WorkUnit], storage_options: dict | None) -> dict[str, list[str]] | None:
+    """{column: names} of the Hugging Face ClassLabel columns of the Parquet sources (read once
+    per file); None when there are none. Two files that name one column's classes differently
+    are refused: their labels would not mean the same."""
+    urls = list(dict.fromkeys(u.url for u in units if u.kind == "parquet"))
+    if not urls:
+        return None
+    with ThreadPoolExecutor(RECEIPT_READERS) as pool:
+        found = list(pool.map(lambda url: source_class_names(url, storage_options), urls))
+    names: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
+    for url, per_column in zip(urls, found):
+        for column, values in per_column.items():
+            if column not in names:
+                names[column], first[column] = values, url
+            elif names[column] != values:
+                raise UsageError(redact_text(
+                    f"the sources disagree on the class names of column {column!r}: {first[column]} has "
+                    f"{names[column]!r:.200}, {url} has {values!r:.200}; convert them separately"))
+    return dict(sorted(names.items())) or None
 
 
 def _sum_reasons(per_shard: Any) -> dict[str, int]:

@@ -139,6 +139,12 @@ class TokenDataset:
     def job_hash(self) -> str:
         return self.info.job_hash
 
+    @property
+    def class_names(self) -> dict[str, list[str]] | None:
+        """The sources' class names, {column: names} (Hugging Face ClassLabel features): a
+        label `y` read from column `c` is `class_names[c][y]`. None when the sources had none."""
+        return self.info.class_names
+
     def __repr__(self) -> str:
         views = f", views={len(self.views)}" if len(self.views) > 1 else ""
         return (f"TokenDataset({self.url!r}, samples={len(self)}, shards={self.num_shards}, "

@@ -24,7 +24,8 @@ import numpy as np
 
 from tokshard.errors import ManifestError, SkipSample, TokshardError, UsageError
 from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
-from tokshard.pipeline.convert.sources import plan_units, read_unit
+from tokshard.pipeline.convert.sources import read_unit
+from tokshard.pipeline.convert.sources.plan import plan_sources
 from tokshard.pipeline.format.layout import JOB_SPEC
 from tokshard.pipeline.format.work import read_job_spec
 
@@ -73,6 +74,7 @@ class SourcePlan:
     shard_size: int
     input_format: str
     columns: dict[str, str | None]
+    split: str | None = None
 
 
 def job_plan(ds: TokenDataset) -> SourcePlan:
@@ -99,7 +101,10 @@ def job_plan(ds: TokenDataset) -> SourcePlan:
     if not isinstance(columns, dict) or not all(k in _COLUMNS and (v is None or isinstance(v, str))
                                                 for k, v in columns.items()):
         raise bad("columns", f"a mapping of {', '.join(_COLUMNS)} to column names")
-    return SourcePlan(list(sources), shard_size, input_format, dict(columns))
+    split = job.get("split")
+    if split is not None and not isinstance(split, str):
+        raise bad("split", "a split name")
+    return SourcePlan(list(sources), shard_size, input_format, dict(columns), split)
 
 
 def announce_sources(sources: list[str]) -> None:
@@ -124,7 +129,9 @@ def _originals(ds: TokenDataset, wanted: dict[int, list[str]], side: int, origin
     decode = DecodeConfig(**ds.info.decode)
     out: dict[str, np.ndarray] = {}
     try:
-        units = {u.index: u for u in plan_units(sources, plan.shard_size, plan.input_format, ds.storage_options)}
+        units = {u.index: u for u in plan_sources(sources, plan.shard_size, plan.input_format, ds.storage_options,
+                                                  split=plan.split,
+                                                  image_column=plan.columns.get("image_column")).units}
         for index, unit_keys in wanted.items():
             unit, keys = units.get(index), set(unit_keys)
             if unit is None:

@@ -1,23 +1,43 @@
 """Input corpora -> work units -> records.
 
 A *work unit* is the slice of input that becomes one output shard (or a few):
-a WebDataset tar, a row range of a Parquet file, or a chunk of a folder's
+a WebDataset tar, a row range of a Parquet or Arrow file, or a chunk of a folder's
 sorted file list. Paths are local or any fsspec URL (s3://..., presigned
 https://...). A unit keeps the URL it reads from; what a record or an error says
 of it is its redact_url form.
 
 - `records`: WorkUnit, Record, file-name rules, sidecars;
-- `plan`: inputs -> units (detection of the layout);
-- `tar`, `parquet`, `folder`: one reader per unit kind.
+- `plan`: inputs -> units (detection of the layout), and the files no unit reads;
+- `tar`, `parquet`, `arrow`, `folder`: one reader per unit kind ("unreadable": a file
+  whose footer could not be read when planned, one counted skip).
+
+`read_unit` adds what a unit carries besides its reader's records: its metadata sidecar
+(joined by key) and its split (`plan.unit_split`).
 """
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import posixpath
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokshard.pipeline.convert.sources.arrow import read_arrow
 from tokshard.pipeline.convert.sources.folder import read_folder
-from tokshard.pipeline.convert.sources.parquet import read_parquet
-from tokshard.pipeline.convert.sources.plan import INPUT_FORMATS, plan_units
+from tokshard.pipeline.convert.sources.parquet import _KEY_COLUMNS, read_parquet
+from tokshard.pipeline.convert.sources.plan import (
+    IGNORE_REASONS,
+    INPUT_FORMATS,
+    Plan,
+    plan_sources,
+    plan_units,
+    unit_split,
+)
 from tokshard.pipeline.convert.sources.records import (
     IMAGE_EXTS,
     MEDIA_EXTS,
@@ -25,19 +45,103 @@ from tokshard.pipeline.convert.sources.records import (
     VIDEO_EXTS,
     Record,
     WorkUnit,
+    bare,
     safe_key,
 )
 from tokshard.pipeline.convert.sources.tar import read_tar
+from tokshard.pipeline.storage import redact_text, redact_url
+
+
+def read_unreadable(unit: WorkUnit, storage_options: dict | None, **_: Any) -> Iterator[Record]:
+    """A source file whose footer could not be read when the job was planned: one
+    `unreadable_source` skip, with what reading it says now."""
+    source = redact_url(unit.url)
+    try:
+        with fsspec.open(unit.url, "rb", **(storage_options or {})) as f:
+            if bare(unit.url).endswith(".arrow"):
+                pa.ipc.open_stream(f).schema  # noqa: B018 (reading the schema is the check)
+            else:
+                pq.ParquetFile(f).metadata  # noqa: B018
+        detail = "unreadable when the job was planned"
+    except Exception as e:
+        detail = str(e)
+    stem = posixpath.basename(bare(unit.url)).rsplit(".", 1)[0]
+    yield Record(f"{stem}#unreadable", None, source, skip="unreadable_source",
+                 detail=redact_text(f"{source}: {detail}"))
+
 
 READERS: dict[str, Callable[..., Iterator[Record]]] = {"wds": read_tar, "parquet": read_parquet,
-                                                         "folder": read_folder}
+                                                         "folder": read_folder, "arrow": read_arrow,
+                                                         "unreadable": read_unreadable}
 
 
 def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: str | None) -> Iterator[Record]:
-    """The records of `unit`, read by the reader of its kind (`columns`: the parquet reader's
-    column choices)."""
-    yield from READERS[unit.kind](unit, storage_options, **columns)
+    """The records of `unit`, read by the reader of its kind (`columns`: the table readers'
+    column choices), with the fields of its metadata sidecar and its split added to each
+    record's meta (a record's own fields win)."""
+    records = READERS[unit.kind](unit, storage_options, **columns)
+    split = unit_split(unit)
+    if not unit.metadata and split is None:
+        yield from records
+        return
+    rows: dict[str, dict] | None = {}
+    if unit.metadata:
+        rows = read_metadata_sidecar(unit.metadata, storage_options)
+    for rec in records:
+        if rec.skip is None:
+            extra: dict[str, Any] = {}
+            if rows is None:
+                rec.drop("invalid_metadata")
+            elif rows:
+                row = rows.get(rec.key)
+                if row is None and "/" in rec.key:  # a folder's key: 00000/000000012 -> 000000012
+                    row = rows.get(rec.key.rsplit("/", 1)[1])
+                extra = dict(row or {})
+            if split is not None:
+                extra["split"] = split
+            if extra:
+                rec.meta = {**extra, **(rec.meta or {})}
+        yield rec
 
 
-__all__ = ["IMAGE_EXTS", "INPUT_FORMATS", "MEDIA_EXTS", "READERS", "SIDECAR_EXTS", "VIDEO_EXTS", "Record",
-           "WorkUnit", "plan_units", "read_unit", "safe_key"]
+def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, dict] | None:
+    """{key: the row's fields} of a metadata sidecar table (the first row of a key wins);
+    None when it cannot be parsed (each record then counts `invalid_metadata`). An error
+    reaching it (OSError) fails the unit, to be retried."""
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            table = pq.read_table(f, use_threads=False)
+    except (pa.ArrowException, ValueError):
+        return None
+    key_col = next((c for c in _KEY_COLUMNS if c in table.column_names), None)
+    if key_col is None:
+        return None
+    rows: dict[str, dict] = {}
+    for row in table.to_pylist():
+        key = row.get(key_col)
+        k = safe_key(str(key)) if key is not None else None
+        if k and k not in rows:
+            rows[k] = {name: _jsonable(v) for name, v in row.items()}
+    return rows
+
+
+def _jsonable(v: Any) -> Any:
+    """A metadata value as JSON holds it: dates as ISO text, decimals as floats, bytes as
+    text (undecodable bytes replaced)."""
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (datetime.date, datetime.time, datetime.datetime)):
+        return v.isoformat()
+    if isinstance(v, datetime.timedelta):
+        return v.total_seconds()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return v
+
+
+__all__ = ["IGNORE_REASONS", "IMAGE_EXTS", "INPUT_FORMATS", "MEDIA_EXTS", "READERS", "SIDECAR_EXTS", "VIDEO_EXTS",
+           "Plan", "Record", "WorkUnit", "plan_sources", "plan_units", "read_unit", "safe_key"]
