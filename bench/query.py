@@ -72,6 +72,7 @@ def synthesise(root: Path) -> None:
         "skipped_by_reason": [[{"reason": "decode_error", "count": int(k)}] for k in skipped],
         "key_min": [f"{n}0000" for n in names], "key_max": [f"{n}{PER_SHARD - 1:04d}" for n in names],
         "index_bytes": [None] * SHARDS, "index_sha256": [None] * SHARDS,   # set below for the indexed shards
+        "dropped_by_reason": [[]] * SHARDS,
     }
     # The indexed shards exist for real: `lookup` checks the key it returns against its shard.
     indexed_shards = np.linspace(0, SHARDS - 1, INDEXED).astype(int)
