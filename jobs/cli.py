@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store the tokens of the flipped image (hflip) or of ten crops "
                         "(tencrop, LlamaGen-style); the loader picks one per sample")
     for col in ("image", "caption", "label", "key"):
-        c.add_argument(f"--{col}-column", help=f"Parquet input: the {col} column")
+        c.add_argument(f"--{col}-column", help=f"Parquet/Arrow input: the {col} column"
+                       + (" (tars: the image member's extension, e.g. input.jpg)" if col == "image" else ""))
     c.add_argument("--quiet", action="store_true")
 
     f = sub.add_parser("fit-tokenizer", help="fit the patch k-means VQ tokenizer on sample images")

@@ -185,6 +185,7 @@ def test_hf_save_to_disk_arrow_folder(tmp_path, photo_jpegs, tokenizer_dir):
     assert len({r.key for r in records}) == 7
     result = convert(convert_config([tmp_path / "sd"], tmp_path / "out", tokenizer_dir), quiet=True)
     assert _samples(result) == 7
+    assert result["dataset"]["class_names"] == {"label": ["a", "b", "c"]}   # from the Arrow schema
 
 
 def test_hf_dataset_dict_splits_are_marked_or_chosen(tmp_path, photo_jpegs):

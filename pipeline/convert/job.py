@@ -23,6 +23,7 @@ from tokshard.pipeline.convert.engines.base import EngineJob
 from tokshard.pipeline.convert.engines.retry import RetryPolicy, UnitFailure
 from tokshard.pipeline.convert.select import check_predicate
 from tokshard.pipeline.convert.sources import WorkUnit
+from tokshard.pipeline.convert.sources.arrow import arrow_class_names
 from tokshard.pipeline.convert.sources.parquet import class_names as source_class_names
 from tokshard.pipeline.convert.sources.plan import plan_sources
 from tokshard.pipeline.convert.stages import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
@@ -201,14 +202,16 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
 
 
 def _class_names(units: list[WorkUnit], storage_options: dict | None) -> dict[str, list[str]] | None:
-    """{column: names} of the Hugging Face ClassLabel columns of the Parquet sources (read once
+    """{column: names} of the Hugging Face ClassLabel columns of the Parquet and Arrow sources (read once
     per file); None when there are none. Two files that name one column's classes differently
     are refused: their labels would not mean the same."""
-    urls = list(dict.fromkeys(u.url for u in units if u.kind == "parquet"))
-    if not urls:
+    readers = {"parquet": source_class_names, "arrow": arrow_class_names}
+    files = list(dict.fromkeys((u.url, u.kind) for u in units if u.kind in readers))
+    if not files:
         return None
+    urls = [url for url, _ in files]
     with ThreadPoolExecutor(RECEIPT_READERS) as pool:
-        found = list(pool.map(lambda url: source_class_names(url, storage_options), urls))
+        found = list(pool.map(lambda item: readers[item[1]](item[0], storage_options), files))
     names: dict[str, list[str]] = {}
     first: dict[str, str] = {}
     for url, per_column in zip(urls, found):
