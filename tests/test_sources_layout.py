@@ -299,3 +299,29 @@ def test_the_summary_and_the_record_count_input_files_no_reader_took(photo_tars,
     from tokshard.pipeline.format.manifest import read_manifest
     _, record = read_manifest(str(out))
     assert sum(record["ignored_inputs"].values()) == 2
+
+
+def test_video2dataset_webdataset_output_joins_its_metadata(tmp_path, photos, tokenizer_dir):
+    """video2dataset writes img2dataset's layout with video members: 00000.tar (KEY.mp4, KEY.txt,
+    KEY.json) + 00000.parquet (key, url, caption, duration, status...) + 00000_stats.json."""
+    import webdataset as wds
+    from test_video import make_video
+    root = tmp_path / "v2d"
+    root.mkdir()
+    keys = [f"00000{i:04d}" for i in range(3)]
+    with wds.TarWriter(str(root / "00000.tar")) as sink:
+        for i, key in enumerate(keys):
+            sink.write({"__key__": key, "mp4": make_video(photos[i][1], frames=8), "txt": f"clip {i}",
+                        "json": json.dumps({"key": key, "status": "success"}).encode()})
+    pq.write_table(pa.Table.from_pylist([{"key": k, "url": f"https://v/{k}.mp4", "duration": 8 / 30,
+                                          "status": "success"} for k in keys]), root / "00000.parquet")
+    _stats(root, "00000", 3)
+    plan = plan_sources([str(root)], 100)
+    assert [(u.kind, Path(u.url).name, Path(u.metadata).name) for u in plan.units] == [
+        ("wds", "00000.tar", "00000.parquet")]
+    assert plan.ignored == []
+    records = list(read_unit(plan.units[0]))
+    assert [(r.key, r.media, r.caption, r.meta["url"]) for r in records] == [
+        (k, "video", f"clip {i}", f"https://v/{k}.mp4") for i, k in enumerate(keys)]
+    result = convert(convert_config([root], tmp_path / "out", tokenizer_dir, clip_frames=4), quiet=True)
+    assert _samples(result) == 6 and not result["dataset"]["skipped_by_reason"]   # 2 clips of 4 frames each
