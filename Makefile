@@ -36,6 +36,7 @@ bench:
 	$(PYTHON) bench/storage.py
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
+	$(PYTHON) bench/sources.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/query.py
 

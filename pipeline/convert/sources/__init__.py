@@ -17,8 +17,6 @@ of it is its redact_url form.
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import posixpath
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +44,8 @@ from tokshard.pipeline.convert.sources.records import (
     Record,
     WorkUnit,
     bare,
+    jsonable,
+    plain_column,
     safe_key,
 )
 from tokshard.pipeline.convert.sources.tar import read_tar
@@ -116,31 +116,16 @@ def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, d
     key_col = next((c for c in _KEY_COLUMNS if c in table.column_names), None)
     if key_col is None:
         return None
+    # Column by column: a plain column (numbers, text) needs no per-value conversion.
+    columns = {name: (col.to_pylist() if plain_column(col.type) else [jsonable(v) for v in col.to_pylist()])
+               for name, col in zip(table.column_names, table.columns)}
+    names = list(columns)
     rows: dict[str, dict] = {}
-    for row in table.to_pylist():
-        key = row.get(key_col)
+    for i, key in enumerate(columns[key_col]):
         k = safe_key(str(key)) if key is not None else None
         if k and k not in rows:
-            rows[k] = {name: _jsonable(v) for name, v in row.items()}
+            rows[k] = {name: columns[name][i] for name in names}
     return rows
-
-
-def _jsonable(v: Any) -> Any:
-    """A metadata value as JSON holds it: dates as ISO text, decimals as floats, bytes as
-    text (undecodable bytes replaced)."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (datetime.date, datetime.time, datetime.datetime)):
-        return v.isoformat()
-    if isinstance(v, datetime.timedelta):
-        return v.total_seconds()
-    if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, bytes):
-        return v.decode("utf-8", errors="replace")
-    return v
 
 
 __all__ = ["IGNORE_REASONS", "IMAGE_EXTS", "INPUT_FORMATS", "MEDIA_EXTS", "READERS", "SIDECAR_EXTS", "VIDEO_EXTS",

@@ -28,7 +28,6 @@ dataset record.
 
 from __future__ import annotations
 
-import datetime
 import decimal
 import json
 import math
@@ -43,7 +42,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokshard.errors import SourceError
-from tokshard.pipeline.convert.sources.records import Record, WorkUnit, bare, clean_json, decode_text, safe_key
+from tokshard.pipeline.convert.sources.records import (
+    Record,
+    WorkUnit,
+    bare,
+    clean_json,
+    decode_text,
+    jsonable,
+    plain_column,
+    safe_key,
+)
 from tokshard.pipeline.storage import redact_text, redact_url
 
 _IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "bytes", "image_bytes")
@@ -204,7 +212,9 @@ def records_from_table(table: pa.Table, cols: Columns, source: str, stem: str, f
     caps = table.column(cols.caption).to_pylist() if cols.caption else [None] * n
     labs = table.column(cols.label).to_pylist() if cols.label else [None] * n
     keys = table.column(cols.key).to_pylist() if cols.key else [None] * n
-    metas = {c: table.column(c).to_pylist() for c in meta}
+    # Column by column: a plain column (numbers, text) needs no per-value conversion.
+    metas = {c: (col.to_pylist() if plain_column(col.type) else [jsonable(v) for v in col.to_pylist()])
+             for c in meta for col in [table.column(c)]}
     name_index = {name: i for i, name in enumerate(label_names or ())}
     fetch = _PathFetcher(image_root, storage_options) if image_root is not None else None
     seen: set[str] = set()
@@ -221,7 +231,7 @@ def records_from_table(table: pa.Table, cols: Columns, source: str, stem: str, f
                 rec.drop("unknown_member")
             rec.label = _label(labs[i], rec, name_index)
             if metas:
-                rec.meta = {c: clean_json(_jsonable(v[i]), rec) for c, v in metas.items()}
+                rec.meta = {c: clean_json(v[i], rec) for c, v in metas.items()}
             _image(rec, img, fetched, row)
             if rec.skip is None and rec.key in seen:
                 rec.skip, rec.detail, rec.image = "duplicate_key", rec.key, None
@@ -345,22 +355,6 @@ def _label(lab: Any, rec: Record, names: dict[str, int]) -> int | None:
         return names[lab]
     rec.drop("bad_label")
     return None
-
-
-def _jsonable(value: Any) -> Any:
-    """A table cell in JSON's types: timestamps, dates and times as ISO text, durations as
-    seconds, decimals as floats (clean_json then makes it valid JSON, counting what it nulls)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return value.total_seconds()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    return value
 
 
 def read_rows(pf: pq.ParquetFile, start: int, stop: int, columns: list[str]) -> tuple[pa.Table, int]:

@@ -4,6 +4,8 @@ the metadata cleaning every reader shares (clean_json: stored metadata is valid 
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import math
 import posixpath
@@ -133,6 +135,8 @@ def _clean(value: Any, drops: list[str], depth: int) -> Any:
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, str):
+        if value.isascii():         # the common case, checked in C: nothing to replace
+            return value
         text, changed = utf8_text(value)
         if changed:
             drops.append("non_utf8_text")
@@ -215,3 +219,31 @@ def sidecars(rec: Record, ext: str, data: bytes) -> None:
         rec.label = parse_label(data)
         if rec.label is None:
             rec.drop("bad_label")
+
+
+def jsonable(v: Any) -> Any:
+    """A table cell in JSON's types: timestamps, dates and times as ISO text, durations as
+    seconds, decimals as floats, bytes as text (undecodable bytes replaced); clean_json
+    then makes it valid JSON, counting what it nulls."""
+    if v is None or isinstance(v, (str, int, float)):
+        return v
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (datetime.date, datetime.time, datetime.datetime)):
+        return v.isoformat()
+    if isinstance(v, datetime.timedelta):
+        return v.total_seconds()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return v
+
+
+def plain_column(t: Any) -> bool:
+    """An Arrow type whose Python values are already JSON's (no jsonable pass needed)."""
+    import pyarrow as pa
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+                or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t))
