@@ -325,3 +325,18 @@ def test_video2dataset_webdataset_output_joins_its_metadata(tmp_path, photos, to
         (k, "video", f"clip {i}", f"https://v/{k}.mp4") for i, k in enumerate(keys)]
     result = convert(convert_config([root], tmp_path / "out", tokenizer_dir, clip_frames=4), quiet=True)
     assert _samples(result) == 6 and not result["dataset"]["skipped_by_reason"]   # 2 clips of 4 frames each
+
+
+def test_tars_of_two_splits_keep_their_keys_apart(tmp_path, photo_jpegs):
+    import webdataset as wds
+    for split in ("train", "test"):
+        (tmp_path / "src" / split).mkdir(parents=True)
+        with wds.TarWriter(str(tmp_path / "src" / split / "00000.tar")) as sink:
+            for i, (_, data, _) in enumerate(photo_jpegs[:2]):
+                sink.write({"__key__": f"{i:04d}", "jpg": data})
+    plan = plan_sources([str(tmp_path / "src")], 10)
+    records = [r for u in plan.units for r in read_unit(u)]
+    assert [(r.key, r.meta["split"]) for r in records] == [
+        ("test/0000", "test"), ("test/0001", "test"), ("train/0000", "train"), ("train/0001", "train")]
+    only = plan_sources([str(tmp_path / "src")], 10, split="train")
+    assert [r.key for u in only.units for r in read_unit(u)] == ["0000", "0001"]   # one split: keys as written

@@ -101,6 +101,10 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
                 extra["split"] = split
             if extra:
                 rec.meta = {**extra, **(rec.meta or {})}
+        if split is not None and unit.kind != "arrow" and not rec.key.startswith(f"{split}/"):
+            # Keys stay unique across splits (train/00000.tar and test/00000.tar name their
+            # members alike); the Arrow reader prefixes its own (save_to_disk names files alike).
+            rec.key = f"{split}/{rec.key}"
         yield rec
 
 

@@ -27,7 +27,8 @@ name or folders (`data/train-00000-of-00002.parquet`, `test/00000.tar`,
 `save_to_disk` of a DatasetDict: `dataset_dict.json` + `train/` + `test/`). With `split`
 given, only that split's files are planned (the others are listed as "other_split").
 Without it, if more than one split is present, every unit carries its split and each of
-its records gets a `split` field in its metadata (the splits are never mixed silently);
+its records gets a `split` field in its metadata and the key prefix `SPLIT/` (the splits are
+never mixed silently, and keys stay unique across them);
 one split or none leaves the units as they were.
 """
 
