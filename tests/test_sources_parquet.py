@@ -238,3 +238,17 @@ def test_convert_hf_parquet_with_where_keeps_class_names(tmp_path, photo_jpegs, 
     other = _hf_parquet(tmp_path / "other.parquet", paths[:1], [0], ["ant", "bee"])
     with pytest.raises(UsageError, match="disagree on the class names of column 'label'"):
         convert(convert_config([src, other], tmp_path / "out2", tokenizer_dir), quiet=True)
+
+
+def test_a_where_column_no_table_source_has_fails_at_the_start(img2dataset_parquet, tokenizer_dir, tmp_path):
+    from conftest import convert_config
+
+    from tokshard.pipeline.convert.job import convert
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"--where names 'similarty', which no source has \(columns: .*similarity"):
+        convert(convert_config([img2dataset_parquet], out, tokenizer_dir, where="similarty > 0.3"), quiet=True)
+    assert not out.exists()         # refused before the destination is claimed
+    # Case does not matter to DuckDB, nor here; a column the sources have passes.
+    record = convert(convert_config([img2dataset_parquet], out, tokenizer_dir, where="SIMILARITY > 0.3"),
+                     quiet=True)["dataset"]
+    assert record["totals"]["samples"] == 3

@@ -21,10 +21,11 @@ from tokshard.pipeline.convert.default_tokenizer import default_artifact
 from tokshard.pipeline.convert.engines import engine_class
 from tokshard.pipeline.convert.engines.base import EngineJob
 from tokshard.pipeline.convert.engines.retry import RetryPolicy, UnitFailure
-from tokshard.pipeline.convert.select import check_predicate
+from tokshard.pipeline.convert.select import check_predicate, referenced_columns
 from tokshard.pipeline.convert.sources import WorkUnit
-from tokshard.pipeline.convert.sources.arrow import arrow_class_names
-from tokshard.pipeline.convert.sources.parquet import class_names as source_class_names
+from tokshard.pipeline.convert.sources.arrow import arrow_schema_of
+from tokshard.pipeline.convert.sources.parquet import class_names_of
+from tokshard.pipeline.convert.sources.parquet import schema_of as parquet_schema_of
 from tokshard.pipeline.convert.sources.plan import plan_sources
 from tokshard.pipeline.convert.stages import TokenizerInfo, UnitContext, load_receipt, tokenize_unit
 from tokshard.pipeline.convert.video import ClipConfig
@@ -108,7 +109,10 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     units = plan.units
     if not units:
         raise UsageError("no input found in " + " ".join(redact_url(s) for s in cfg.sources))
-    class_names = _class_names(units, cfg.storage_options)
+    schemas, all_tables = _table_schemas(units, cfg.storage_options)
+    class_names = _class_names(schemas)
+    if cfg.where and all_tables:
+        _check_where_columns(cfg.where, schemas, marked_splits=any(u.split for u in units))
     layout = DatasetLayout.at(cfg.out, cfg.storage_options)
     identity = tok.identity()
     spec = JobSpec(tokshard=__version__, config=cfg.job_identity(), tokenizer_id=identity.tokenizer_id,
@@ -201,21 +205,43 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
             "ignored": [list(item) for item in plan.ignored]}
 
 
-def _class_names(units: list[WorkUnit], storage_options: dict | None) -> dict[str, list[str]] | None:
-    """{column: names} of the Hugging Face ClassLabel columns of the Parquet and Arrow sources (read once
-    per file); None when there are none. Two files that name one column's classes differently
-    are refused: their labels would not mean the same."""
-    readers = {"parquet": source_class_names, "arrow": arrow_class_names}
+def _table_schemas(units: list[WorkUnit], storage_options: dict | None) -> tuple[dict[str, Any], bool]:
+    """({url: Arrow schema} of the Parquet and Arrow sources: footers or schema messages, read
+    once per file, concurrently; whether every unit is such a table, without a sidecar join:
+    then the schemas say every field its samples can hold)."""
+    readers = {"parquet": parquet_schema_of, "arrow": arrow_schema_of}
     files = list(dict.fromkeys((u.url, u.kind) for u in units if u.kind in readers))
-    if not files:
-        return None
-    urls = [url for url, _ in files]
-    with ThreadPoolExecutor(RECEIPT_READERS) as pool:
-        found = list(pool.map(lambda item: readers[item[1]](item[0], storage_options), files))
+    found = []
+    if files:
+        with ThreadPoolExecutor(RECEIPT_READERS) as pool:
+            found = list(pool.map(lambda item: readers[item[1]](item[0], storage_options), files))
+    all_tables = all(u.kind in readers and not u.metadata for u in units if u.kind != "unreadable")
+    return {url: schema for (url, _), schema in zip(files, found)}, all_tables
+
+
+def _check_where_columns(where: str, schemas: dict[str, Any], marked_splits: bool) -> None:
+    """A --where that names a column none of the (table) sources has fails now, once, with the
+    columns there are; not later, unit by unit."""
+    named = referenced_columns(where)
+    if not named:
+        return
+    known = {"key", "caption", "label"} | ({"split"} if marked_splits else set())
+    for schema in schemas.values():
+        known |= {name.lower() for name in schema.names}
+    unknown = sorted(named - known)
+    if unknown:
+        raise UsageError(f"--where names {', '.join(repr(u) for u in unknown)}, which no source has "
+                         f"(columns: {', '.join(sorted(known))})"[:600])
+
+
+def _class_names(schemas: dict[str, Any]) -> dict[str, list[str]] | None:
+    """{column: names} of the Hugging Face ClassLabel columns of the Parquet and Arrow sources;
+    None when there are none. Two files that name one column's classes differently are
+    refused: their labels would not mean the same."""
     names: dict[str, list[str]] = {}
     first: dict[str, str] = {}
-    for url, per_column in zip(urls, found):
-        for column, values in per_column.items():
+    for url, schema in schemas.items():
+        for column, values in class_names_of(schema).items():
             if column not in names:
                 names[column], first[column] = values, url
             elif names[column] != values:

@@ -76,15 +76,14 @@ def read_arrow_rows(src: Any, start: int, stop: int) -> pa.Table:
     return table.slice(max(0, start - first), max(0, stop - start))
 
 
-def arrow_class_names(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
-    """{column: names} of the Hugging Face ClassLabel columns of the Arrow file `url` (its
-    schema message only; {} for a file without them)."""
+def arrow_schema_of(url: str, storage_options: dict | None = None) -> pa.Schema:
+    """The schema of the Arrow file `url` (its schema message only)."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             src = pa.PythonFile(f, mode="r")
             head = src.read(6)
             src.seek(0)
-            schema = pa.ipc.open_file(src).schema if head == b"ARROW1" else pa.ipc.open_stream(src).schema
-        return class_names_of(schema)
+            return pa.ipc.open_file(src).schema if head == b"ARROW1" else pa.ipc.open_stream(src).schema
     except Exception as e:
         raise SourceError(redact_text(f"cannot read the Arrow schema of {url}: {e}")) from e
+

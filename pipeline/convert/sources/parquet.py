@@ -97,14 +97,19 @@ def class_names_of(schema: pa.Schema) -> dict[str, list[str]]:
     return out
 
 
+def schema_of(url: str, storage_options: dict | None = None) -> pa.Schema:
+    """The Arrow schema of the Parquet file `url` (its footer only)."""
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return pq.ParquetFile(f).schema_arrow
+    except Exception as e:
+        raise SourceError(redact_text(f"cannot read Parquet metadata of {url}: {e}")) from e
+
+
 def class_names(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
     """{column: names} of the Hugging Face ClassLabel columns of the Parquet file `url`
     (its footer only; {} for a file without them)."""
-    try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return class_names_of(pq.ParquetFile(f).schema_arrow)
-    except Exception as e:
-        raise SourceError(redact_text(f"cannot read Parquet metadata of {url}: {e}")) from e
+    return class_names_of(schema_of(url, storage_options))
 
 
 @dataclass(frozen=True)
