@@ -125,3 +125,25 @@ def test_report_reads_no_source_unless_asked(tmp_path, photo_folder, tokenizer_d
     assert main(["report", str(dest), "--out", str(out), "-n", "4", "--sources", str(photo_folder)]) == 0
     assert capsys.readouterr().err == "" and f"mean PSNR {mean:.2f} dB" in out.read_text()
     assert reconstruct(tokshard.open(dest), 4, originals=True)["psnr"] == [None] * 4    # the job spec's are gone
+
+
+def test_report_shows_dropped_parts_and_ignored_inputs(tmp_path):
+    """The 1.4 counts (parts of kept samples dropped, input files no reader took) have their
+    sections, with their reasons; a dataset without them says none."""
+    from pathlib import Path
+
+    from conftest import rewrite_manifest
+    ds = tmp_path / "ds"
+    shutil.copytree(Path(__file__).parent / "golden" / "datasets" / "parquet-rans", ds)
+    write_report(str(ds), str(tmp_path / "before.html"), 2)
+    before = (tmp_path / "before.html").read_text()
+    assert '<h2 id="dropped">Parts of kept samples dropped</h2><p>none</p>' in before
+    assert '<h2 id="ignored">Input files not read</h2><p>none</p>' in before
+    rewrite_manifest(ds, record=lambda r: r.update(dropped_by_reason={"link_member": 2, "nonfinite_number": 5},
+                                                   ignored_inputs={"unknown_file": 1}))
+    write_report(str(ds), str(tmp_path / "after.html"), 2)
+    after = (tmp_path / "after.html").read_text()
+    dropped = after.split('<h2 id="dropped">')[1].split("<h2")[0]
+    assert "nonfinite_number" in dropped and "link_member" in dropped
+    assert dropped.index("nonfinite_number") < dropped.index("link_member")    # largest first
+    assert "unknown_file" in after.split('<h2 id="ignored">')[1].split("<h2")[0]

@@ -5,7 +5,8 @@ can be mailed or dropped into a bucket. Sections: summary, storage per image
 (source JPEG bytes vs raw / coded / stored token bytes), token frequency
 (rank vs count, log-log: how far from uniform the codes are, which is what
 entropy coding exploits), samples per shard, samples per label (from the label
-table), skips by reason, and reconstructions from the tokens (beside the
+table), skips by reason, parts of kept samples dropped and input files not read (by reason),
+and reconstructions from the tokens (beside the
 originals only when asked: `originals=`, `--originals` / `--sources`; see
 `tokshard.pipeline.tools.preview`).
 """
@@ -105,6 +106,8 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
     sizes = ds.shard_sizes
     shown = [(name, float(s)) for name, s in zip(ds.shard_names, sizes)][:40]
     skips = sorted(rec.skipped_by_reason.items(), key=lambda kv: -kv[1])
+    dropped = sorted((rec.dropped_by_reason or {}).items(), key=lambda kv: -kv[1])
+    ignored = sorted((rec.ignored_inputs or {}).items(), key=lambda kv: -kv[1])
     parts = [
         "<h2>Summary</h2><table>" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>",
@@ -118,6 +121,13 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
             else "<p>no labelled samples</p>"),
         '<h2 id="skips">Skipped inputs</h2>' + (_bars("skipped by reason", [(k, float(v)) for k, v in skips])
                                                 if skips else "<p>none</p>"),
+        # Parts of kept samples left out, and input files no reader took (schema 1.4).
+        '<h2 id="dropped">Parts of kept samples dropped</h2>' + (
+            _bars("fields stored as null or members ignored, by reason", [(k, float(v)) for k, v in dropped])
+            if dropped else "<p>none</p>"),
+        '<h2 id="ignored">Input files not read</h2>' + (
+            _bars("input files no reader took, by reason", [(k, float(v)) for k, v in ignored])
+            if ignored else "<p>none</p>"),
     ]
     if preview_png is None and no_preview:
         parts.append('<h2 id="preview">Reconstructions</h2>'
