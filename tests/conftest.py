@@ -111,6 +111,18 @@ def loader_datasets(tmp_path_factory, tokenizer_dir):
     return out
 
 
+@pytest.fixture()
+def dataset_copy(tmp_path, loader_datasets):
+    """make(variant=(format, codec)): a private copy of one of the loader datasets, to tamper with."""
+    import shutil
+
+    def make(variant=("parquet", "zstd")):
+        dest = tmp_path / "-".join(variant)
+        shutil.copytree(loader_datasets[variant], dest)
+        return dest
+    return make
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on 127.0.0.1.

@@ -15,17 +15,6 @@ from tokshard.pipeline.storage import TMP_MARK
 from tokshard.pipeline.stream.shard_cache import STALE_TMP_S, ShardCache
 
 
-@pytest.fixture()
-def dataset_copy(tmp_path, loader_datasets):
-    import shutil
-
-    def make(variant=("parquet", "zstd")):
-        dest = tmp_path / "-".join(variant)
-        shutil.copytree(loader_datasets[variant], dest)
-        return dest
-    return make
-
-
 def rewrite_record(root, **changes):
     rewrite_manifest(root, record=lambda meta: meta.update(changes))
 

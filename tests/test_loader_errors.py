@@ -48,15 +48,6 @@ def test_every_error_class_has_an_example():
     assert {type(e) for e in examples()} == set(error_classes())
 
 
-@pytest.fixture()
-def dataset_copy(tmp_path, loader_datasets):
-    def make(variant=("parquet", "zstd")):
-        dest = tmp_path / "-".join(variant)
-        shutil.copytree(loader_datasets[variant], dest)
-        return dest
-    return make
-
-
 def run_until_error(loader):
     """(ids of the batches delivered, the error raised, state_dict after it)."""
     delivered = []
