@@ -59,6 +59,24 @@ def file_digest(layout: DatasetLayout, path: str) -> FileDigest:
     return FileDigest(size, h.hexdigest())
 
 
+def file_problem(layout: DatasetLayout, path: str, digest: FileDigest | None) -> str | None:
+    """What differs between the file at `path` and `digest` ("missing", its size, or its
+    sha256, streamed and only when the size matches); None when it matches, or when nothing
+    is recorded and the file exists. For files checked in place, without keeping their bytes."""
+    try:
+        size = layout.fs.size(path)
+    except FileNotFoundError:
+        return "missing"
+    if digest is None:
+        return None
+    if size != digest.size:
+        return f"{size} bytes, the manifest says {digest.size}"
+    got = file_digest(layout, path).sha256
+    if got != digest.sha256:
+        return f"sha256 {got[:16]}..., the manifest says {str(digest.sha256)[:16]}..."
+    return None
+
+
 def tree_files(layout: DatasetLayout, rel_dir: str) -> list[str]:
     """The files under the dataset folder `rel_dir`, as dataset-relative paths, sorted."""
     root = layout.resolve_tree(rel_dir, "record.tokenizer.path")
@@ -88,8 +106,7 @@ def check_tree(layout: DatasetLayout, rel_dir: str, files: dict[str, FileDigest]
         if rel not in have:
             problems.append(f"{rel} is missing")
             continue
-        got = file_digest(layout, layout.resolve(rel, "record.files"))
-        if got != digest:
-            problems.append(f"{rel} has {got.size} bytes, sha256 {got.sha256[:16]}..., the manifest says "
-                            f"{digest.size} bytes, {digest.sha256[:16]}...")
+        what = file_problem(layout, layout.resolve(rel, "record.files"), digest)
+        if what:
+            problems.append(f"{rel}: {what}")
     return problems

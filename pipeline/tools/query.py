@@ -20,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tokshard.errors import ManifestError, ShardError, UsageError
-from tokshard.pipeline.format.integrity import file_digest, read_checked
+from tokshard.pipeline.format.integrity import file_problem, read_checked
 from tokshard.pipeline.format.layout import INDEX_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import read_valid
 from tokshard.pipeline.storage import read_parquet_bytes
+from tokshard.schemas.records import FileDigest
 
 if TYPE_CHECKING:
     import duckdb
@@ -129,16 +130,12 @@ def _labels_view(con: duckdb.DuckDBPyConnection, layout: DatasetLayout, info: Da
                     "NULL::BIGINT AS count WHERE false")
         return
     path = layout.resolve(info.labels, "record.labels")
-    digest = info.files.get(info.labels)
-    try:
-        size = layout.fs.size(path)
-        got = file_digest(layout, path) if digest is not None and size == digest.size else None
-    except FileNotFoundError:
-        raise ManifestError(f"{url}: the label table {info.labels} is missing") from None
-    if digest is not None and got != digest:
-        what = f"{size} bytes" if got is None else f"sha256 {got.sha256[:16]}..."
-        raise ManifestError(f"record.labels: {info.labels} has {what}, the manifest says {digest.size} bytes, "
-                            f"sha256 {digest.sha256[:16]}...")
+    what = file_problem(layout, path, info.files.get(info.labels))
+    if what == "missing":
+        raise ManifestError(f"{url}: the label table {info.labels} is missing")
+    if what:
+        raise ManifestError(f"record.labels: {info.labels} has {what}")
+    size = layout.fs.size(path)
     if size > MAX_LABELS_BYTES:
         raise ManifestError(f"record.labels: {info.labels} has {size} bytes, more than the {MAX_LABELS_BYTES} "
                             "a reader accepts")
@@ -208,15 +205,13 @@ def _check_index_files(layout: DatasetLayout, shards: pa.Table) -> None:
     if not has_digests or sum(s or 0 for s in sizes) > QUERY_HASH_BYTES:
         return
 
-    def check(item: tuple[str, Any]) -> None:
-        name, want = item
-        if want is None:
-            return
-        got = file_digest(layout, layout.index(name)).sha256
-        if got != want:
-            raise ShardError(name, f"its sample index has sha256 {got[:16]}..., the manifest says {str(want)[:16]}...")
+    def check(item: tuple[str, Any, Any]) -> None:
+        name, size, want = item
+        what = None if want is None else file_problem(layout, layout.index(name), FileDigest(size, want))
+        if what:
+            raise ShardError(name, f"its sample index has {what}")
     with ThreadPoolExecutor(INDEX_READERS) as pool:
-        list(pool.map(check, zip(names, digests)))
+        list(pool.map(check, zip(names, sizes, digests)))
 
 
 def _literal(text: str) -> str:

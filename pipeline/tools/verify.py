@@ -25,16 +25,17 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from tokshard.errors import ManifestError, TokshardError, UsageError
-from tokshard.pipeline.format.integrity import check_tree, file_digest, read_checked
+from tokshard.pipeline.format.integrity import check_tree, file_problem, read_checked
 from tokshard.pipeline.format.layout import INDEX_DIR, JOB_SPEC, MANIFEST, SHARDS_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import check_record_paths, check_shards, read_record
 from tokshard.pipeline.format.work import forget_receipt, read_job_spec
 from tokshard.pipeline.storage import read_parquet_bytes, redact_url
+from tokshard.schemas.records import FileDigest
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
@@ -89,11 +90,13 @@ def _check_files(layout: DatasetLayout, row: dict[str, Any], problems: list[Prob
         # Never followed, never described: the re-convert writes the shard where it belongs.
         problems.append(Problem(str(name), str(row["path"]), unit, str(e)))
         return True
-    what = _compare(layout, path, row["stored_bytes"], row["sha256"])
+    what = file_problem(layout, path, FileDigest(row["stored_bytes"], row["sha256"]))
     if what:
         problems.append(Problem(name, row["path"], unit, what))
     want = row.get("index_sha256")
-    what = _compare(layout, index_path, row.get("index_bytes") if want is not None else None, want)
+    # A raw row (verify reports what open would refuse): a size of another type reads as a mismatch.
+    index_digest = None if want is None else FileDigest(cast(int, row.get("index_bytes")), want)
+    what = file_problem(layout, index_path, index_digest)
     if what:
         problems.append(Problem(name, index, unit, ("sample index " if what == "missing" else "sample index: ")
                                 + what))
@@ -115,23 +118,6 @@ def _check_manifest(layout: DatasetLayout, table: Any, record: DatasetRecord, ur
     except ManifestError as e:
         if not any(p.what == str(e) for p in problems):
             problems.append(Problem("-", MANIFEST, DATASET_FILE, str(e)))
-
-
-def _compare(layout: DatasetLayout, path: str, size: Any, digest: Any) -> str | None:
-    """What differs between the file at `path` and its recorded size and sha256 (None:
-    not recorded, only its presence is checked); None when it matches."""
-    try:
-        got = layout.fs.size(path)
-    except FileNotFoundError:
-        return "missing"
-    if size is None:
-        return None
-    if got != size:
-        return f"{got} bytes, the manifest says {size}"
-    digest_now = file_digest(layout, path).sha256
-    if digest_now != digest:
-        return f"sha256 {digest_now[:16]}..., the manifest says {str(digest)[:16]}..."
-    return None
 
 
 def _check_dataset_files(layout: DatasetLayout, record: DatasetRecord, rows: list[dict[str, Any]],
