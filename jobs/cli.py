@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--views", default=default("views"), choices=CHOICES["views"],
                    help="also store the tokens of the flipped image (hflip) or of ten crops "
                         "(tencrop, LlamaGen-style); the loader picks one per sample")
-    for col in ("image", "caption", "label", "key"):
+    for col, member in (("image", "input.jpg"), ("caption", "caption.txt"), ("label", "label.cls"), ("key", None)):
         c.add_argument(f"--{col}-column", help=f"Parquet/Arrow input: the {col} column"
-                       + (" (tars: the image member's extension, e.g. input.jpg)" if col == "image" else ""))
+                       + (f" (tars: the {col} member's extension, e.g. {member})" if member else ""))
     c.add_argument("--quiet", action="store_true")
 
     f = sub.add_parser("fit-tokenizer", help="fit the patch k-means VQ tokenizer on sample images")

@@ -123,6 +123,33 @@ def test_img2dataset_webdataset_joins_metadata_parquet_by_key(img2dataset_wds, t
     assert _samples(result) == sum(len(s) for _, s in shards)
 
 
+def test_non_finite_numbers_in_a_metadata_sidecar_are_null_with_a_count(img2dataset_wds, tokenizer_dir, tmp_path):
+    """The metadata sidecar's fields are cleaned as a sample's own metadata is: a NaN or
+    infinite float (at the top or nested) is stored as null, counted on the sample it joins."""
+    root, shards = img2dataset_wds
+    name, samples = shards[0]
+    rows = [_meta_row(k, c) for k, _, c in samples]
+    for r, aesthetic in zip(rows, (0.25, float("nan"), float("inf"), 0.5, 0.75)):
+        r["aesthetic"] = aesthetic
+        r["extra"] = {"score": float("-inf") if r is rows[3] else 0.5, "tags": ["a"]}
+    pq.write_table(pa.Table.from_pylist(rows), root / f"{name}.parquet")
+    unit = plan_sources([str(root)], 100).units[0]
+    records = list(read_unit(unit))
+    assert [r.meta["aesthetic"] for r in records] == [0.25, None, None, 0.5, 0.75]
+    assert [r.meta["extra"] for r in records] == [{"score": s, "tags": ["a"]} for s in (0.5, 0.5, 0.5, None, 0.5)]
+    assert [r.dropped for r in records] == [[], ["nonfinite_number"], ["nonfinite_number"], ["nonfinite_number"], []]
+    out = tmp_path / "out"
+    record = convert(convert_config([root], out, tokenizer_dir), quiet=True)["dataset"]
+    assert record["dropped_by_reason"] == {"nonfinite_number": 3}
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"stored {c}: not JSON"))
+    metas = [strict(m) for p in sorted((out / "shards").glob("*.parquet"))
+             for m in pq.read_table(p, columns=["meta"]).column("meta").to_pylist()]
+    assert len(metas) == _samples({"dataset": record})
+    assert sum(m.get("aesthetic", 0) is None for m in metas) == 2
+
+
 def test_img2dataset_files_output_is_a_folder_with_metadata_sidecars(img2dataset_files, tokenizer_dir, tmp_path):
     root, shards = img2dataset_files
     (root / "00001" / "lost.txt").write_text("a caption with no image")

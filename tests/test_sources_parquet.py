@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokshard.errors import UsageError
+from tokshard.errors import JobError, UsageError
 from tokshard.pipeline.convert.engines.retry import is_transient
 from tokshard.pipeline.convert.select import check_predicate, select_records
 from tokshard.pipeline.convert.sources import Record, plan_units, read_unit
@@ -252,3 +252,40 @@ def test_a_where_column_no_table_source_has_fails_at_the_start(img2dataset_parqu
     record = convert(convert_config([img2dataset_parquet], out, tokenizer_dir, where="SIMILARITY > 0.3"),
                      quiet=True)["dataset"]
     assert record["totals"]["samples"] == 3
+
+
+def test_column_options_that_cannot_apply_fail_at_the_start(img2dataset_parquet, photo_jpegs, tokenizer_dir,
+                                                           tmp_path):
+    """A column option naming a column a table source lacks (a typo would read every caption as
+    missing), or one no input kind takes (--key-column with only tars), fails once, before the
+    destination is claimed, naming the file and its columns."""
+    import webdataset as wds
+    from conftest import convert_config
+
+    from tokshard.pipeline.convert.job import convert
+    out = tmp_path / "out"
+    for option, name in (("caption_column", "text"), ("image_column", "image"), ("key_column", "id"),
+                         ("label_column", "cls")):
+        with pytest.raises(UsageError, match=rf"--{option.replace('_', '-')} '{name}': .*00000.parquet has no "
+                                             r"such column \(columns: url, caption, similarity, key, "):
+            convert(convert_config([img2dataset_parquet], out, tokenizer_dir, columns={option: name}), quiet=True)
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with wds.TarWriter(str(tars / "00000.tar")) as sink:
+        for k, data, _ in photo_jpegs[:2]:
+            sink.write({"__key__": k, "jpg": data, "txt": "short", "caption.txt": "long"})
+    with pytest.raises(UsageError, match=r"--key-column applies to Parquet or Arrow inputs; these inputs are tars"):
+        convert(convert_config([tars], out, tokenizer_dir, columns={"key_column": "key"}), quiet=True)
+    with pytest.raises(UsageError, match="name the same column"):
+        convert(convert_config([tars], out, tokenizer_dir, columns={"image_column": "jpg", "caption_column": "JPG"}),
+                quiet=True)
+    assert not out.exists()
+    # On tars, a column is a member's extension: the caption member is chosen.
+    convert(convert_config([tars], out, tokenizer_dir, columns={"caption_column": "caption.txt"}), quiet=True)
+    captions = [c for p in sorted((out / "shards").glob("*.parquet"))
+                for c in pq.read_table(p, columns=["caption"]).column("caption").to_pylist()]
+    assert captions == ["long", "long"]
+    # An --image-column no tar member has: nothing converted, and the message says why.
+    with pytest.raises(JobError, match=r"skipped no_image=2; no sample had the --image-column 'input.jpg' member"):
+        convert(convert_config([tars], tmp_path / "out2", tokenizer_dir, columns={"image_column": "input.jpg"}),
+                quiet=True)

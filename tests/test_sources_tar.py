@@ -71,10 +71,37 @@ def test_composite_extensions_and_image_column(tmp_path, jpgs):
     plain = read(path)
     assert [(r.key, r.image, r.caption, r.label, r.meta, r.dropped, r.skip) for r in plain] == [
         (f"s{i}", jpgs[i], f"cap {i}", i, {"i": i}, ["extra_media"], None) for i in range(2)]
-    target = read(path, image_column="target.jpg", caption_column="caption")   # other options: not for tars
+    target = read(path, image_column="target.jpg")
     assert [(r.key, r.image, r.dropped) for r in target] == [(f"s{i}", jpgs[i + 1], ["extra_media"]) for i in range(2)]
     missing = read(path, image_column="output.jpg")
     assert skips(missing) == {"no_image": 2} and drops(missing) == {"extra_media": 4}
+
+
+def test_caption_and_label_members_can_be_chosen(tmp_path, jpgs):
+    """--caption-column/--label-column name the member that is the caption or the label
+    (`caption.txt`, `label.cls`); the `txt`/`cls` members they displace are carried as text."""
+    path = write_tar(tmp_path / "cols.tar", [
+        m for i in range(2) for m in ((f"s{i}.jpg", jpgs[i]), (f"s{i}.txt", f"short {i}".encode()),
+                                      (f"s{i}.caption.txt", f"long caption {i}".encode()),
+                                      (f"s{i}.cls", str(i).encode()), (f"s{i}.label.cls", str(10 + i).encode()))])
+    default = read(path)
+    assert [(r.caption, r.label, r.meta, r.dropped) for r in default] == [
+        (f"short {i}", i, {"caption.txt": f"long caption {i}", "label.cls": str(10 + i)}, []) for i in range(2)]
+    chosen = read(path, caption_column="caption.txt", label_column="LABEL.cls")
+    assert [(r.caption, r.label, r.meta, r.dropped) for r in chosen] == [
+        (f"long caption {i}", 10 + i, {"txt": f"short {i}", "cls": str(i)}, []) for i in range(2)]
+    missing = read(path, caption_column="prompt.txt")   # no such member: no caption, nothing lost
+    assert [(r.caption, sorted(r.meta)) for r in missing] == [(None, ["caption.txt", "label.cls", "txt"])] * 2
+
+
+@pytest.mark.parametrize("json_first", [True, False])
+def test_a_text_member_that_replaces_a_json_field_is_counted(tmp_path, jpgs, json_first):
+    """`KEY.url` and a `url` field in `KEY.json`: the member wins in either member order, and
+    the JSON field it replaced is counted (duplicate_member), not lost silently."""
+    members = [("a.json", b'{"url": "json-url", "w": 1}'), ("a.url", b"member-url")]
+    path = write_tar(tmp_path / "a.tar", [("a.jpg", jpgs[0]), *(members if json_first else members[::-1])])
+    (rec,) = read(path)
+    assert (rec.meta, rec.dropped, rec.skip) == ({"url": "member-url", "w": 1}, ["duplicate_member"], None)
 
 
 def test_tar_gz_and_tgz_read_like_tar(tmp_path, jpgs):
@@ -180,8 +207,9 @@ def test_links_duplicates_and_unknown_members_are_counted(tmp_path, jpgs):
     a = got[0]
     assert a.image == jpgs[0] and a.meta == {
         "url": "http://example.com/a", "caption2.txt": "zweite Beschriftung ü", "meta.json": {"x": 1, "y": None}}
-    assert sorted(a.dropped) == sorted(["duplicate_member", "nonfinite_number", "unknown_member", "unknown_member",
-                                        "unknown_member", "link_member"])
+    # Two duplicate_member: the second `.jpg`, and the JSON `meta.json` field the member replaced.
+    assert sorted(a.dropped) == sorted(["duplicate_member", "duplicate_member", "nonfinite_number",
+                                        "unknown_member", "unknown_member", "unknown_member", "link_member"])
     assert got[1].dropped == ["link_member"] and got[3].dropped == ["unknown_member"]
     assert got[4].media == "video" and got[2].dropped == got[4].dropped == []
 

@@ -111,7 +111,8 @@ DROP_REASONS = (
     "bad_label",           # a label that is not an integer in int64 range: stored as null
     "non_utf8_text",       # text that is not UTF-8 (caption, member name): undecodable bytes replaced
     "link_member",         # a symbolic or hard link member of a tar: ignored
-    "duplicate_member",    # a second member with the same name and extension in one sample: ignored
+    "duplicate_member",    # a second member with the same name and extension in one sample, or a
+                           # JSON metadata field a text member of the same name replaces: ignored
     "unknown_member",      # a member no reader takes (not media, not a sidecar): ignored
     "extra_media",         # a media member of a sample besides the one taken as its image: ignored
     "mixed_type",          # a metadata field whose type differs from other samples' under --where: null

@@ -111,6 +111,7 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         raise UsageError("no input found in " + " ".join(redact_url(s) for s in cfg.sources))
     schemas, all_tables = _table_schemas(units, cfg.storage_options)
     class_names = _class_names(schemas)
+    _check_columns(cfg.columns or {}, units, schemas)
     if cfg.where and all_tables:
         _check_where_columns(cfg.where, schemas, marked_splits=any(u.split for u in units))
     layout = DatasetLayout.at(cfg.out, cfg.storage_options)
@@ -177,6 +178,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
             f"converted nothing from {len(units)} unit(s): skipped {why}"
             + (f"; input files not read: {', '.join(f'{k}={v}' for k, v in sorted(ignored.items()))}"
                if ignored else "")
+            + (f"; no sample had the --image-column {cfg.columns['image_column']!r} member"
+               if (cfg.columns or {}).get("image_column") and skips.get("no_image") else "")
             + "; no manifest was written"))
     state = codec.state()
     if state is not None:
@@ -217,6 +220,36 @@ def _table_schemas(units: list[WorkUnit], storage_options: dict | None) -> tuple
             found = list(pool.map(lambda item: readers[item[1]](item[0], storage_options), files))
     all_tables = all(u.kind in readers and not u.metadata for u in units if u.kind != "unreadable")
     return {url: schema for (url, _), schema in zip(files, found)}, all_tables
+
+
+# The unit kinds each column option applies to: a table's column, or (tars) the extension of
+# the member that holds the image, caption or label. A folder's sidecars go by file name.
+_COLUMN_KINDS = {"image_column": ("parquet", "arrow", "wds"), "caption_column": ("parquet", "arrow", "wds"),
+                 "label_column": ("parquet", "arrow", "wds"), "key_column": ("parquet", "arrow")}
+
+
+def _check_columns(columns: dict[str, str], units: list[WorkUnit], schemas: dict[str, Any]) -> None:
+    """A column option that no input can apply (`--key-column` with only tars), or that names a
+    column some table source lacks (a typo would otherwise read every caption as missing, or
+    fail unit after unit), fails now, once, naming the file and the columns it has."""
+    kinds = {u.kind for u in units if u.kind != "unreadable"}
+    for option, name in sorted(columns.items()):
+        if not name:
+            continue
+        flag = "--" + option.replace("_", "-")
+        applies = _COLUMN_KINDS.get(option, ())
+        if kinds and not kinds & set(applies):
+            what = "Parquet or Arrow" if "wds" not in applies else "Parquet, Arrow or tar"
+            raise UsageError(f"{flag} applies to {what} inputs; these inputs are "
+                             f"{', '.join(sorted(kinds)).replace('wds', 'tars').replace('folder', 'folders')}")
+        for url, schema in schemas.items():
+            if name not in schema.names:
+                raise UsageError(redact_text(f"{flag} {name!r}: {url} has no such column (columns: "
+                                             f"{', '.join(schema.names)})")[:600])
+    image, caption, label = (columns.get(f"{c}_column") for c in ("image", "caption", "label"))
+    named = [n for n in (image, caption, label) if n]
+    if len({n.lower() for n in named}) < len(named):
+        raise UsageError("--image-column, --caption-column and --label-column name the same column")
 
 
 def _check_where_columns(where: str, schemas: dict[str, Any], marked_splits: bool) -> None:

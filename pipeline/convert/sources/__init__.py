@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokshard.pipeline.convert.sources.arrow import read_arrow
@@ -44,6 +46,7 @@ from tokshard.pipeline.convert.sources.records import (
     Record,
     WorkUnit,
     bare,
+    clean_json,
     jsonable,
     plain_column,
     safe_key,
@@ -84,7 +87,7 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
     if not unit.metadata and split is None:
         yield from records
         return
-    rows: dict[str, dict] | None = {}
+    rows: dict[str, SidecarRow] | None = {}
     if unit.metadata:
         rows = read_metadata_sidecar(unit.metadata, storage_options)
     for rec in records:
@@ -96,7 +99,10 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
                 row = rows.get(rec.key)
                 if row is None and "/" in rec.key:  # a folder's key: 00000/000000012 -> 000000012
                     row = rows.get(rec.key.rsplit("/", 1)[1])
-                extra = dict(row or {})
+                if row is not None:
+                    extra = dict(row.fields)
+                    for reason in row.dropped:
+                        rec.drop(reason)
             if split is not None:
                 extra["split"] = split
             if extra:
@@ -108,10 +114,18 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
         yield rec
 
 
-def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, dict] | None:
-    """{key: the row's fields} of a metadata sidecar table (the first row of a key wins);
-    None when it cannot be parsed (each record then counts `invalid_metadata`). An error
-    reaching it (OSError) fails the unit, to be retried."""
+@dataclass(frozen=True)
+class SidecarRow:
+    """One sample's row of a metadata sidecar: its fields, made valid JSON (clean_json), and
+    what cleaning them dropped (counted on the sample the row is joined to)."""
+    fields: dict[str, Any]
+    dropped: tuple[str, ...] = ()
+
+
+def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, SidecarRow] | None:
+    """{key: the row} of a metadata sidecar table (the first row of a key wins); None when it
+    cannot be parsed (each record then counts `invalid_metadata`). An error reaching it
+    (OSError) fails the unit, to be retried."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             table = pq.read_table(f, use_threads=False)
@@ -120,15 +134,33 @@ def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, d
     key_col = next((c for c in _KEY_COLUMNS if c in table.column_names), None)
     if key_col is None:
         return None
-    # Column by column: a plain column (numbers, text) needs no per-value conversion.
-    columns = {name: (col.to_pylist() if plain_column(col.type) else [jsonable(v) for v in col.to_pylist()])
-               for name, col in zip(table.column_names, table.columns)}
+    # Column by column: a plain column (numbers, text) needs no per-value conversion; only
+    # the columns that may hold what JSON cannot (a non-finite float, nested values) are
+    # cleaned value by value, and what that drops is counted on the sample.
+    columns: dict[str, list] = {}
+    to_clean: list[str] = []
+    for name, col in zip(table.column_names, table.columns):
+        if plain_column(col.type):
+            columns[name] = col.to_pylist()
+            if pa.types.is_floating(col.type) and pc.all(pc.is_finite(col)).as_py() is False:
+                to_clean.append(name)
+        else:
+            columns[name] = [jsonable(v) for v in col.to_pylist()]
+            to_clean.append(name)
     names = list(columns)
-    rows: dict[str, dict] = {}
+    rows: dict[str, SidecarRow] = {}
     for i, key in enumerate(columns[key_col]):
         k = safe_key(str(key)) if key is not None else None
-        if k and k not in rows:
-            rows[k] = {name: columns[name][i] for name in names}
+        if not k or k in rows:
+            continue
+        fields = {name: columns[name][i] for name in names}
+        if not to_clean:
+            rows[k] = SidecarRow(fields)
+            continue
+        probe = Record(k, None, "")
+        for name in to_clean:
+            fields[name] = clean_json(fields[name], probe)
+        rows[k] = SidecarRow(fields, tuple(probe.dropped))
     return rows
 
 

@@ -207,13 +207,17 @@ def sidecars(rec: Record, ext: str, data: bytes) -> None:
     deep leaves the metadata null (`invalid_metadata`, `deep_metadata`), non-finite numbers in
     it are null (`nonfinite_number`); a label that is not an int64 is null (`bad_label`).
     JSON that is not an object is kept as `{"value": ...}`; fields already in `rec.meta`
-    (a tar's other text members) stay as they are."""
+    (a tar's other text members) stay as they are, and each JSON field they replace is
+    counted (`duplicate_member`)."""
     if ext == "txt":
         rec.caption = decode_text(data, rec)
     elif ext == "json":
         meta = parse_json(data, rec)
         if meta is not None:
             meta = meta if isinstance(meta, dict) else {"value": meta}
+            if rec.meta:
+                for _ in rec.meta.keys() & meta.keys():
+                    rec.drop("duplicate_member")
             rec.meta = {**meta, **(rec.meta or {})}
     elif ext == "cls":
         rec.label = parse_label(data)

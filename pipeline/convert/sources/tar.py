@@ -8,10 +8,14 @@ basename, its extension the rest, lower-cased (`a/KEY.input.jpg`: key `a/KEY`, e
   extension is exactly that; without it, the first member, in member order, whose extension's
   last part is a media extension (`jpg`, `input.jpg`, `mp4`). Every other media member of the
   sample (the `target.jpg` of a pair dataset) is ignored and counted: `extra_media`;
-- `txt` is the caption, `json` the metadata, `cls` the label (records.sidecars);
+- `txt` is the caption, `json` the metadata, `cls` the label (records.sidecars); with
+  `caption_column`/`label_column` (`--caption-column caption.txt`), the member of that
+  extension is the caption or the label instead, and a `txt`/`cls` member is carried as text;
 - any other member that is small UTF-8 text (at most 64 KiB, no NUL) is carried into the
   metadata under its extension (`caption2.txt` as a string, `meta.json` parsed); other
-  members (binary: `npy`, `pyd`, audio...) are ignored and counted: `unknown_member`;
+  members (binary: `npy`, `pyd`, audio...) are ignored and counted: `unknown_member`. A text
+  member replaces a field of the same name in the `.json` metadata (`KEY.url` and a JSON
+  `url`), which is counted: `duplicate_member`;
 - a second member with an extension already seen in the sample is ignored (the first is
   kept): `duplicate_member`; symbolic and hard links: `link_member`; directories are
   structure and ignored; other special members (devices, FIFOs): `unknown_member`;
@@ -128,9 +132,11 @@ def _trailing(tar: _Tar, unit: WorkUnit, storage_options: dict | None) -> str | 
 
 
 def read_tar(unit: WorkUnit, storage_options: dict | None, image_column: str | None = None,
+             caption_column: str | None = None, label_column: str | None = None,
              **_: Any) -> Iterator[Record]:
     source = redact_url(unit.url)
     image_ext = image_column.lower() if image_column else None
+    roles = sidecar_roles(caption_column, label_column)
     seen: set[str] = set()
     current: Record | None = None
     exts: set[str] = set()              # the extensions of the current sample's members
@@ -141,7 +147,8 @@ def read_tar(unit: WorkUnit, storage_options: dict | None, image_column: str | N
 
     def finish(rec: Record) -> Record:
         if rec.skip is None and rec.image is None:
-            rec.skip, rec.detail = "no_image", "sample has no image member"
+            rec.skip, rec.detail = "no_image", (f"sample has no {image_ext!r} member" if image_ext
+                                                else "sample has no image member")
         if rec.skip is None and rec.key in seen:
             rec.skip, rec.detail, rec.image = "duplicate_key", rec.key, None
         seen.add(rec.key)
@@ -186,7 +193,7 @@ def read_tar(unit: WorkUnit, storage_options: dict | None, image_column: str | N
                     in_data = True
                     fobj = tar.extractfile(member)
                     assert fobj is not None  # a regular file member (isfile above) always has one
-                    _member(current, ext, member.size, fobj, image_ext)
+                    _member(current, ext, member.size, fobj, image_ext, roles)
                     in_data = False
                 done = tar.offset
             trailing = _trailing(tar, unit, storage_options)
@@ -211,7 +218,21 @@ def read_tar(unit: WorkUnit, storage_options: dict | None, image_column: str | N
         yield lost(trailing)
 
 
-def _member(rec: Record, ext: str, size: int, fobj: Any, image_ext: str | None) -> None:
+def sidecar_roles(caption_column: str | None = None, label_column: str | None = None) -> dict[str, str]:
+    """{member extension: the sidecar it is read as (`txt`, `json`, `cls`)}: webdataset's
+    `txt`/`json`/`cls`, with `--caption-column EXT`/`--label-column EXT` naming another member
+    as the caption or the label (`caption.txt`, `label.cls`); the member they displace is
+    then carried as text like any other."""
+    roles = {ext: ext for ext in SIDECAR_EXTS}
+    for column, role in ((caption_column, "txt"), (label_column, "cls")):
+        if column:
+            roles = {ext: r for ext, r in roles.items() if r != role}
+            roles[column.lower()] = role
+    return roles
+
+
+def _member(rec: Record, ext: str, size: int, fobj: Any, image_ext: str | None,
+            roles: dict[str, str]) -> None:
     """Apply one regular member (extension `ext`, not seen before in the sample) to `rec`."""
     last = ext.rsplit(".", 1)[-1]
     is_image = ext == image_ext if image_ext else last in MEDIA_EXTS
@@ -219,10 +240,10 @@ def _member(rec: Record, ext: str, size: int, fobj: Any, image_ext: str | None) 
         rec.image = fobj.read()
         rec.source_bytes = len(rec.image)
         rec.media = "video" if last in VIDEO_EXTS else "image"
-    elif is_image or last in MEDIA_EXTS:
+    elif is_image or (last in MEDIA_EXTS and ext not in roles):
         rec.drop("extra_media")
-    elif ext in SIDECAR_EXTS:
-        sidecars(rec, ext, fobj.read())
+    elif ext in roles:
+        sidecars(rec, roles[ext], fobj.read())
     elif size <= TEXT_MEMBER_MAX:
         data = fobj.read()
         if b"\0" in data:
@@ -234,6 +255,8 @@ def _member(rec: Record, ext: str, size: int, fobj: Any, image_ext: str | None) 
             rec.drop("unknown_member")
             return
         value = parse_json(data, rec) if last == "json" else text
+        if rec.meta and ext in rec.meta:    # the `.json` sidecar's field of that name is replaced
+            rec.drop("duplicate_member")
         rec.meta = {**(rec.meta or {}), ext: value}
     else:
         rec.drop("unknown_member")
