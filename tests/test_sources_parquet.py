@@ -289,3 +289,42 @@ def test_column_options_that_cannot_apply_fail_at_the_start(img2dataset_parquet,
     with pytest.raises(JobError, match=r"skipped no_image=2; no sample had the --image-column 'input.jpg' member"):
         convert(convert_config([tars], tmp_path / "out2", tokenizer_dir, columns={"image_column": "input.jpg"}),
                 quiet=True)
+
+
+def test_hf_video_feature_and_video2dataset_parquet_convert_to_clips(tmp_path, photos, tokenizer_dir, monkeypatch):
+    """A Hugging Face `Video()` column (bytes, or a path beside the file) and video2dataset's
+    parquet output (an `mp4` column) are the video column: clips, tokenized as the frames."""
+    import datasets
+    import numpy as np
+    from conftest import convert_config
+    from test_video import frames_of, make_video
+
+    from tokshard import open as open_dataset
+    from tokshard.pipeline.convert.job import convert
+    from tokshard.tokenizers.kmeans_vq import KMeansVQ
+    big = [p for _, p, _ in photos if p.shape[1] >= 120]
+    videos = [make_video(big[i], 8) for i in range(3)]
+    hf = tmp_path / "hf"
+    (hf / "clips").mkdir(parents=True)
+    (hf / "clips" / "b.mp4").write_bytes(videos[1])
+    features = datasets.Features({"video": datasets.Video(), "caption": datasets.Value("string")})
+    monkeypatch.chdir(hf)       # `datasets` checks a path as given, against the working directory
+    datasets.Dataset.from_dict({"video": [{"bytes": videos[0], "path": None}, {"bytes": None, "path": "clips/b.mp4"}],
+                                "caption": ["embedded", "by path"]}, features=features).to_parquet(hf / "data.parquet")
+    cells = pq.read_table(hf / "data.parquet").column("video").to_pylist()
+    assert cells[1] == {"bytes": None, "path": "clips/b.mp4"}     # what HF writes: a path, no bytes
+    monkeypatch.chdir(tmp_path)
+    v2d = tmp_path / "v2d"
+    v2d.mkdir()
+    pq.write_table(pa.table({"key": ["000000000"], "mp4": [videos[2]], "txt": ["v2d"], "duration": [0.27]}),
+                   v2d / "00000.parquet")
+    tok = KMeansVQ.load(tokenizer_dir)
+    for src, want in ((hf, {"data/000000000": 0, "data/000000001": 1}), (v2d, {"000000000": 2})):
+        out = tmp_path / f"out-{src.name}"
+        convert(convert_config([src], out, tokenizer_dir, clip_frames=4), quiet=True)
+        stored = {k: t for _, k, t, _ in open_dataset(out)}
+        assert sorted(stored) == sorted(f"{k}_{c:04d}" for k in want for c in range(2))
+        for key, v in want.items():
+            frames = frames_of(videos[v])
+            for c in range(2):
+                assert np.array_equal(stored[f"{key}_{c:04d}"], tok.encode(np.stack(frames[4 * c:4 * c + 4])))

@@ -55,6 +55,9 @@ from tokshard.pipeline.convert.sources.records import (
 from tokshard.pipeline.storage import redact_text, redact_url
 
 _IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "bytes", "image_bytes")
+# video2dataset's parquet output names a column by its encode format (`mp4`).
+_VIDEO_COLUMNS = ("mp4", "video", "webm", "mkv")
+_MEDIA_COLUMNS = _IMAGE_COLUMNS + _VIDEO_COLUMNS
 _CAPTION_COLUMNS = ("caption", "txt", "text")
 _LABEL_COLUMNS = ("label", "cls")
 _KEY_COLUMNS = ("key", "id")
@@ -114,29 +117,33 @@ def class_names(url: str, storage_options: dict | None = None) -> dict[str, list
 
 @dataclass(frozen=True)
 class Columns:
-    """Which columns of a table hold the image, caption, label and key (None: absent)."""
+    """Which columns of a table hold the image, caption, label and key (None: absent);
+    `video`: the image column holds videos (a Hugging Face `Video()` or a video format's name)."""
     image: str
     caption: str | None = None
     label: str | None = None
     key: str | None = None
+    video: bool = False
 
     @classmethod
     def pick(cls, names: Sequence[str], source: str, image_column: str | None = None,
              caption_column: str | None = None, label_column: str | None = None,
              key_column: str | None = None, features: dict[str, Any] | None = None) -> Columns:
         """Named columns first, then (for a Hugging Face file, `features`) its Image feature,
-        then the usual names; a lone ClassLabel column is the label when no usual name is there."""
+        then its Video feature, then the usual names; a lone ClassLabel column is the label
+        when no usual name is there."""
         features = features or {}
-        hf_images = [c for c in _features_of(features, "Image") if c in names]
-        img_col = _pick(names, image_column, (*hf_images[:1], *_IMAGE_COLUMNS))
+        hf_videos = [c for c in _features_of(features, "Video") if c in names]
+        hf_media = [c for c in _features_of(features, "Image") if c in names] + hf_videos
+        img_col = _pick(names, image_column, (*hf_media[:1], *_MEDIA_COLUMNS))
         if img_col is None:
-            raise SourceError(f"{source} has no image column (looked for {image_column or _IMAGE_COLUMNS})")
+            raise SourceError(f"{source} has no image column (looked for {image_column or _MEDIA_COLUMNS})")
         label = _pick(names, label_column, _LABEL_COLUMNS)
         hf_labels = [c for c in _features_of(features, "ClassLabel") if c in names]
         if label is None and not label_column and len(hf_labels) == 1:
             label = hf_labels[0]
         return cls(img_col, _pick(names, caption_column, _CAPTION_COLUMNS), label,
-                   _pick(names, key_column, _KEY_COLUMNS))
+                   _pick(names, key_column, _KEY_COLUMNS), video=img_col in hf_videos or img_col in _VIDEO_COLUMNS)
 
     def names(self) -> list[str]:
         return [c for c in (self.image, self.caption, self.label, self.key) if c]
@@ -230,7 +237,7 @@ def records_from_table(table: pa.Table, cols: Columns, source: str, stem: str, f
             img, key = images[i], keys[i]
             row = first_row + i
             key = safe_key(str(key)) if key is not None else f"{stem}/{row:09d}"
-            rec = Record(key or f"{stem}/{row:09d}", None, source)
+            rec = Record(key or f"{stem}/{row:09d}", None, source, media="video" if cols.video else "image")
             rec.caption = _caption(caps[i], rec)
             for _ in range(left_out):
                 rec.drop("unknown_member")

@@ -46,7 +46,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from tokshard.errors import SourceError, UsageError
-from tokshard.pipeline.convert.sources.parquet import _IMAGE_COLUMNS, _KEY_COLUMNS
+from tokshard.pipeline.convert.sources.parquet import _KEY_COLUMNS, _MEDIA_COLUMNS
 from tokshard.pipeline.convert.sources.records import MEDIA_EXTS, SIDECAR_EXTS, WorkUnit, bare, ext_of
 from tokshard.pipeline.storage import access_failure, redact_url, storage_access
 
@@ -258,7 +258,7 @@ class _Planner:
         if isinstance(info, Exception):
             return True
         names = info[1]
-        has_image = self.image_column in names if self.image_column else any(c in names for c in _IMAGE_COLUMNS)
+        has_image = self.image_column in names if self.image_column else any(c in names for c in _MEDIA_COLUMNS)
         return not has_image and any(c in names for c in _KEY_COLUMNS)
 
     def add_table(self, fs: Any, path: str, split: str | None, kind: str = "") -> None:
