@@ -1,10 +1,12 @@
-"""Hostile inputs (issue 8): a table-driven corpus of bad and odd source files
-run through a real `convert`, shard content that tries to get unpickled, byte
-fuzzing of shards and manifests, and credentials that must not leak.
+"""Hostile inputs (issues 8 and 15): a table-driven corpus of bad and odd source
+files (images, sidecars, tar structure, Parquet tables) run through a real `convert`,
+shard content that tries to get unpickled, byte fuzzing of shards and manifests, and
+credentials that must not leak.
 
-Every bad input must be a counted skip with the right reason, every odd but
-valid input must become exactly the tokens of an independently decoded image,
-and the manifest's skip counts must match the table exactly.
+Every bad input must be a counted skip with the right reason, every bad part of a kept
+sample a counted drop (its field stored as null, its member ignored), every odd but
+valid input must become exactly the tokens of an independently decoded image, and the
+manifest's skip, drop and ignored-input counts must match the table exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import RES, convert_config
@@ -53,24 +56,38 @@ def pillow_expected(data: bytes) -> np.ndarray:
         return resized(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
 
 
+def strict_json(text: str | None):
+    """Stored metadata parsed as strict JSON: NaN / Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} stored in JSON metadata")
+    return None if text is None else json.loads(text, parse_constant=refuse)
+
+
 def mad(a, b) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+def tar_bytes(members: list[tuple], mode: str = "w", **kw) -> bytes:
+    """members: (name, bytes) regular files, or (name, "sym"|"hard", target) links;
+    `mode` "w:gz" for a gzipped tar, `kw` tarfile.open's (format, encoding, errors)."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in members:
+    with tarfile.open(fileobj=buf, mode=mode, **kw) as t:
+        for name, data, *target in members:
             info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
+            if isinstance(data, bytes):
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+            else:
+                info.type = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}[data]
+                info.linkname = target[0]
+                t.addfile(info)
     return buf.getvalue()
 
 
-def tar_member_offsets(data: bytes) -> dict[str, int]:
-    """name -> offset of the member's data in the tar."""
+def tar_member_offsets(data: bytes, header: bool = False) -> dict[str, int]:
+    """name -> offset of the member's data (`header`: of its header) in the tar."""
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
-        return {m.name: m.offset_data for m in t.getmembers()}
+        return {m.name: m.offset if header else m.offset_data for m in t.getmembers()}
 
 
 # ---------------------------------------------------------------- the corpus
@@ -86,6 +103,8 @@ class Kind:
     `folder` / `tar`: the outcome in that source: OK, a skip reason, or None
     when that source never sees it as a sample (e.g. a lone caption in a folder).
     `expect`: the expected tokenizer input (RES x RES x 3) for OK kinds.
+    `drops`: the parts of the sample dropped while it is kept ({DROP_REASONS value: count}),
+    in each source that sees it as a sample.
     """
     name: str
     image: tuple[str, bytes] | None
@@ -93,7 +112,8 @@ class Kind:
     tar: str | None
     expect: np.ndarray | None = None
     sidecars: dict = field(default_factory=dict)
-    check: object = None   # extra check(row: dict) on the stored row (caption, meta, width, height)
+    check: object = None   # extra check(row: dict) on the stored row (caption, meta, label, width, height)
+    drops: dict = field(default_factory=dict)
 
 
 def build_corpus(base: np.ndarray) -> list[Kind]:
@@ -131,6 +151,18 @@ def build_corpus(base: np.ndarray) -> list[Kind]:
     def dims(wh):
         return lambda row: (row["width"], row["height"]) == wh
 
+    def meta_is(value):
+        return lambda row: strict_json(row["meta"]) == value
+
+    def label_is(value):
+        return lambda row: row["label"] == value
+
+    # Metadata nested past JSON_MAX_DEPTH (64): far past (the parser's recursion) and just past.
+    deep_100k = b"[" * 100_000 + b"]" * 100_000
+    deep_100 = b'{"a": ' * 100 + b"1" + b"}" * 100
+    nonfinite = (b'{"big": 1e999999, "neg_big": -1e999999, "nan": NaN, "inf": Infinity, "ninf": -Infinity, '
+                 b'"list": [NaN, 2], "ok": 1.5}')
+
     kinds = [
         Kind("ok_jpeg", ("jpg", jpg), OK, OK, pillow_expected(jpg), check=caption_is("caption ok_jpeg")),
         Kind("ok_png", ("png", png), OK, OK, resized(base), check=dims((w, h))),
@@ -159,10 +191,23 @@ def build_corpus(base: np.ndarray) -> list[Kind]:
         Kind("float_tiff", ("tif", float_tif), "unsupported_image", "unsupported_image"),
         Kind("non_utf8_caption", ("jpg", jpg), OK, OK, pillow_expected(jpg),
              sidecars={"txt": b"caf\xe9 \xff\xfe ok"},
-             check=caption_is(b"caf\xe9 \xff\xfe ok".decode("utf-8", "replace"))),
+             check=caption_is(b"caf\xe9 \xff\xfe ok".decode("utf-8", "replace")), drops={"non_utf8_text": 1}),
         Kind("bad_json_sidecar", ("jpg", jpg), OK, OK, pillow_expected(jpg),
              sidecars={"json": b"{not json\xff"},
-             check=lambda row: row["meta"] is None),   # stored as null, counted invalid_metadata
+             check=meta_is(None), drops={"invalid_metadata": 1}),   # stored as null, counted
+        # Issue 15: a bad field costs that field (null, counted), never the sample.
+        Kind("json_100k_deep", ("jpg", jpg), OK, OK, pillow_expected(jpg), sidecars={"json": deep_100k},
+             check=meta_is(None), drops={"deep_metadata": 1}),
+        Kind("json_100_deep", ("jpg", jpg), OK, OK, pillow_expected(jpg), sidecars={"json": deep_100},
+             check=meta_is(None), drops={"deep_metadata": 1}),
+        Kind("json_nonfinite", ("jpg", jpg), OK, OK, pillow_expected(jpg), sidecars={"json": nonfinite},
+             check=meta_is({"big": None, "neg_big": None, "nan": None, "inf": None, "ninf": None,
+                            "list": [None, 2], "ok": 1.5}),
+             drops={"nonfinite_number": 6}),
+        Kind("cls_beyond_int64", ("jpg", jpg), OK, OK, pillow_expected(jpg), sidecars={"cls": str(2 ** 70).encode()},
+             check=label_is(None), drops={"bad_label": 1}),
+        Kind("cls_int64_max", ("jpg", jpg), OK, OK, pillow_expected(jpg), sidecars={"cls": b"9223372036854775807\n"},
+             check=label_is(2 ** 63 - 1)),
         Kind("caption_only", None, None, "no_image"),
         Kind("markdown_file", ("md", b"# not an image\n"), "not_an_image", "no_image"),
     ]
@@ -175,10 +220,12 @@ def build_corpus(base: np.ndarray) -> list[Kind]:
 
 
 def tar_only_sources(root: Path, jpg: bytes, expect_jpg: np.ndarray):
-    """Tars whose *structure* is hostile. Returns [(key, outcome, expect)] and
-    the skip counts they add."""
+    """Tars whose *structure* is hostile, and files beside them that are no tars.
+    Returns [(key, outcome, expect)], the skip and drop counts they add, and the
+    files of `root` no reader takes: [(name, IGNORE_REASONS key)]."""
     out: list[tuple[str, str, np.ndarray | None]] = []
-    skips = Counter()
+    skips, drops = Counter(), Counter()
+    ignored: list[tuple[str, str]] = []
     # Member names that try to escape the archive.
     (root / "unsafe.tar").write_bytes(tar_bytes([
         ("../t_escape.jpg", jpg), ("/t_absolute.jpg", jpg), ("sub/../../t_escape2.jpg", jpg),
@@ -202,7 +249,52 @@ def tar_only_sources(root: Path, jpg: bytes, expect_jpg: np.ndarray):
     (root / "garbage.tar").write_bytes(np.random.default_rng(2).bytes(5000))
     (root / "empty.tar").write_bytes(b"")
     skips["unreadable_source"] += 2
-    return out, skips
+
+    # Issue 15 -- a corrupt header in the middle: what was read before it is kept,
+    # the rest is one counted loss (tarfile alone would stop there silently).
+    whole = tar_bytes([("t_hdr0.jpg", jpg), ("t_hdr0.txt", b"before the damage"), ("t_hdr1.jpg", jpg),
+                       ("t_hdr2.jpg", jpg), ("t_hdr2.txt", b"lost"), ("t_hdr3.jpg", jpg)])
+    header = tar_member_offsets(whole, header=True)["t_hdr2.jpg"]
+    damaged = bytearray(whole)
+    damaged[header:header + 100] = b"\xa5" * 100        # the name field: the header checksum fails
+    (root / "corrupt_header.tar").write_bytes(bytes(damaged))
+    skips["unreadable_source"] += 1
+    out += [("t_hdr0", OK, expect_jpg), ("t_hdr1", OK, expect_jpg)]
+    # Links, a duplicate member, a binary member no reader takes, a pair's second image:
+    # each ignored with a count, the sample kept (a sample made of a link only has no image).
+    npy = io.BytesIO()
+    np.save(npy, np.arange(12, dtype=np.int64))
+    (root / "odd_members.tar").write_bytes(tar_bytes([
+        ("t_links.jpg", jpg), ("t_links.png", "sym", "t_links.jpg"), ("t_links.webp", "hard", "t_links.jpg"),
+        ("t_links.txt", b"links"),
+        ("t_only_link.jpg", "hard", "t_links.jpg"),
+        ("t_dup_member.jpg", jpg), ("t_dup_member.jpg", other),                  # adjacent: the first wins
+        ("t_dup_member.txt", b"first"), ("t_dup_member.txt", b"second"),
+        ("t_npy.jpg", jpg), ("t_npy.npy", npy.getvalue()),
+        ("t_pair.input.jpg", jpg), ("t_pair.target.jpg", other), ("t_pair.txt", b"pair"),
+    ]))
+    drops.update(link_member=3, duplicate_member=2, unknown_member=1, extra_media=1)
+    skips["no_image"] += 1
+    out += [("t_links", OK, expect_jpg), ("t_dup_member", OK, expect_jpg), ("t_npy", OK, expect_jpg),
+            ("t_pair", OK, expect_jpg)]
+    # A member name that is not UTF-8 (Latin-1 bytes in a classic header): a valid key with U+FFFD.
+    latin1 = tar_bytes([("t_caf\udce9.jpg", jpg), ("t_caf\udce9.txt", "café".encode()), ("t_plain_name.jpg", jpg)],
+                       format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape")
+    assert b"t_caf\xe9.jpg\0" in latin1 and b"t_caf\xe9.txt\0" in latin1
+    (root / "latin1_names.tar").write_bytes(latin1)
+    drops["non_utf8_text"] += 2                           # one per member whose name was replaced
+    out += [("t_caf\ufffd", OK, expect_jpg), ("t_plain_name", OK, expect_jpg)]
+    # A gzipped tar is read like a tar.
+    gz = tar_bytes([("t_gz0.jpg", jpg), ("t_gz0.txt", b"gzipped"), ("t_gz1.jpg", jpg)], mode="w:gz")
+    assert gz[:2] == b"\x1f\x8b"
+    (root / "zipped.tar.gz").write_bytes(gz)
+    out += [("t_gz0", OK, expect_jpg), ("t_gz1", OK, expect_jpg)]
+    # A stray image table (not a metadata sidecar: it has an image column) among tars,
+    # named like a tar's sidecar: not joined, not read, listed.
+    pq.write_table(pa.table({"key": ["t_ok_jpeg", "stray"], "jpg": [jpg, jpg], "txt": ["x", "y"]}),
+                   root / "00000.parquet")
+    ignored.append(("00000.parquet", "other_format"))
+    return out, skips, drops, ignored
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +315,7 @@ def codes_of(tok, image: np.ndarray) -> np.ndarray:
 def read_rows(dest: Path) -> dict[str, dict]:
     rows = {}
     for p in sorted((dest / "shards").glob("*.parquet")):
-        for r in pq.read_table(p, columns=["key", "caption", "meta", "width", "height"]).to_pylist():
+        for r in pq.read_table(p, columns=["key", "caption", "meta", "label", "width", "height"]).to_pylist():
             assert r["key"] not in rows, f"key {r['key']} stored twice"
             rows[r["key"]] = r
     return rows
@@ -252,20 +344,29 @@ def test_image_corpus_folder_and_tars(tmp_path, base_image, tokenizer_dir, tok):
     for j, members in enumerate(tar_members):
         (tars / f"{j:05d}.tar").write_bytes(tar_bytes(members))
     jpg = next(k for k in kinds if k.name == "ok_jpeg")
-    extra, extra_skips = tar_only_sources(tars, jpg.image[1], jpg.expect)
+    extra, extra_skips, extra_drops, extra_ignored = tar_only_sources(tars, jpg.image[1], jpg.expect)
 
     result = convert(convert_config([folder, tars], tmp_path / "out", tokenizer_dir, shard_size=8), quiet=True)
 
-    want_skips, want_ok = Counter(extra_skips), {}
+    want_skips, want_drops, want_ok = Counter(extra_skips), Counter(extra_drops), {}
     for k in kinds:
         for prefix, outcome in (("f", k.folder), ("t", k.tar)):
             if outcome == OK:
                 want_ok[f"{prefix}_{k.name}"] = k
             elif outcome is not None:
                 want_skips[outcome] += 1
+            if outcome is not None:
+                want_drops.update(k.drops)
     record = result["dataset"]
     assert record["skipped_by_reason"] == dict(sorted(want_skips.items()))
     assert record["totals"]["skipped"] == sum(want_skips.values())
+    assert record["dropped_by_reason"] == dict(sorted(want_drops.items()))
+    # Files no reader takes: the folder's captions and metadata with no media file of their
+    # name (a lone caption, the sidecars of a .md), and the stray table among the tars.
+    want_ignored = sorted([(f"f_{name}.{ext}", "orphan_sidecar") for name in ("caption_only", "markdown_file")
+                           for ext in ("txt", "json")] + extra_ignored)
+    assert sorted((Path(path).name, why) for path, why in result["ignored"]) == want_ignored
+    assert record["ignored_inputs"] == dict(sorted(Counter(why for _, why in want_ignored).items()))
 
     ds = tokshard.open(tmp_path / "out")
     stored = {}
@@ -283,17 +384,120 @@ def test_image_corpus_folder_and_tars(tmp_path, base_image, tokenizer_dir, tok):
     for key, _, expect in extra:
         assert np.array_equal(stored[key], codes_of(tok, expect)), key
     assert rows["t_dup"]["caption"] == "first"
+    for r in rows.values():            # what is stored as metadata is strict JSON
+        strict_json(r["meta"])
+        r["key"].encode("utf-8")
+    assert [rows[k]["caption"] for k in ("t_hdr0", "t_links", "t_dup_member", "t_pair", "t_caf\ufffd", "t_gz0")] == \
+        ["before the damage", "links", "first", "pair", "café", "gzipped"]
+    # The stray image table named like 00000.tar's sidecar was not joined as its metadata.
+    assert strict_json(rows["t_ok_jpeg"]["meta"]) == {"key": "t_ok_jpeg", "url": "http://example.com/ok_jpeg"}
     # Odd inputs are the right picture, not just "some" picture.
     by_name = {k.name: k for k in kinds}
     assert mad(by_name["cmyk_jpeg"].expect, resized(base_image)) < 6      # colours not inverted
     assert mad(by_name["exif_rotated"].expect, resized(base_image)) < 6   # upright
     assert mad(by_name["animated_gif"].expect, resized(base_image)) < 12  # first frame (GIF palette)
     # The per-shard counts add up to the dataset's.
-    per_shard = Counter()
+    assert per_shard_counts(ds, "skipped_by_reason") == want_skips
+    assert per_shard_counts(ds, "dropped_by_reason") == want_drops
+
+
+def per_shard_counts(ds, column: str) -> Counter:
+    out = Counter()
     for r in ds.manifest.to_pylist():
-        for item in r["skipped_by_reason"]:
-            per_shard[item["reason"]] += item["count"]
-    assert per_shard == want_skips
+        for item in r[column] or []:
+            out[item["reason"]] += item["count"]
+    return out
+
+
+# Issue 15, tables: rows of img2dataset `output_format=parquet` (key, jpg, txt, metadata
+# columns) with a float `label` column: key -> the row's label and similarity, its outcome
+# (OK or a skip reason), the label stored for a kept row, and the row's drops.
+# `jpg` None: a failed download; "cut": the JPEG cut in half (default: the corpus's JPEG).
+TABLE_ROWS = {
+    "p_ok": dict(label=3.0, similarity=0.9, out=OK, want_label=3, drops={}),
+    "p_inf_label": dict(label=float("inf"), similarity=0.8, out=OK, want_label=None, drops={"nonfinite_number": 1}),
+    "p_ninf_label": dict(label=float("-inf"), similarity=0.8, out=OK, want_label=None,
+                         drops={"nonfinite_number": 1}),
+    "p_huge_label": dict(label=1e300, similarity=0.7, out=OK, want_label=None, drops={"bad_label": 1}),
+    "p_fraction_label": dict(label=2.5, similarity=0.7, out=OK, want_label=None, drops={"bad_label": 1}),
+    "p_nan_similarity": dict(label=1.0, similarity=float("nan"), out=OK, want_label=1, drops={"nonfinite_number": 1}),
+    "p_low_similarity": dict(label=1.0, similarity=0.1, out="not_selected", drops={}),
+    "p_failed_download": dict(label=None, similarity=0.9, jpg=None, status="failed_to_download", out="no_image",
+                              drops={}),
+    "p_cut_jpeg": dict(label=0.0, similarity=0.9, jpg="cut", out="decode_error", drops={}),
+}
+
+
+def img2dataset_parquet(path: Path, rows: dict[str, dict], jpg: bytes) -> None:
+    table = []
+    for key, r in rows.items():
+        data = r.get("jpg", jpg)
+        table.append({"key": key, "jpg": jpg[: len(jpg) // 2] if data == "cut" else data,
+                      "txt": f"caption {key}", "url": f"https://example.com/{key}.jpg",
+                      "similarity": r["similarity"], "status": r.get("status", "success"),
+                      "width": 120, "height": 90, "original_width": 1200, "label": r["label"]})
+    pq.write_table(pa.Table.from_pylist(table, schema=pa.schema([
+        ("key", pa.string()), ("jpg", pa.binary()), ("txt", pa.string()), ("url", pa.string()),
+        ("similarity", pa.float64()), ("status", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+        ("original_width", pa.int64()), ("label", pa.float64())])), path)
+
+
+def test_table_corpus_and_a_mixed_type_where(tmp_path, base_image, tokenizer_dir, tok):
+    """Parquet sources (one truncated among good ones) and a tar whose metadata field is a
+    number in one sample and text in another, in one `convert --where`: every bad value is
+    a field stored as null with a count, every bad file one counted skip, no shard fails."""
+    jpg = enc(base_image, "JPEG", quality=90)        # the corpus's ok_jpeg
+    expect = codes_of(tok, pillow_expected(jpg))
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    rows = TABLE_ROWS
+    img2dataset_parquet(tables / "00000.parquet", rows, jpg)       # the first file: every odd row
+    second = {f"p_second{i}": dict(label=float(i), similarity=0.5, out=OK, want_label=i, drops={}) for i in range(2)}
+    img2dataset_parquet(tables / "00001.parquet", second, jpg)
+    img2dataset_parquet(tables / "00002.parquet", second, jpg)
+    whole = (tables / "00002.parquet").read_bytes()
+    (tables / "00002.parquet").write_bytes(whole[: len(whole) // 2])   # footer gone
+    # --where types a field per unit by its first chunk: number if any sample has a number.
+    mixed = tmp_path / "mixed.tar"
+    mixed.write_bytes(tar_bytes([(f"{key}.{ext}", data) for key, meta in (
+        ("m_text", {"similarity": "n/a"}), ("m_number", {"similarity": 0.9}), ("m_low", {"similarity": 0.1}),
+        ("m_absent", {"other": 1})) for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode()))]))
+
+    result = convert(convert_config([tables, mixed], tmp_path / "out", tokenizer_dir,
+                                    where="similarity > 0.3 OR similarity IS NULL"), quiet=True)
+
+    record = result["dataset"]
+    want_skips = Counter(r["out"] for r in rows.values() if r["out"] != OK)
+    want_skips.update(unreadable_source=1, not_selected=1)          # 00002.parquet; m_low
+    want_drops = Counter()
+    for r in rows.values():
+        want_drops.update(r["drops"])
+    want_drops["mixed_type"] += 1                                     # m_text
+    assert record["skipped_by_reason"] == dict(sorted(want_skips.items())) == {
+        "decode_error": 1, "no_image": 1, "not_selected": 2, "unreadable_source": 1}
+    assert record["dropped_by_reason"] == dict(sorted(want_drops.items())) == {
+        "bad_label": 2, "mixed_type": 1, "nonfinite_number": 3}
+    assert record.get("ignored_inputs") is None and result["ignored"] == []
+    ds = tokshard.open(tmp_path / "out")
+    assert per_shard_counts(ds, "skipped_by_reason") == want_skips
+    assert per_shard_counts(ds, "dropped_by_reason") == want_drops
+    assert sorted(r["samples"] for r in ds.manifest.to_pylist()) == [0, 2, 3, 6]   # no unit failed
+
+    stored = {key: tokens for _, key, tokens, _ in ds}
+    kept = {k for k, r in {**rows, **second}.items() if r["out"] == OK} | {"m_text", "m_number", "m_absent"}
+    assert set(stored) == kept and record["totals"]["samples"] == len(kept) == 11
+    assert all(np.array_equal(stored[k], expect) for k in kept)
+    got = read_rows(tmp_path / "out")
+    for k, r in {**rows, **second}.items():
+        if r["out"] == OK:
+            assert got[k]["label"] == r["want_label"] and got[k]["caption"] == f"caption {k}", (k, got[k])
+    for r in got.values():
+        strict_json(r["meta"])
+    assert strict_json(got["p_nan_similarity"]["meta"]) == {
+        "url": "https://example.com/p_nan_similarity.jpg", "similarity": None, "status": "success",
+        "width": 120, "height": 90, "original_width": 1200}
+    assert strict_json(got["m_text"]["meta"]) == {"similarity": "n/a"}   # stored as it was, seen as NULL
+    assert got["m_absent"]["label"] is None
 
 
 def test_folder_duplicate_keys_are_counted(tmp_path, base_image, tokenizer_dir):

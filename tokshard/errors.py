@@ -101,8 +101,10 @@ SKIP_REASONS = (
 )
 
 
-# Reasons a part of a kept sample is dropped: a field stored as null or a member ignored,
-# while the sample itself is kept (counted per shard in `dropped_by_reason`, schema 1.4).
+# Reasons a part of a sample is dropped: a field stored as null or a member ignored, while
+# the sample itself is kept (counted per shard in `dropped_by_reason`, schema 1.4). The parts
+# a skipped sample had dropped are counted too (a tar sample made of a link only is one
+# `no_image` skip and one `link_member` drop), so every ignored member has its count.
 # A closed set, like SKIP_REASONS.
 DROP_REASONS = (
     "nonfinite_number",    # NaN / Infinity in metadata or a float label: stored as null
