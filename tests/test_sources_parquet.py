@@ -160,15 +160,32 @@ def test_hf_parquet_image_paths_resolve_inside_the_files_folder(tmp_path, photo_
     assert "missing.jpg" in records[3].detail
 
 
-def test_hf_parquet_image_paths_through_fsspec(photo_jpegs):
-    import fsspec
-    fs = fsspec.filesystem("memory")
-    fs.pipe_file("/hfpaths/images/0.jpg", photo_jpegs[0][1])
-    table = pa.table({"image": [{"bytes": None, "path": "images/0.jpg"}], "label": [0]})
-    with fs.open("/hfpaths/d.parquet", "wb") as f:
-        pq.write_table(table, f)
-    records = _records("memory://hfpaths/d.parquet")
-    assert records[0].skip is None and records[0].image == photo_jpegs[0][1]
+def test_hf_parquet_image_paths_on_s3(s3_bucket, photo_jpegs, tokenizer_dir, tmp_path):
+    """Image paths resolve against the Parquet file's folder on an object store too (a real
+    S3 server): the images are read from the bucket, and a path out of the folder is refused."""
+    from conftest import convert_config
+
+    from tokshard import open as open_dataset
+    from tokshard.pipeline.convert.job import convert
+    fs, bucket, options = s3_bucket
+    local = tmp_path / "hf"
+    (local / "images").mkdir(parents=True)
+    for i in range(2):
+        (local / "images" / f"{i}.jpg").write_bytes(photo_jpegs[i][1])
+    (tmp_path / "outside.jpg").write_bytes(photo_jpegs[2][1])
+    _hf_parquet(local / "d.parquet", ["images/0.jpg", "images/1.jpg", "../outside.jpg"], [0, 1, 0], ["a", "b"])
+    fs.put(str(local), f"{bucket}/hf", recursive=True)
+    fs.put(str(tmp_path / "outside.jpg"), f"{bucket}/outside.jpg")
+    records = [r for u in plan_units([f"s3://{bucket}/hf/d.parquet"], 10, storage_options=options)
+               for r in read_unit(u, options)]
+    assert [(r.key, r.image, r.skip) for r in records] == [
+        ("d/000000000", photo_jpegs[0][1], None), ("d/000000001", photo_jpegs[1][1], None),
+        ("d/000000002", None, "unsafe_key")]
+    out = tmp_path / "out"
+    record = convert(convert_config([f"s3://{bucket}/hf"], out, tokenizer_dir, storage_options=options),
+                     quiet=True)["dataset"]
+    assert record["skipped_by_reason"] == {"unsafe_key": 1} and record["class_names"] == {"label": ["a", "b"]}
+    assert sorted(k for _, k, _, _ in open_dataset(out)) == ["d/000000000", "d/000000001"]
 
 
 def test_bad_labels_are_null_with_a_count(tmp_path, photo_jpegs):
