@@ -40,6 +40,37 @@ class Elements(HTMLParser):
         self.found.append((tag, dict(attrs)))
 
 
+class LabelChart(HTMLParser):
+    """The texts of the label chart's <text> elements (what they show, entities decoded),
+    their <title> tooltips, and the chart's width."""
+    def __init__(self):
+        super().__init__()
+        self.texts, self.titles, self.width, self._in, self._at = [], [], None, False, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "svg":
+            self._in = (attrs.get("aria-label") or "").startswith("samples per label")
+            self.width = int(attrs["width"]) if self._in else self.width
+        elif self._in and tag in ("text", "title"):
+            self._at = tag
+            (self.texts if tag == "text" else self.titles).append("")
+
+    def handle_endtag(self, tag):
+        self._in = self._in and tag != "svg"
+        self._at = "text" if tag == "title" and self._in else None
+
+    def handle_data(self, data):
+        if self._at:
+            (self.texts if self._at == "text" else self.titles)[-1] += data
+
+
+def label_chart(page: str) -> LabelChart:
+    chart = LabelChart()
+    chart.feed(page)
+    return chart
+
+
 def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsys):
     dest = tmp_path / "ds"
     (photo_folder / "notes.pdf").write_bytes(b"%PDF-1.4")          # one counted skip
@@ -69,6 +100,10 @@ def test_report_renders_in_chromium(tmp_path, photo_folder, tokenizer_dir, capsy
         4 + ds.num_shards + len(labels) + 1
     top = max(labels.values())
     assert f"{top:,.1f}</text>" in dom.stdout.split('aria-label="samples per label')[1].split("</svg>")[0]
+    # Without class names the label chart shows the integers (no names, no tooltips).
+    chart = label_chart(dom.stdout)
+    assert chart.width == 640 and chart.titles == [] and ds.class_names is None
+    assert {int(t) for t in chart.texts[1::2]} == set(labels)
     assert "not_an_image" in dom.stdout and "mean PSNR" in dom.stdout
     assert any(t == "img" and a.get("src", "").startswith("data:image/png;base64,") for t, a in parser.found)
 
@@ -147,3 +182,56 @@ def test_report_shows_dropped_parts_and_ignored_inputs(tmp_path):
     assert "nonfinite_number" in dropped and "link_member" in dropped
     assert dropped.index("nonfinite_number") < dropped.index("link_member")    # largest first
     assert "unknown_file" in after.split('<h2 id="ignored">')[1].split("<h2")[0]
+
+
+def _hf_parquet(path, photo_jpegs, fine, coarse, fine_names, coarse_names):
+    """A Hugging Face `datasets` Parquet file (written by `datasets` itself) with two
+    ClassLabel columns, as CIFAR-100 has (`fine_label`, `coarse_label`)."""
+    import datasets
+    from datasets import ClassLabel, Features, Image
+    features = Features({"image": Image(), "fine_label": ClassLabel(names=fine_names),
+                         "coarse_label": ClassLabel(names=coarse_names)})
+    images = [{"bytes": data, "path": None} for _, data, _ in photo_jpegs[:len(fine)]]
+    datasets.Dataset.from_dict({"image": images, "fine_label": fine, "coarse_label": coarse},
+                               features=features).to_parquet(str(path))
+    return path
+
+
+def test_report_names_the_labels_with_their_class_names(tmp_path, photo_jpegs, tokenizer_dir):
+    """Labels from a ClassLabel column are shown with their names (`1 · dog`), from the
+    column convert took them from; the names are the dataset's (anyone's): escaped, shown as
+    text, without controls or bidi overrides, cut to CLASS_NAME_CHARS; a label the names do
+    not cover is its integer."""
+    from conftest import rewrite_manifest
+
+    from tokshard.pipeline.tools.report import CLASS_NAME_CHARS
+    hostile = "<script>alert(1)</script>"
+    fine = ["cat", hostile, "x" * 100, "\u202egod\nline", "emu"]
+    coarse = ["animal", "thing"]
+    src = _hf_parquet(tmp_path / "train.parquet", photo_jpegs, [0, 1, 1, 2, 3, 4], [0, 1, 0, 1, 0, 1], fine, coarse)
+    dest = tmp_path / "ds"
+    convert(convert_config([src], dest, tokenizer_dir, columns={"label_column": "fine_label"}), quiet=True)
+    assert tokshard.open(dest).class_names == {"coarse_label": coarse, "fine_label": fine}
+    out = tmp_path / "report.html"
+    page = write_report(str(dest), str(out), 2)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+    # As Chromium built the page: the hostile name is text, not an element.
+    dom = chromium(tmp_path, "--dump-dom", out.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    parser = Elements()
+    parser.feed(dom.stdout)
+    assert not any(t == "script" for t, _ in parser.found)
+    chart = label_chart(dom.stdout)
+    cut = "x" * (CLASS_NAME_CHARS - 1) + "\u2026"
+    shown = [f"1 \u00b7 {hostile}", "0 \u00b7 cat", f"2 \u00b7 {cut}", "3 \u00b7 \ufffdgod\ufffdline", "4 \u00b7 emu"]
+    assert chart.texts[1::2] == shown and chart.titles == shown     # largest first, then by label
+    assert chart.width > 640                                         # wide enough for the long name
+
+    # A label past the names is its integer; names for no known label column: integers only.
+    rewrite_manifest(dest, record=lambda r: r["class_names"].update(fine_label=fine[:3]))
+    chart = label_chart(write_report(str(dest), str(out), 0))
+    assert chart.texts[1::2] == shown[:3] + ["3", "4"]
+    rewrite_manifest(dest, record=lambda r: r.update(class_names={"coarse_label": coarse, "other": fine}))
+    chart = label_chart(write_report(str(dest), str(out), 0))
+    assert chart.texts[1::2] == ["1", "0", "2", "3", "4"] and chart.titles == [] and chart.width == 640

@@ -5,7 +5,8 @@ can be mailed or dropped into a bucket. Sections: summary, storage per image
 (source JPEG bytes vs raw / coded / stored token bytes), token frequency
 (rank vs count, log-log: how far from uniform the codes are, which is what
 entropy coding exploits), samples per shard, samples per label (from the label
-table), skips by reason, parts of kept samples dropped and input files not read (by reason),
+table; with their class names when the sources had Hugging Face ClassLabel names),
+skips by reason, parts of kept samples dropped and input files not read (by reason),
 and reconstructions from the tokens (beside the
 originals only when asked: `originals=`, `--originals` / `--sources`; see
 `tokshard.pipeline.tools.preview`).
@@ -16,12 +17,14 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokshard.errors import TokshardError
+from tokshard.pipeline.format.work import read_job_spec
 from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES, Originals, check_originals
 
 if TYPE_CHECKING:
@@ -29,22 +32,85 @@ if TYPE_CHECKING:
 
 MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
 TOP_LABELS = 30
+CLASS_NAME_CHARS = 60       # a class name (from the dataset: anyone's) is cut to this many characters
+# The label column convert takes when none is named (convert.sources.parquet.Columns.pick).
+_USUAL_LABEL_COLUMNS = ("label", "cls")
+# Unicode categories not shown as they are in a class name: controls (newlines, ...), format
+# characters (bidi overrides that would reorder the label's integer), separators, lone surrogates.
+_HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs")
+_JOINERS = ("\u200c", "\u200d")   # (format characters that scripts and emoji need)
 
 
-def _bars(title: str, items: list[tuple[str, float]], unit: str = "") -> str:
-    """A horizontal bar chart as inline SVG."""
+def _bars(title: str, items: list[tuple[str, float]], unit: str = "", fit_names: bool = False) -> str:
+    """A horizontal bar chart as inline SVG. `fit_names`: the name column widens (and the
+    chart with it) to hold names longer than its usual 220 px, and each name has itself as
+    a tooltip (`<title>`)."""
     width, row, label_w = 640, 22, 220
+    if fit_names:
+        label_w = max(label_w, 12 + 7 * max((_display_width(name) for name, _ in items), default=0))
+        width += label_w - 220
     top = max((v for _, v in items), default=0) or 1
     rows = []
     for i, (name, value) in enumerate(items):
         w = (width - label_w - 90) * value / top
         y = 28 + i * row
-        rows.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>'
+        tip = f"<title>{html.escape(name)}</title>" if fit_names else ""
+        rows.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{tip}{html.escape(name)}</text>'
                     f'<rect class="bar" x="{label_w}" y="{y + 2}" width="{w:.1f}" height="{row - 6}"/>'
                     f'<text x="{label_w + w + 4:.1f}" y="{y + 14}">{value:,.1f}{unit}</text>')
     h = 36 + len(items) * row
     return (f'<svg class="chart" role="img" aria-label="{html.escape(title)}" width="{width}" height="{h}">'
             f'<text class="title" x="0" y="16">{html.escape(title)}</text>{"".join(rows)}</svg>')
+
+
+def _display_width(text: str) -> int:
+    """Columns `text` takes: wide (CJK) characters count two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def label_names(ds: TokenDataset) -> list[str] | None:
+    """The class names of the dataset's labels (the ClassLabel names of the column its labels
+    came from), or None. The record keeps names per column but not which column was the
+    label: the one the job spec's `columns.label_column` names, else the one convert takes
+    by default ("label", then "cls"), else the only one there is."""
+    names = ds.class_names
+    if not names:
+        return None
+    try:
+        found = read_job_spec(ds.layout)
+    except (TokshardError, OSError):
+        found = None      # no readable job spec: the usual columns
+    columns = found[0].config.get("columns") if found else None
+    named = columns.get("label_column") if isinstance(columns, dict) else None
+    if isinstance(named, str) and named:
+        return names.get(named)
+    usual = next((names[c] for c in _USUAL_LABEL_COLUMNS if c in names), None)
+    if usual is not None:
+        return usual
+    return next(iter(names.values())) if len(names) == 1 else None
+
+
+def class_name(name: str) -> str:
+    """A class name as the page shows it (escaped where it is written): characters that are
+    not text (controls, bidi overrides, lone surrogates) as U+FFFD, at most
+    CLASS_NAME_CHARS characters, cut with an ellipsis."""
+    name = "".join("\ufffd" if unicodedata.category(c) in _HIDDEN and c not in _JOINERS else c for c in name)
+    return name if len(name) <= CLASS_NAME_CHARS else name[: CLASS_NAME_CHARS - 1] + "\u2026"
+
+
+def named_labels(items: list[tuple[str, float]], names: Sequence[str] | None) -> list[tuple[str, float]]:
+    """Label counts with each label's class name after its integer (`3 · cat`); a label
+    outside `names` (or not an integer) as it was."""
+    if not names:
+        return items
+    out = []
+    for label, n in items:
+        try:
+            i = int(label)
+        except ValueError:
+            i = -1
+        out.append((f"{label} \u00b7 {class_name(names[i])}" if 0 <= i < len(names) else label, n))
+    return out
 
 
 def _loglog(title: str, counts: np.ndarray) -> str:
@@ -108,6 +174,7 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
     skips = sorted(rec.skipped_by_reason.items(), key=lambda kv: -kv[1])
     dropped = sorted((rec.dropped_by_reason or {}).items(), key=lambda kv: -kv[1])
     ignored = sorted((rec.ignored_inputs or {}).items(), key=lambda kv: -kv[1])
+    names = label_names(ds) if labels[0] else None
     parts = [
         "<h2>Summary</h2><table>" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>",
@@ -117,8 +184,8 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
             f"samples per shard (first {len(shown)} of {ds.num_shards}; min {sizes.min() if len(sizes) else 0}, "
             f"max {sizes.max() if len(sizes) else 0})", shown),
         '<h2 id="labels">Samples per label</h2>' + (_bars(
-            f"samples per label (top {len(labels[0])} of {labels[1]})", labels[0]) if labels[0]
-            else "<p>no labelled samples</p>"),
+            f"samples per label (top {len(labels[0])} of {labels[1]})", named_labels(labels[0], names),
+            fit_names=bool(names)) if labels[0] else "<p>no labelled samples</p>"),
         '<h2 id="skips">Skipped inputs</h2>' + (_bars("skipped by reason", [(k, float(v)) for k, v in skips])
                                                 if skips else "<p>none</p>"),
         # Parts of kept samples left out, and input files no reader took (schema 1.4).
