@@ -626,6 +626,8 @@ TAMPERS = [
     Tamper("grid-as-string", record(lambda r: r.update(grid="8x8"))),
     Tamper("vocab-size-as-string", record(lambda r: r["tokenizer"].update(vocab_size="64"))),
     Tamper("codec-as-list", record(lambda r: r.update(codec=["rans-ctx"]))),
+    # a JSON escape that spells a lone surrogate: text no printer or writer can encode
+    Tamper("record-lone-surrogate", record(lambda r: r.update(skipped_by_reason={"decode_error\udc80": 1}))),
     # the codec state
     Tamper("codec-state-flipped", lambda w: flip(w.root / "codec" / "state.bin")),
     Tamper("codec-state-truncated", lambda w: (w.root / "codec" / "state.bin").write_bytes(

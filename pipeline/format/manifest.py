@@ -78,6 +78,12 @@ def read_record(layout: DatasetLayout, url: str) -> tuple[pa.Table, DatasetRecor
         raise ManifestError(f"{where} is not a tokshard manifest: {e}") from e
     if not isinstance(meta, dict):
         raise ManifestError(f"{where}: the dataset record is not a JSON object")
+    try:
+        # JSON escapes can spell lone surrogates (`"\udc80"`), which no tokshard writes and
+        # which fail later, wherever the text is printed or written out.
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{where}: the dataset record holds text that is not valid Unicode") from None
     check_version(meta.get("schema_version", "0"), where)
     return table, DatasetRecord.from_dict(meta, where), meta
 

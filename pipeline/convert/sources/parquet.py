@@ -51,6 +51,7 @@ from tokshard.pipeline.convert.sources.records import (
     jsonable,
     plain_column,
     safe_key,
+    utf8_text,
 )
 from tokshard.pipeline.storage import redact_text, redact_url
 
@@ -96,7 +97,7 @@ def class_names_of(schema: pa.Schema) -> dict[str, list[str]]:
     for col in _features_of(features, "ClassLabel"):
         names = features[col].get("names")
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
-            out[col] = list(names)
+            out[utf8_text(col)[0]] = [utf8_text(n)[0] for n in names]   # (JSON escapes can spell lone surrogates)
     return out
 
 
