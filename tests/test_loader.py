@@ -30,7 +30,8 @@ def rank_batches(ds, rank, world, workers=1, **kw):
 
 
 def ids(batches):
-    return [i for b in batches for i in b["id"].tolist()]
+    """The ids delivered, padding (samples repeated to even out the ranks) left out."""
+    return [i for b in batches for i, pad in zip(b["id"].tolist(), b["pad"].tolist()) if not pad]
 
 
 @pytest.mark.parametrize("variant", LOADER_VARIANTS, ids=lambda v: "-".join(v))
@@ -40,16 +41,21 @@ def test_every_sample_exactly_once_for_any_world_and_workers(loader_datasets, va
     assert sorted(ref) == list(range(len(ds))) and len(ds) == 213
     for world in (1, 2, 3, 5, 8):
         for workers in (1, 2, 3):
-            seen = []
+            seen, counts, sizes, pads = [], set(), set(), 0
             for rank in range(world):
                 batches = rank_batches(ds, rank, world, workers)
                 assert all(len(b["id"]) == 16 for b in batches[:-1])
+                counts.add(len(batches))
+                sizes.add(sum(len(b["id"]) for b in batches))
+                pads += sum(int(b["pad"].sum()) for b in batches)
                 for b in batches:
                     for i, k, t, lab in zip(b["id"].tolist(), b["key"], b["tokens"].numpy(), b["label"].tolist()):
                         key, tokens, label = ref[i]
                         assert (k, lab) == (key, label) and np.array_equal(t, tokens)
                 seen += ids(batches)
             assert Counter(seen) == Counter(range(len(ds))), (world, workers)
+            # Even batches (the default): every rank as many samples, so as many batches.
+            assert len(counts) == len(sizes) == 1 and pads == sizes.pop() * world - len(ds), (world, workers)
 
 
 def test_rank_stream_does_not_depend_on_worker_count(loader_datasets):

@@ -5,6 +5,12 @@ augmentation in the workers.
 Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
 - Per epoch every sample reaches exactly one rank exactly once (`drop_last=False`),
   for any world size and any number of DataLoader workers.
+- Every rank yields the same number of batches per epoch, so a training step that
+  synchronises the ranks (DDP's all_reduce) never waits on a rank that has finished:
+  with `even_batches=True` (the default) a rank whose share is one sample short gets one
+  sample from the start of the epoch's plan again, as torch's DistributedSampler pads,
+  marked `pad=True` in its batch (leave padded samples out of evaluation counts); with
+  `drop_last=True` every rank gets the same number of full batches instead.
 - A rank's batches do not depend on `num_workers`: counting from the batch the
   iteration starts at, the i-th batch is built by worker i % num_workers, and
   DataLoader takes batches from its workers round-robin, so the rank sees its
@@ -41,6 +47,7 @@ from tokshard.pipeline.stream.order import (
     Emitted,
     Plan,
     consumed_positions,
+    even_rank_slice,
     key64,
     mix64,
     plan_chunks,
@@ -146,7 +153,8 @@ class TokenIterable(IterableDataset):
 
     A batch is a dict: "tokens" int64 (B, *grid) (1-D sequences truncated to
     `max_tokens` when given), "label" int64 (B,) (-1: none), "key" list[str],
-    "id" int64 (B,) (global sample id: manifest shard offset + row). `augment`
+    "id" int64 (B,) (global sample id: manifest shard offset + row), "pad" bool (B,)
+    (True: a sample repeated to even out the ranks, `even_batches`). `augment`
     is called as augment(batch, generator) with a generator seeded per batch.
 
     Multi-view datasets (converted with views=hflip|tencrop): view="random"
@@ -166,7 +174,7 @@ class TokenIterable(IterableDataset):
                  shuffle_buffer: int = 10_000, augment: Augmentation | None = None,
                  prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
-                 where: str | None = None):
+                 where: str | None = None, even_batches: bool = True):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -193,6 +201,8 @@ class TokenIterable(IterableDataset):
         self.view = view
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        # Padding is moot with drop_last (every rank is cut to the same full batches).
+        self.even_batches = bool(even_batches) and not drop_last
         self.buffer = shuffle_buffer if shuffle else 0
         self.augment, self.prefetch, self.on_error, self.max_tokens = augment, prefetch_shards, on_error, max_tokens
         self.where = where
@@ -214,18 +224,26 @@ class TokenIterable(IterableDataset):
         self._memo = (memo_key, plan)
         return plan
 
+    def _span(self, plan: Plan, rank: int, world: int) -> tuple[Plan, int]:
+        """(rank's slice of `plan`, padded when even_batches; how many of it are real)."""
+        if self.even_batches:
+            return even_rank_slice(plan, rank, world)
+        span = rank_slice(plan, rank, world)
+        return span, plan_length(span)
+
     def _replay(self) -> Plan:
         plan: Plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
         for seg, (world, batches) in enumerate(self.history):
             pieces: list[tuple[int, int] | np.ndarray] = []
             for r in range(world):
-                span = rank_slice(plan, r, world)
+                span, real = self._span(plan, r, world)
                 n = plan_length(span)
                 left, fed = consumed_positions(n, self.buffer, self._rank_key(seg, r, world),
                                                min(batches * self.batch_size, n))
+                left = left[left < real]        # a padding position not delivered is no sample owed
                 if len(left):
                     pieces.append(plan_lookup(span, left))
-                pieces.extend(plan_slice(span, fed, n))
+                pieces.extend(plan_slice(span, min(fed, real), real))
             plan = tuple(pieces)
         return plan
 
@@ -245,7 +263,7 @@ class TokenIterable(IterableDataset):
         plan = self._plan()
         if self.drop_last:
             return (plan_length(plan) // self.world_size) // self.batch_size
-        return math.ceil(plan_length(rank_slice(plan, self.rank, self.world_size)) / self.batch_size)
+        return math.ceil(plan_length(self._span(plan, self.rank, self.world_size)[0]) / self.batch_size)
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -264,7 +282,7 @@ class TokenIterable(IterableDataset):
     def _run(self, stream: _Stream, worker: int, workers: int) -> Iterator[dict]:
         plan = self._plan()
         seg = len(self.history)
-        span = rank_slice(plan, self.rank, self.world_size)
+        span, real = self._span(plan, self.rank, self.world_size)
         n = plan_length(span)
         bs = self.batch_size
         limit = self.num_batches() * bs if self.drop_last else n
@@ -300,6 +318,7 @@ class TokenIterable(IterableDataset):
                     assert slots is not None   # earlier positions wait in the buffer's mirror
                     vals[~fresh] = slots[c][slot[~fresh]]
                 got[c] = vals
+            got["pad"] = pos >= real
             batch_ids = oi[sel] // bs
             for b in np.unique(batch_ids):
                 part = {c: v[batch_ids == b] for c, v in got.items()}
@@ -384,7 +403,7 @@ class TokenIterable(IterableDataset):
             tokens = tokens[..., : self.max_tokens]
         batch = {"tokens": torch.from_numpy(tokens.astype(np.int64)),
                  "label": torch.from_numpy(cols["label"]), "key": cols["key"].tolist(),
-                 "id": torch.from_numpy(cols["id"])}
+                 "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"])}
         if views is not None:
             batch["view"] = torch.from_numpy(views)
         if self.augment is not None:
@@ -539,7 +558,7 @@ class TokenLoader:
                 "batches": it.start_batch, "world_size": it.world_size,
                 "history": [list(h) for h in it.history], "seed": it.seed,
                 "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
-                "drop_last": it.drop_last, "where": it.where}
+                "drop_last": it.drop_last, "where": it.where, "even_batches": it.even_batches}
 
     def load_state_dict(self, state: dict) -> None:
         it = self.iterable
@@ -548,8 +567,11 @@ class TokenLoader:
         if state["dataset"] != it.ds.job_hash:
             raise UsageError("the loader state belongs to a different dataset")
         mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
-                "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+                "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where,
+                "even_batches": it.even_batches}
+        # (a state saved before even_batches existed was saved without padding)
+        diff = {k: (state.get(k, False if k == "even_batches" else None), v) for k, v in mine.items()
+                if state.get(k, False if k == "even_batches" else None) != v}
         if diff:
             raise UsageError("the loader state was saved with other settings, so its order differs: " +
                              ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))

@@ -12,7 +12,9 @@ The model:
   epoch: normally the whole stream; after a resume under a different world size,
   what the old ranks had not consumed yet.
 - Rank r of W takes the contiguous slice [L*r//W, L*(r+1)//W) of the plan:
-  no sample twice, none missing, sizes differ by at most one, for any W.
+  no sample twice, none missing, sizes differ by at most one, for any W. With even
+  batches (the loader's default), a short rank's slice ends with one position from the
+  plan's start, marked as padding, so every rank has the same length.
 - Within a rank, a bounded buffer shuffle (webdataset-style: fill B slots, then
   each incoming sample evicts a random slot) reorders the slice. The random slot
   of the i-th incoming sample is a hash of (key, i), not a stateful RNG, so the
@@ -104,6 +106,26 @@ def plan_lookup(plan: Plan, virtual: np.ndarray) -> np.ndarray:
 def rank_slice(plan: Plan, rank: int, world_size: int) -> Plan:
     n = plan_length(plan)
     return plan_slice(plan, n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def even_rank_slice(plan: Plan, rank: int, world_size: int) -> tuple[Plan, int]:
+    """(rank_slice, padded to the longest rank's length; how many of it are real).
+
+    Rank slices differ by at most one position; a short rank gets one more: a position
+    from the start of the plan (the j-th short rank the j-th position, wrapping around),
+    as torch's DistributedSampler pads. Every rank then has as many samples, so as many
+    batches, and a step that synchronises the ranks (an all_reduce) never waits on a rank
+    that has finished. The padding comes last in the rank's slice, so positions below the
+    real count are exactly rank_slice's."""
+    span = rank_slice(plan, rank, world_size)
+    n, total = plan_length(span), plan_length(plan)
+    longest = -(-total // world_size)
+    if n == longest:
+        return span, n
+    short = [r for r in range(world_size)
+             if total * (r + 1) // world_size - total * r // world_size < longest]
+    j = short.index(rank) % total
+    return (*span, plan_positions(plan, j, j + 1)), n
 
 
 def plan_chunks(plan: Plan, boundaries: np.ndarray,
