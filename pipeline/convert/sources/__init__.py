@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -87,26 +87,27 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
     if not unit.metadata and split is None:
         yield from records
         return
-    rows: dict[str, SidecarRow] | None = {}
+    side: MetadataSidecar | None = None
     if unit.metadata:
-        rows = read_metadata_sidecar(unit.metadata, storage_options)
+        side = read_metadata_sidecar(unit.metadata, storage_options)
     for rec in records:
         if rec.skip is None:
-            extra: dict[str, Any] = {}
-            if rows is None:
+            extra: dict[str, Any] | None = None
+            if unit.metadata and side is None:
                 rec.drop("invalid_metadata")
-            elif rows:
-                row = rows.get(rec.key)
+            elif side is not None:
+                row = side.index.get(rec.key)
                 if row is None and "/" in rec.key:  # a folder's key: 00000/000000012 -> 000000012
-                    row = rows.get(rec.key.rsplit("/", 1)[1])
+                    row = side.index.get(rec.key.rsplit("/", 1)[1])
                 if row is not None:
-                    extra = dict(row.fields)
-                    for reason in row.dropped:
+                    extra = side.fields(row)
+                    for reason in side.dropped.get(row, ()):
                         rec.drop(reason)
             if split is not None:
+                extra = extra if extra is not None else {}
                 extra["split"] = split
             if extra:
-                rec.meta = {**extra, **(rec.meta or {})}
+                rec.meta = {**extra, **rec.meta} if rec.meta else extra
         if split is not None and unit.kind != "arrow" and not rec.key.startswith(f"{split}/"):
             # Keys stay unique across splits (train/00000.tar and test/00000.tar name their
             # members alike); the Arrow reader prefixes its own (save_to_disk names files alike).
@@ -114,18 +115,24 @@ def read_unit(unit: WorkUnit, storage_options: dict | None = None, **columns: st
         yield rec
 
 
-@dataclass(frozen=True)
-class SidecarRow:
-    """One sample's row of a metadata sidecar: its fields, made valid JSON (clean_json), and
-    what cleaning them dropped (counted on the sample the row is joined to)."""
-    fields: dict[str, Any]
-    dropped: tuple[str, ...] = ()
+@dataclass
+class MetadataSidecar:
+    """A metadata sidecar table, column by column: a row's fields are made into a dict only
+    when a sample joins it (fewer objects for the garbage collector to walk: with a dict per
+    row, reading img2dataset's sidecars cost several times the join's own work in collection)."""
+    names: list[str]
+    columns: list[list[Any]]
+    index: dict[str, int]                                  # key -> row (the first row of a key)
+    dropped: dict[int, list[str]] = field(default_factory=dict)   # row -> what cleaning it dropped
+
+    def fields(self, row: int) -> dict[str, Any]:
+        return {name: col[row] for name, col in zip(self.names, self.columns)}
 
 
-def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, SidecarRow] | None:
-    """{key: the row} of a metadata sidecar table (the first row of a key wins); None when it
-    cannot be parsed (each record then counts `invalid_metadata`). An error reaching it
-    (OSError) fails the unit, to be retried."""
+def read_metadata_sidecar(url: str, storage_options: dict | None) -> MetadataSidecar | None:
+    """A metadata sidecar table, its values made valid JSON (clean_json: a non-finite float is
+    null, counted on the sample the row joins); None when it cannot be parsed (each record
+    then counts `invalid_metadata`). An error reaching it (OSError) fails the unit, to be retried."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             table = pq.read_table(f, use_threads=False)
@@ -134,34 +141,24 @@ def read_metadata_sidecar(url: str, storage_options: dict | None) -> dict[str, S
     key_col = next((c for c in _KEY_COLUMNS if c in table.column_names), None)
     if key_col is None:
         return None
-    # Column by column: a plain column (numbers, text) needs no per-value conversion; only
-    # the columns that may hold what JSON cannot (a non-finite float, nested values) are
-    # cleaned value by value, and what that drops is counted on the sample.
-    columns: dict[str, list] = {}
-    to_clean: list[str] = []
-    for name, col in zip(table.column_names, table.columns):
-        if plain_column(col.type):
-            columns[name] = col.to_pylist()
-            if pa.types.is_floating(col.type) and pc.all(pc.is_finite(col)).as_py() is False:
-                to_clean.append(name)
-        else:
-            columns[name] = [jsonable(v) for v in col.to_pylist()]
-            to_clean.append(name)
-    names = list(columns)
-    rows: dict[str, SidecarRow] = {}
-    for i, key in enumerate(columns[key_col]):
+    side = MetadataSidecar(list(table.column_names), [], {})
+    for col in table.columns:
+        # A plain column (numbers, text) needs no per-value conversion, and only a column that
+        # may hold what JSON cannot (nested values, a non-finite float) is cleaned value by value.
+        plain = plain_column(col.type)
+        values = col.to_pylist() if plain else [jsonable(v) for v in col.to_pylist()]
+        if not plain or (pa.types.is_floating(col.type) and pc.all(pc.is_finite(col)).as_py() is False):
+            for i, v in enumerate(values):
+                probe = Record("", None, "")
+                values[i] = clean_json(v, probe)
+                if probe.dropped:
+                    side.dropped.setdefault(i, []).extend(probe.dropped)
+        side.columns.append(values)
+    for i, key in enumerate(side.columns[side.names.index(key_col)]):
         k = safe_key(str(key)) if key is not None else None
-        if not k or k in rows:
-            continue
-        fields = {name: columns[name][i] for name in names}
-        if not to_clean:
-            rows[k] = SidecarRow(fields)
-            continue
-        probe = Record(k, None, "")
-        for name in to_clean:
-            fields[name] = clean_json(fields[name], probe)
-        rows[k] = SidecarRow(fields, tuple(probe.dropped))
-    return rows
+        if k and k not in side.index:
+            side.index[k] = i
+    return side
 
 
 __all__ = ["IGNORE_REASONS", "IMAGE_EXTS", "INPUT_FORMATS", "MEDIA_EXTS", "READERS", "SIDECAR_EXTS", "VIDEO_EXTS",
