@@ -9,7 +9,7 @@ through a local, size-bounded cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ArrowException
 
-from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, UsageError
+from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, TokshardError, UsageError
 from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.pipeline.format.integrity import check_tree, read_checked
 from tokshard.pipeline.format.layout import DatasetLayout
@@ -145,6 +145,32 @@ class TokenDataset:
         label `y` read from column `c` is `class_names[c][y]`. None when the sources had none."""
         return self.info.class_names
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names of this dataset's labels (`label_names[y]` is label y's name): the
+        ClassLabel names of the column the labels came from, or None. The record keeps names
+        per column, not which column was the label: the one the job spec's
+        `columns.label_column` names, else the one convert takes by default ("label", then
+        "cls"), else the only one there is."""
+        names = self.class_names
+        if not names:
+            return None
+        if not hasattr(self, "_label_names"):
+            from tokshard.pipeline.format.work import read_job_spec
+            try:
+                found = read_job_spec(self.layout)
+            except (TokshardError, OSError):
+                found = None      # no readable job spec: the usual columns
+            columns = found[0].config.get("columns") if found else None
+            named = columns.get("label_column") if isinstance(columns, dict) else None
+            if isinstance(named, str) and named:
+                picked = names.get(named)
+            else:
+                picked = next((names[c] for c in ("label", "cls") if c in names),
+                              next(iter(names.values())) if len(names) == 1 else None)
+            self._label_names = picked
+        return self._label_names
+
     def __repr__(self) -> str:
         views = f", views={len(self.views)}" if len(self.views) > 1 else ""
         return (f"TokenDataset({self.url!r}, samples={len(self)}, shards={self.num_shards}, "
@@ -179,13 +205,14 @@ class TokenDataset:
             self._cache.store(want, ext, data)  # a full or read-only cache is counted and warned; the shard is served
         return data
 
-    def read_shard(self, i: int) -> ShardColumns:
-        """Shard `i` (manifest order) as columns; tokens stay coded unless raw."""
+    def read_shard(self, i: int, columns: Sequence[str] = ()) -> ShardColumns:
+        """Shard `i` (manifest order) as columns (key, tokens, label, id, and the stored
+        `columns` asked for: caption, width, height, source, meta); tokens stay coded unless raw."""
         if not 0 <= i < self.num_shards:
             raise IndexError(f"shard index {i} out of range [0, {self.num_shards})")
         cols = parse_shard(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
                            codec=self.codec.name, n_tokens=self.tokens_per_sample,
-                           dtype=self.token_dtype, samples=int(self.shard_sizes[i]))
+                           dtype=self.token_dtype, samples=int(self.shard_sizes[i]), columns=columns)
         cols["id"] = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
         return cols
 

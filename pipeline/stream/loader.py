@@ -28,6 +28,7 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import traceback
@@ -72,11 +73,46 @@ def default_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# What `columns=` can ask for besides the batch's own fields: stored columns, the parsed
+# metadata, a metadata field ("meta.NAME"; "split" is "meta.split"), the label's class name.
+COLUMNS = ("caption", "width", "height", "source", "meta", "split", "class_name")
+_ALWAYS = ("tokens", "label", "key", "id", "pad", "view")
+
+
+def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the columns a batch carries, in the order asked; the stored shard columns they need),
+    or a UsageError naming what cannot be delivered."""
+    if columns is None:
+        return (), ()
+    if isinstance(columns, str):
+        raise UsageError(f"columns must be a list of names, not the string {columns!r}")
+    names = tuple(dict.fromkeys(columns))
+    stored: list[str] = []
+    for name in names:
+        if not isinstance(name, str):
+            raise UsageError(f"a column name must be a string, got {name!r}")
+        if name in _ALWAYS:
+            raise UsageError(f"column {name!r} is always in the batch; columns= adds others")
+        if name.startswith("meta.") and len(name) > 5 or name in ("meta", "split"):
+            stored.append("meta")
+        elif name == "class_name":
+            if ds.label_names is None:
+                raise UsageError("column 'class_name': this dataset has no class names for its labels "
+                                 f"(class names by column: {sorted(ds.class_names or {})})")
+        elif name in COLUMNS:
+            stored.append(name)
+        else:
+            raise UsageError(f"unknown column {name!r}: one of {', '.join(COLUMNS)}, or 'meta.NAME' for a "
+                             "field of the samples' metadata")
+    return names, tuple(dict.fromkeys(stored))
+
+
 class _Stream:
     """One epoch segment of the global stream: shard order, positions -> rows."""
 
-    def __init__(self, ds: TokenDataset, order: np.ndarray, on_error: str, prefetch: int):
-        self.ds, self.order, self.on_error = ds, order, on_error
+    def __init__(self, ds: TokenDataset, order: np.ndarray, on_error: str, prefetch: int,
+                 columns: tuple[str, ...] = ()):
+        self.ds, self.order, self.on_error, self.columns = ds, order, on_error, columns
         sizes = ds.shard_sizes[order]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.loaded: OrderedDict[int, dict] = OrderedDict()
@@ -93,7 +129,9 @@ class _Stream:
         i = int(self.order[k])
         cols: dict
         try:
-            cols = self.ds.read_shard(i)
+            cols = self.ds.read_shard(i, self.columns)
+            if "meta" in cols:
+                cols["meta"] = _parse_meta(cols["meta"], self.ds.shard_names[i])
             cols["valid"] = np.ones(len(cols), bool)
         except ShardError:
             if self.on_error != "skip":
@@ -103,7 +141,9 @@ class _Stream:
                 np.zeros((n, self.ds.tokens_per_sample), self.ds.token_dtype)
             cols = {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
                     "id": np.arange(self.ds.shard_offsets[i], self.ds.shard_offsets[i + 1]),
-                    "valid": np.zeros(n, bool)}
+                    "valid": np.zeros(n, bool),
+                    **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
+                       for c in self.columns}}
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
 
@@ -154,8 +194,10 @@ class TokenIterable(IterableDataset):
     A batch is a dict: "tokens" int64 (B, *grid) (1-D sequences truncated to
     `max_tokens` when given), "label" int64 (B,) (-1: none), "key" list[str],
     "id" int64 (B,) (global sample id: manifest shard offset + row), "pad" bool (B,)
-    (True: a sample repeated to even out the ranks, `even_batches`). `augment`
-    is called as augment(batch, generator) with a generator seeded per batch.
+    (True: a sample repeated to even out the ranks, `even_batches`). `columns`
+    adds stored columns (COLUMNS, or "meta.NAME" for one metadata field): numbers as
+    tensors, text and metadata as lists. `augment` is called as
+    augment(batch, generator) with a generator seeded per batch.
 
     Multi-view datasets (converted with views=hflip|tencrop): view="random"
     picks one stored view per sample, uniformly, keyed by (seed, epoch, sample)
@@ -174,7 +216,7 @@ class TokenIterable(IterableDataset):
                  shuffle_buffer: int = 10_000, augment: Augmentation | None = None,
                  prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
-                 where: str | None = None, even_batches: bool = True):
+                 where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -199,6 +241,7 @@ class TokenIterable(IterableDataset):
             raise UsageError(f"view must be 'random', 'all' or an index below {n_views} "
                              f"(views: {', '.join(ds.views)}); got {view!r}")
         self.view = view
+        self.columns, self.stored_columns = check_columns(ds, columns)
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         # Padding is moot with drop_last (every rank is cut to the same full batches).
@@ -273,7 +316,7 @@ class TokenIterable(IterableDataset):
 
     def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
-        stream = _Stream(self.ds, order, self.on_error, self.prefetch)
+        stream = _Stream(self.ds, order, self.on_error, self.prefetch, self.stored_columns)
         try:
             yield from self._run(stream, worker, workers)
         finally:
@@ -406,11 +449,35 @@ class TokenIterable(IterableDataset):
                  "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"])}
         if views is not None:
             batch["view"] = torch.from_numpy(views)
+        for name in self.columns:
+            batch[name] = self._column(name, cols)
         if self.augment is not None:
             g = torch.Generator().manual_seed(
                 key64("augment", self.seed, self.epoch, len(self.history), self.rank, b) >> 1)
             batch = self.augment(batch, g)
         return batch
+
+    def _column(self, name: str, cols: dict) -> list | torch.Tensor:
+        """The batch's `name` column (see COLUMNS): numbers as tensors, everything else as lists."""
+        if name in ("width", "height"):
+            return torch.from_numpy(cols[name])
+        if name in ("caption", "source", "meta"):
+            return cols[name].tolist()
+        if name == "class_name":
+            names = self.ds.label_names or []
+            return [names[y] if 0 <= y < len(names) else None for y in cols["label"].tolist()]
+        field = "split" if name == "split" else name[5:]
+        return [m.get(field) if isinstance(m, dict) else None for m in cols["meta"].tolist()]
+
+
+def _parse_meta(texts: np.ndarray, shard: str) -> np.ndarray:
+    """A shard's meta column (JSON text per sample) parsed: dicts (or None)."""
+    out = np.empty(len(texts), dtype=object)
+    try:
+        out[:] = [None if t is None else json.loads(t) for t in texts]
+    except (ValueError, RecursionError) as e:
+        raise ShardError(shard, f"a sample's metadata is not JSON: {type(e).__name__}: {e}"[:300]) from None
+    return out
 
 
 def _select(ds: TokenDataset, where: str, on_error: str = "raise", skipped: list[str] | None = None) -> np.ndarray:

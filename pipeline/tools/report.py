@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tokshard.errors import TokshardError
-from tokshard.pipeline.format.work import read_job_spec
 from tokshard.pipeline.tools.preview import PREVIEW_SAMPLES, Originals, check_originals
 
 if TYPE_CHECKING:
@@ -33,8 +32,6 @@ if TYPE_CHECKING:
 MAX_FREQUENCY_SHARDS = 64   # token counts from a sample of shards: enough for the curve
 TOP_LABELS = 30
 CLASS_NAME_CHARS = 60       # a class name (from the dataset: anyone's) is cut to this many characters
-# The label column convert takes when none is named (convert.sources.parquet.Columns.pick).
-_USUAL_LABEL_COLUMNS = ("label", "cls")
 # Unicode categories not shown as they are in a class name: controls (newlines, ...), format
 # characters (bidi overrides that would reorder the label's integer), separators, lone surrogates.
 _HIDDEN = ("Cc", "Cf", "Zl", "Zp", "Cs")
@@ -66,28 +63,6 @@ def _bars(title: str, items: list[tuple[str, float]], unit: str = "", fit_names:
 def _display_width(text: str) -> int:
     """Columns `text` takes: wide (CJK) characters count two."""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
-
-
-def label_names(ds: TokenDataset) -> list[str] | None:
-    """The class names of the dataset's labels (the ClassLabel names of the column its labels
-    came from), or None. The record keeps names per column but not which column was the
-    label: the one the job spec's `columns.label_column` names, else the one convert takes
-    by default ("label", then "cls"), else the only one there is."""
-    names = ds.class_names
-    if not names:
-        return None
-    try:
-        found = read_job_spec(ds.layout)
-    except (TokshardError, OSError):
-        found = None      # no readable job spec: the usual columns
-    columns = found[0].config.get("columns") if found else None
-    named = columns.get("label_column") if isinstance(columns, dict) else None
-    if isinstance(named, str) and named:
-        return names.get(named)
-    usual = next((names[c] for c in _USUAL_LABEL_COLUMNS if c in names), None)
-    if usual is not None:
-        return usual
-    return next(iter(names.values())) if len(names) == 1 else None
 
 
 def class_name(name: str) -> str:
@@ -174,7 +149,7 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
     skips = sorted(rec.skipped_by_reason.items(), key=lambda kv: -kv[1])
     dropped = sorted((rec.dropped_by_reason or {}).items(), key=lambda kv: -kv[1])
     ignored = sorted((rec.ignored_inputs or {}).items(), key=lambda kv: -kv[1])
-    names = label_names(ds) if labels[0] else None
+    names = ds.label_names if labels[0] else None
     parts = [
         "<h2>Summary</h2><table>" + "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary) + "</table>",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,9 +31,16 @@ class EncodedSample:
 
 
 
+# The columns a shard stores besides key, tokens and label, which a reader asks for by name
+# (`ShardFormat.parse(..., columns=...)`): caption, source and meta (JSON text) as object
+# arrays (None where absent), width and height as int64 arrays.
+EXTRA_COLUMNS = ("caption", "width", "height", "source", "meta")
+
+
 class ShardColumns(dict):
     """{"tokens": (n, T) array of token ids, or an object array of coded payloads;
-    "label": int64 (-1 unlabelled); "key": object array of str}."""
+    "label": int64 (-1 unlabelled); "key": object array of str; and the EXTRA_COLUMNS
+    asked for}."""
 
     def __len__(self) -> int:  # number of samples, not of columns
         return len(self["key"])
@@ -61,8 +68,10 @@ class ShardFormat(abc.ABC):
         addressed by index)."""
 
     @abc.abstractmethod
-    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
-        """The shard's key, label and tokens columns; any exception means a damaged file."""
+    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
+              columns: Sequence[str] = ()) -> ShardColumns:
+        """The shard's key, label and tokens columns, and the EXTRA_COLUMNS named in `columns`;
+        any exception means a damaged file."""
 
     @abc.abstractmethod
     def keys(self, data: bytes, codec: str) -> list[str]:

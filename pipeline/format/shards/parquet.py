@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -67,8 +68,9 @@ class ParquetFormat(ShardFormat):
     def keys(self, data: bytes, codec: str) -> list[str]:
         return read_parquet_bytes(data, columns=["key"]).column("key").to_pylist()
 
-    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
-        table = read_parquet_bytes(data, columns=["key", "tokens", "label"])
+    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
+              columns: Sequence[str] = ()) -> ShardColumns:
+        table = read_parquet_bytes(data, columns=["key", "tokens", "label", *columns])
         col = table.column("tokens").combine_chunks()
         if codec == "raw":
             if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != n_tokens:
@@ -84,5 +86,15 @@ class ParquetFormat(ShardFormat):
                 raise ValueError(f"tokens column is {col.type} with {col.null_count} nulls, expected binary")
             tokens = col.to_numpy(zero_copy_only=False)
         label = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
-        return ShardColumns(tokens=tokens, label=label,
-                            key=table.column("key").to_numpy(zero_copy_only=False))
+        out = ShardColumns(tokens=tokens, label=label, key=table.column("key").to_numpy(zero_copy_only=False))
+        for name in columns:
+            col = table.column(name)
+            if name in ("width", "height"):
+                out[name] = col.fill_null(-1).to_numpy().astype(np.int64)
+            else:
+                if not (pa.types.is_string(col.type) or pa.types.is_null(col.type)):
+                    raise ValueError(f"{name} column is {col.type}, expected string")
+                values = np.empty(len(col), dtype=object)
+                values[:] = col.to_pylist()
+                out[name] = values
+        return out

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import TypeVar
 
 import numpy as np
 
 from tokshard.errors import ShardError
-from tokshard.pipeline.format.shards.base import ShardColumns, ShardFormat
+from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS, ShardColumns, ShardFormat
 
 SHARD_FORMATS: dict[str, ShardFormat] = {}
 _Parsed = TypeVar("_Parsed", bound=Sized)
@@ -30,9 +30,13 @@ def get_format(name: str) -> ShardFormat:
 
 
 def parse_shard(data: bytes, *, shard: str, fmt: str, codec: str, n_tokens: int,
-                dtype: np.dtype, samples: int) -> ShardColumns:
-    """Shard `shard`'s columns (`ShardFormat.parse`), held to the manifest's sample count."""
-    return _held(lambda: get_format(fmt).parse(data, codec, n_tokens, dtype), shard, fmt, samples)
+                dtype: np.dtype, samples: int, columns: Sequence[str] = ()) -> ShardColumns:
+    """Shard `shard`'s columns (`ShardFormat.parse`; `columns`: which of EXTRA_COLUMNS too),
+    held to the manifest's sample count."""
+    unknown = [c for c in columns if c not in EXTRA_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown shard columns {unknown} (stored: {', '.join(EXTRA_COLUMNS)})")
+    return _held(lambda: get_format(fmt).parse(data, codec, n_tokens, dtype, tuple(columns)), shard, fmt, samples)
 
 
 def parse_keys(data: bytes, *, shard: str, fmt: str, codec: str, samples: int) -> list[str]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 
-from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat, _labels
+from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat, _labels, _meta_json
 from tokshard.pipeline.format.shards.registry import register_format
 
 
@@ -61,9 +62,13 @@ class WebDatasetFormat(ShardFormat):
             return [key for member in tar if member.isfile()
                     for key, _, suffix in [member.name.partition(".")] if suffix == ext]
 
-    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype) -> ShardColumns:
+    def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
+              columns: Sequence[str] = ()) -> ShardColumns:
         ext = self.token_member(codec)
         keys, tokens, labels = [], [], {}
+        captions: dict[str, str] = {}
+        infos: dict[str, dict] = {}
+        want_info = any(c != "caption" for c in columns)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
@@ -86,10 +91,34 @@ class WebDatasetFormat(ShardFormat):
                     fobj = tar.extractfile(member)
                     assert fobj is not None
                     labels[key] = int(fobj.read().decode().strip())
+                elif suffix == "txt" and "caption" in columns:
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    captions[key] = fobj.read().decode()
+                elif suffix == "json" and want_info:
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    info = json.loads(fobj.read())
+                    if not isinstance(info, dict):
+                        raise ValueError(f"member {member.name} is not a JSON object")
+                    infos[key] = info
         if codec == "raw":
             arr = np.stack(tokens) if tokens else np.empty((0, n_tokens), dtype)
         else:
             arr = np.empty(len(tokens), dtype=object)
             arr[:] = tokens
-        return ShardColumns(tokens=arr, label=_labels(labels.get(k) for k in keys),
-                            key=np.array(keys, dtype=object))
+        out = ShardColumns(tokens=arr, label=_labels(labels.get(k) for k in keys), key=np.array(keys, dtype=object))
+        for name in columns:
+            if name in ("width", "height"):
+                out[name] = np.array([int(infos.get(k, {}).get(name, -1)) for k in keys], dtype=np.int64)
+                continue
+            values = np.empty(len(keys), dtype=object)
+            if name == "caption":
+                values[:] = [captions.get(k) for k in keys]
+            elif name == "meta":   # as Parquet stores it: the JSON text
+                values[:] = [None if infos.get(k, {}).get("meta") is None else _meta_json(infos[k]["meta"])
+                             for k in keys]
+            else:
+                values[:] = [infos.get(k, {}).get(name) for k in keys]
+            out[name] = values
+        return out
