@@ -262,6 +262,26 @@ def _lookup(which: int) -> Callable[[World], Any]:
     return run
 
 
+def _plain(sample: dict) -> dict:
+    return {**sample, "tokens": sample["tokens"].tolist()}
+
+
+def _get(which: int) -> Callable[[World], Any]:
+    def run(w: World) -> Any:
+        return _plain(tokshard.open(w.url).get(KEYS[which]))
+    return run
+
+
+def e_random_access(w: World) -> Any:
+    ds = tokshard.open(w.url)
+    return [_plain(ds[i]) for i in range(len(ds))]
+
+
+def e_split(w: World) -> Any:
+    part, rest = tokshard.open(w.url).split(0.5, seed=1)
+    return part.keys, rest.keys
+
+
 def e_where_label(w: World) -> Any:
     return _epoch(tokshard.open(w.url).loader(4, where="label IN (1, 2)", **LOADER))
 
@@ -306,6 +326,7 @@ ENTRY_POINTS: dict[str, Callable[[World], Any]] = {
     "query-labels": _query("SELECT shard, label, count FROM labels ORDER BY shard, label, count"),
     "query-dataset": _query("SELECT * FROM dataset"),
     "lookup-0": _lookup(0), "lookup-1": _lookup(1), "lookup-2": _lookup(2),
+    "get-0": _get(0), "get-1": _get(1), "get-2": _get(2), "random-access": e_random_access, "split": e_split,
     "where-label": e_where_label, "where-scan": e_where_scan, "report": e_report, "preview": e_preview,
 }
 

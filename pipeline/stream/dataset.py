@@ -30,6 +30,7 @@ from tokshard.schemas.records import FileDigest
 if TYPE_CHECKING:
     import torch
 
+    from tokshard.pipeline.stream.access import MapDataset, SampleCache, TokenSubset
     from tokshard.pipeline.stream.loader import TokenIterable, TokenLoader
     from tokshard.tokenizers.base import Tokenizer
 
@@ -71,8 +72,9 @@ class TokenDataset:
 
     def __init__(self, url: str, *, storage_options: dict | None = None, verify: bool = True,
                  cache_dir: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 trust_tokenizer_code: bool = False):
+                 trust_tokenizer_code: bool = False, sample_cache_bytes: int = 256 * 2**20):
         self.url, self.storage_options, self.verify = url, storage_options, verify
+        self.sample_cache_bytes = sample_cache_bytes
         self.trust_tokenizer_code = trust_tokenizer_code
         self._layout = DatasetLayout.at(url, storage_options)
         self.root = self._layout.root
@@ -342,6 +344,60 @@ class TokenDataset:
         import torch
         book = self.tokenizer().codebook()
         return None if book is None else torch.as_tensor(np.asarray(book, np.float32))
+
+    # -- random access and subsets ------------------------------------------------
+    @property
+    def samples(self) -> SampleCache:
+        """The parsed shards `ds[i]` and `get` read from (an LRU bounded by `sample_cache_bytes`
+        of stored shard bytes)."""
+        from tokshard.pipeline.stream.access import SampleCache
+        if getattr(self, "_samples", None) is None:
+            self._samples = SampleCache(self, self.sample_cache_bytes)
+        return self._samples
+
+    def __getitem__(self, i: int) -> dict:
+        """Sample `i` (global id; negative counts from the end) as a dict: id, key, tokens
+        (`sample_shape`), label, caption, width, height, source, meta, and class_name when
+        the dataset has class names. IndexError outside the dataset."""
+        from tokshard.pipeline.stream.access import sample_index
+        return self.samples.sample(sample_index(len(self), i))
+
+    def get(self, key: str) -> dict:
+        """The sample with this key (as `ds[i]`), found through the sample index; KeyError if none."""
+        from tokshard.pipeline.stream.access import find_key
+        sample_id = find_key(self, key)
+        if sample_id is None:
+            raise KeyError(key)
+        return self[sample_id]
+
+    @property
+    def keys(self) -> list[str]:
+        """Every sample's key in id order (read from the sample index once)."""
+        if getattr(self, "_keys", None) is None:
+            from tokshard.pipeline.stream.access import all_keys
+            self._keys = all_keys(self)
+        return self._keys
+
+    def subset(self, fraction: float, seed: int = 0) -> TokenSubset:
+        """The samples whose hash of (seed, key) falls in the first `fraction` of the hash range:
+        deterministic, and the same for the same keys in any dataset."""
+        from tokshard.pipeline.stream.access import TokenSubset, check_fraction, hash_fraction_ids
+        f = check_fraction(fraction)
+        ids = hash_fraction_ids(self.keys, np.arange(len(self), dtype=np.int64), f, seed)
+        return TokenSubset(self, ids, f"subset({f}, seed={seed})")
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[TokenSubset, TokenSubset]:
+        """(subset(fraction, seed), the rest): e.g. a held-out validation part."""
+        from tokshard.pipeline.stream.access import TokenSubset
+        part = self.subset(fraction, seed)
+        rest = np.setdiff1d(np.arange(len(self), dtype=np.int64), part.ids, assume_unique=True)
+        return part, TokenSubset(self, rest, f"rest of subset({float(fraction)}, seed={seed})")
+
+    def map_dataset(self, columns: Sequence[str] = ()) -> MapDataset:
+        """A map-style torch Dataset view (item i: tokens as a torch tensor, label, key, id, and
+        the `columns` asked for), e.g. for a DataLoader with a sampler of your own."""
+        from tokshard.pipeline.stream.access import MapDataset
+        return MapDataset(self, columns)
 
     # -- training ---------------------------------------------------------------
     def iterable(self, batch_size: int = 256, **options: Any) -> TokenIterable:

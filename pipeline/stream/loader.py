@@ -28,6 +28,7 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -216,7 +217,8 @@ class TokenIterable(IterableDataset):
                  shuffle_buffer: int = 10_000, augment: Augmentation | None = None,
                  prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
-                 where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None):
+                 where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None,
+                 ids: np.ndarray | None = None):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -252,6 +254,14 @@ class TokenIterable(IterableDataset):
         # Shards whose sample index could not be read (on_error="skip"): they select nothing.
         self.index_skipped: list[str] = []
         self.selection = None if where is None else _select(ds, where, on_error, self.index_skipped)
+        # `ids`: a subset's sample ids (TokenSubset.loader); with `where`, the samples in both.
+        self.subset = None
+        if ids is not None:
+            ids = np.unique(np.asarray(ids, np.int64))
+            if len(ids) and not (0 <= ids[0] and ids[-1] < len(ds)):
+                raise UsageError(f"ids must be sample ids in [0, {len(ds)})")
+            self.subset = hashlib.sha256(ids.tobytes()).hexdigest()[:16]
+            self.selection = ids if self.selection is None else np.intersect1d(self.selection, ids)
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
 
@@ -625,7 +635,8 @@ class TokenLoader:
                 "batches": it.start_batch, "world_size": it.world_size,
                 "history": [list(h) for h in it.history], "seed": it.seed,
                 "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
-                "drop_last": it.drop_last, "where": it.where, "even_batches": it.even_batches}
+                "drop_last": it.drop_last, "where": it.where, "even_batches": it.even_batches,
+                "subset": it.subset}
 
     def load_state_dict(self, state: dict) -> None:
         it = self.iterable
@@ -635,7 +646,7 @@ class TokenLoader:
             raise UsageError("the loader state belongs to a different dataset")
         mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
                 "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where,
-                "even_batches": it.even_batches}
+                "even_batches": it.even_batches, "subset": it.subset}
         # (a state saved before even_batches existed was saved without padding)
         diff = {k: (state.get(k, False if k == "even_batches" else None), v) for k, v in mine.items()
                 if state.get(k, False if k == "even_batches" else None) != v}
