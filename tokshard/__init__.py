@@ -17,3 +17,18 @@ def open(url: str, **options: Any) -> TokenDataset:  # noqa: A001 - tokshard.ope
     """
     from tokshard.pipeline.stream.dataset import open_dataset
     return open_dataset(url, **options)
+
+
+def mix(streams: Any, weights: Any = None, **options: Any) -> Any:
+    """Several token datasets streamed as one (`tokshard.pipeline.stream.mixture.mix`):
+    `tokshard.mix([ds_a, "s3://b/ds", tokshard.Stream(ds_c, choose=10_000)], weights=[...])`,
+    with a dataset's `loader(...)`, `state_dict()` and `load_state_dict()`."""
+    from tokshard.pipeline.stream.mixture import mix as _mix
+    return _mix(streams, weights, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Stream":   # (imported on first use: `import tokshard` stays light)
+        from tokshard.pipeline.stream.mixture import Stream
+        return Stream
+    raise AttributeError(f"module 'tokshard' has no attribute {name!r}")

@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.context import BaseContext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -242,6 +242,9 @@ class TokenIterable(IterableDataset):
         if not (view in ("random", "all") or (isinstance(view, int) and 0 <= view < n_views)):
             raise UsageError(f"view must be 'random', 'all' or an index below {n_views} "
                              f"(views: {', '.join(ds.views)}); got {view!r}")
+        if getattr(ds, "is_mixture", False) and (where is not None or ids is not None):
+            raise UsageError("where= and subsets apply per stream in a mixture: "
+                             "tokshard.Stream(dataset or subset, where=...)")
         self.view = view
         self.columns, self.stored_columns = check_columns(ds, columns)
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
@@ -325,14 +328,20 @@ class TokenIterable(IterableDataset):
         return self.batches(worker, workers)
 
     def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
-        order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
-        stream = _Stream(self.ds, order, self.on_error, self.prefetch, self.stored_columns)
+        stream: _Stream | Any
+        if getattr(self.ds, "is_mixture", False):
+            mixture: Any = self.ds
+            stream = mixture.epoch_stream(self.epoch, self.seed, self.shuffle, self.on_error, self.prefetch,
+                                          self.stored_columns)
+        else:
+            order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
+            stream = _Stream(self.ds, order, self.on_error, self.prefetch, self.stored_columns)
         try:
             yield from self._run(stream, worker, workers)
         finally:
             stream.close()
 
-    def _run(self, stream: _Stream, worker: int, workers: int) -> Iterator[dict]:
+    def _run(self, stream: _Stream | Any, worker: int, workers: int) -> Iterator[dict]:
         plan = self._plan()
         seg = len(self.history)
         span, real = self._span(plan, self.rank, self.world_size)
@@ -430,7 +439,7 @@ class TokenIterable(IterableDataset):
         yield from self._report(ready(), stream)
 
     @staticmethod
-    def _report(batches: Iterable[dict], stream: _Stream) -> Iterator[dict]:
+    def _report(batches: Iterable[dict], stream: _Stream | Any) -> Iterator[dict]:
         # Skipped shards ride along with the next batch so the loader in the
         # main process can count them, whichever worker saw them.
         for batch in batches:
@@ -459,6 +468,8 @@ class TokenIterable(IterableDataset):
                  "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"])}
         if views is not None:
             batch["view"] = torch.from_numpy(views)
+        if "stream" in cols:           # a mixture's: which stream each sample came from
+            batch["stream"] = torch.from_numpy(cols["stream"])
         for name in self.columns:
             batch[name] = self._column(name, cols)
         if self.augment is not None:
