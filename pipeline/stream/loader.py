@@ -15,8 +15,9 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
   iteration starts at, the i-th batch is built by worker i % num_workers, and
   DataLoader takes batches from its workers round-robin, so the rank sees its
   batches in order whatever the worker count.
-  Each worker follows the whole rank stream (cheap: integers and token rows)
-  but decodes and augments only its own batches.
+  Each worker computes the rank's output order on integers alone and reads, decodes
+  and augments only the rows of its own batches (each shard holding one of them is
+  still read by that worker).
 - The loader is a cursor over (epoch, batch): `state_dict()` after batch k,
   `load_state_dict()` in a new process, and the next batches are batch k+1,
   k+2, ... of the uninterrupted run, sample for sample and bit for bit
@@ -45,14 +46,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.errors import ShardError, TokshardError, UsageError
 from tokshard.pipeline.stream.order import (
-    BufferShuffle,
-    Emitted,
     Plan,
     consumed_positions,
+    emission_order,
     even_rank_slice,
     key64,
     mix64,
-    plan_chunks,
     plan_length,
     plan_lookup,
     plan_slice,
@@ -148,17 +147,28 @@ class _Stream:
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
 
-    def shard(self, k: int, upcoming: Sequence[int] = ()) -> dict:
+    def shard(self, k: int) -> dict:
+        """Shard k (stream order), loaded until `release`d."""
         if k not in self.loaded:
             fut = self._futures.pop(k, None)
             self.loaded[k] = fut.result() if fut is not None else self._load(k)
-            while len(self.loaded) > 2:
-                self.loaded.popitem(last=False)
-        if self._pool is not None:
-            for nxt in upcoming[: self.prefetch]:
-                if nxt not in self.loaded and nxt not in self._futures:
-                    self._futures[nxt] = self._pool.submit(self._load, nxt)
         return self.loaded[k]
+
+    def shard_ids(self, positions: np.ndarray) -> np.ndarray:
+        """The shard (stream order) of each global position."""
+        return np.searchsorted(self.bounds, positions, side="right") - 1
+
+    def prefetch_shards(self, shards: Sequence[int]) -> None:
+        """Start loading these shards in the background (the next ones needed)."""
+        if self._pool is None:
+            return
+        for k in shards:
+            if k not in self.loaded and k not in self._futures:
+                self._futures[k] = self._pool.submit(self._load, k)
+
+    def release(self, shards: Iterable[int]) -> None:
+        for k in shards:
+            self.loaded.pop(k, None)
 
     def rows(self, positions: np.ndarray) -> dict | None:
         """Columns for arbitrary global positions (grouped by shard)."""
@@ -173,15 +183,6 @@ class _Stream:
             for c, v in part.items():
                 out[c][sel] = v
         return out
-
-    def range_rows(self, a: int, b: int, upcoming: list[int]) -> dict:
-        k = int(np.searchsorted(self.bounds, a, side="right") - 1)
-        cols = self.shard(k, upcoming)
-        lo = a - self.bounds[k]
-        return {c: v[lo: lo + (b - a)] for c, v in cols.items()}
-
-    def shard_of(self, position: int) -> int:
-        return int(np.searchsorted(self.bounds, position, side="right") - 1)
 
 
 class TokenIterable(IterableDataset):
@@ -342,101 +343,48 @@ class TokenIterable(IterableDataset):
             stream.close()
 
     def _run(self, stream: _Stream | Any, worker: int, workers: int) -> Iterator[dict]:
+        """This worker's batches of the rank's epoch segment, from `start_batch` on.
+
+        The rank's output order is known without data (`emission_order`: the buffer
+        shuffle run on integers), so a worker reads the rows of its own batches only: each
+        batch's positions are looked up in the shards holding them, which stay loaded
+        until the worker's last batch that needs them."""
         plan = self._plan()
         seg = len(self.history)
         span, real = self._span(plan, self.rank, self.world_size)
         n = plan_length(span)
         bs = self.batch_size
         limit = self.num_batches() * bs if self.drop_last else n
-        first = self.start_batch * bs           # outputs before this were delivered earlier
-        shuf = BufferShuffle(n, self.buffer, self._rank_key(seg, self.rank, self.world_size))
-        slots: dict | None = None               # data mirror of the shuffle buffer
-        out_index = 0
-        pending: dict[int, list[dict]] = {}
-
-        chunks = list(plan_chunks(span, stream.bounds))
-        shard_seq = [stream.shard_of(c[0]) if isinstance(c, tuple) else -1 for _, c in chunks]
-
-        def deliver(emitted: Emitted, rows: dict | None, vstart: int) -> None:
-            nonlocal out_index
-            m = len(emitted.positions)
-            oi = out_index + np.arange(m)
-            out_index += m
-            keep = (oi >= first) & (oi < limit) & ((oi // bs - self.start_batch) % workers == worker)
-            if not keep.any():
-                return
-            sel = np.nonzero(keep)[0]
-            pos, slot = emitted.positions[sel], emitted.slots[sel]
-            fresh = pos >= vstart
-            got = {}
-            src = rows or slots
-            assert src is not None   # what is kept comes from `rows` or the buffer
-            for c in src:
-                src_rows = rows[c][pos[fresh] - vstart] if rows is not None and fresh.any() else None
-                vals = np.empty((len(sel), *src[c].shape[1:]), src[c].dtype)
-                if src_rows is not None:
-                    vals[fresh] = src_rows
-                if (~fresh).any():
-                    assert slots is not None   # earlier positions wait in the buffer's mirror
-                    vals[~fresh] = slots[c][slot[~fresh]]
-                got[c] = vals
-            got["pad"] = pos >= real
-            batch_ids = oi[sel] // bs
-            for b in np.unique(batch_ids):
-                part = {c: v[batch_ids == b] for c, v in got.items()}
-                pending.setdefault(int(b), []).append(part)
-
-        def ready() -> Iterator[dict]:
-            for b in sorted(pending):
-                size = min(bs, limit - b * bs)
-                if sum(len(p["id"]) for p in pending[b]) == size:
-                    parts = pending.pop(b)
-                    yield self._finish(b, {c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
-
-        def mirror(rows: dict, vstart: int) -> None:
-            nonlocal slots
-            if shuf.size == 0:
-                return
-            buf = np.asarray(shuf.buf, np.int64)
-            if slots is None:
-                slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
-            idx = np.nonzero(buf >= vstart)[0]
-            for c, v in rows.items():
-                slots[c][idx] = v[buf[idx] - vstart]
-
-        def materialize() -> None:
-            # Resuming: fill the data mirror for what the buffer holds at this point.
-            nonlocal slots
-            if shuf.size == 0 or not shuf.buf or slots is not None:
-                return
-            rows = stream.rows(plan_lookup(span, np.asarray(shuf.buf, np.int64)))
-            assert rows is not None   # the buffer is not empty
-            slots = {c: np.empty((shuf.size, *v.shape[1:]), v.dtype) for c, v in rows.items()}
-            for c, v in rows.items():
-                slots[c][: len(v)] = v
-
-        live = first == 0
-        for i, (vstart, chunk) in enumerate(chunks):
-            k = len(chunk) if not isinstance(chunk, tuple) else chunk[1] - chunk[0]
-            if not live and out_index + shuf.outputs_of_feed(k) <= first:
-                out_index += len(shuf.feed(k).positions)
-                continue
-            if not live:
-                materialize()
-                live = True
-            upcoming = _next_shards(shard_seq, i + 1, self.prefetch)
-            rows = stream.range_rows(*chunk, upcoming) if isinstance(chunk, tuple) else stream.rows(chunk)
-            assert rows is not None   # a chunk is never empty
-            emitted = shuf.feed(k)
-            deliver(emitted, rows, vstart)
-            mirror(rows, vstart)
-            yield from self._report(ready(), stream)
-            if out_index >= limit:
-                return
-        if not live:
-            materialize()
-        deliver(shuf.drain(), None, n)
-        yield from self._report(ready(), stream)
+        own = list(range(self.start_batch + worker, -(-limit // bs), workers))
+        if not own:
+            return
+        emit = emission_order(n, self.buffer, self._rank_key(seg, self.rank, self.world_size))
+        virtual = np.concatenate([emit[b * bs: min((b + 1) * bs, limit)] for b in own])
+        sizes = [min((b + 1) * bs, limit) - b * bs for b in own]
+        ends = np.cumsum(sizes)
+        positions = plan_lookup(span, virtual)
+        shards = stream.shard_ids(positions)
+        # The last of this worker's batches that needs each shard, and the order shards are
+        # first needed in (what to prefetch next).
+        batch_of = np.repeat(np.arange(len(own)), sizes)
+        ids, first = np.unique(shards, return_index=True)
+        last = np.zeros(len(ids), np.int64)
+        np.maximum.at(last, np.searchsorted(ids, shards), batch_of)
+        release: dict[int, list[int]] = {}
+        for shard, j in zip(ids.tolist(), last.tolist()):
+            release.setdefault(j, []).append(shard)
+        needed = ids[np.argsort(first, kind="stable")].tolist()
+        first_batch = batch_of[np.sort(first)].tolist()
+        nxt = 0
+        for j, b in enumerate(own):
+            lo, hi = (ends[j - 1] if j else 0), ends[j]
+            while nxt < len(needed) and first_batch[nxt] <= j:
+                nxt += 1
+            stream.prefetch_shards(needed[nxt: nxt + self.prefetch])
+            rows = stream.rows(positions[lo:hi])
+            rows["pad"] = virtual[lo:hi] >= real
+            yield from self._report([self._finish(b, rows)], stream)
+            stream.release(release.get(j, ()))
 
     @staticmethod
     def _report(batches: Iterable[dict], stream: _Stream | Any) -> Iterator[dict]:
@@ -516,16 +464,6 @@ def _select(ds: TokenDataset, where: str, on_error: str = "raise", skipped: list
     index = {name: i for i, name in enumerate(ds.shard_names)}   # every name is one the manifest lists
     ids = np.fromiter((ds.shard_offsets[index[s]] + r for s, r in rows), np.int64, count=len(rows))
     return np.unique(ids)
-
-
-def _next_shards(seq: list[int], start: int, count: int) -> list[int]:
-    out: list[int] = []
-    for s in seq[start:]:
-        if len(out) == count:
-            break
-        if s >= 0 and s not in out:
-            out.append(s)
-    return out
 
 
 class _WorkerError:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.pipeline.stream.loader import TokenIterable, TokenLoader
 
-_CHUNK = 1024           # positions read together (the stream of a mixture has no shard bounds)
+_STREAM_SHIFT = 2**40   # a (stream, shard) pair as one integer id: stream * _STREAM_SHIFT + shard
 
 
 @dataclass(frozen=True)
@@ -223,27 +222,37 @@ class TokenMixture:
 
 class _MixStream:
     """A mixture epoch's positions -> rows (the loader's `_Stream` for a mixture): shards of
-    every stream read through a small LRU, tokens decoded as they are read."""
+    every stream, tokens decoded as they are read, kept until the loader releases them."""
 
     def __init__(self, mix: TokenMixture, streams: np.ndarray, ids: np.ndarray, on_error: str,
                  columns: tuple[str, ...]):
         self.mix, self.streams, self.ids, self.on_error, self.columns = mix, streams, ids, on_error, columns
-        n = len(ids)
-        self.bounds = np.append(np.arange(0, n, _CHUNK, dtype=np.int64), n).astype(np.int64)
-        self.loaded: OrderedDict[tuple[int, int], dict] = OrderedDict()
-        self.capacity = max(4, 2 * len(mix.datasets))
+        self.loaded: dict[tuple[int, int], dict] = {}
         self.skipped_shards: list[str] = []
 
     def close(self) -> None:
         pass
 
-    def shard_of(self, position: int) -> int:
-        return -1          # (no prefetch across a mixture's streams)
+    def shard_ids(self, positions: np.ndarray) -> np.ndarray:
+        """An id of the (stream, shard) each position is read from."""
+        streams, ids = self.streams[positions], self.ids[positions]
+        out = np.empty(len(positions), np.int64)
+        for s in np.unique(streams):
+            sel = streams == s
+            out[sel] = int(s) * _STREAM_SHIFT + np.searchsorted(
+                self.mix.datasets[int(s)].shard_offsets, ids[sel], side="right") - 1
+        return out
+
+    def prefetch_shards(self, shards: Sequence[int]) -> None:
+        pass               # (shards of a mixture are read when first needed)
+
+    def release(self, shards: Any) -> None:
+        for shard in shards:
+            self.loaded.pop(divmod(int(shard), _STREAM_SHIFT), None)
 
     def _shard(self, s: int, k: int) -> dict:
         hit = self.loaded.get((s, k))
         if hit is not None:
-            self.loaded.move_to_end((s, k))
             return hit
         from tokshard.pipeline.stream.loader import _parse_meta
         ds = self.mix.datasets[s]
@@ -265,9 +274,7 @@ class _MixStream:
             self.skipped_shards.append(f"stream {s}: {ds.shard_names[k]}")
         cols["id"] = cols["id"] + self.mix.offsets[s]
         cols["stream"] = np.full(n, s, np.int64)
-        self.loaded[(s, k)] = cols
-        while len(self.loaded) > self.capacity:
-            self.loaded.popitem(last=False)
+        self.loaded[(s, k)] = cols          # until the loader releases it
         return cols
 
     def rows(self, positions: np.ndarray) -> dict:
@@ -290,8 +297,6 @@ class _MixStream:
         assert out is not None   # positions is never empty
         return out
 
-    def range_rows(self, a: int, b: int, upcoming: list[int]) -> dict:
-        return self.rows(np.arange(a, b, dtype=np.int64))
 
 
 def mix(streams: Sequence[TokenDataset | TokenSubset | str | Stream], weights: Sequence[float] | None = None, *,

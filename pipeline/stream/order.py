@@ -215,6 +215,15 @@ class BufferShuffle:
         return emitted
 
 
+def emission_order(length: int, buffer_size: int, key: int) -> np.ndarray:
+    """The virtual positions 0..length-1 in the order a rank's buffer shuffle emits them
+    (every position fed, then the drain): output index -> virtual position. The same
+    whether fed at once or in chunks, so any worker can compute it without data."""
+    s = BufferShuffle(length, buffer_size, key)
+    fed = s.feed(length).positions
+    return np.concatenate([fed, s.drain().positions]).astype(np.int64)
+
+
 def consumed_positions(length: int, buffer_size: int, key: int, outputs: int) -> tuple[np.ndarray, int]:
     """After `outputs` samples left a rank's shuffle over `length` positions:
     (the still-buffered virtual positions, sorted; the first never-fed position).
