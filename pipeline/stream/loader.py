@@ -170,8 +170,8 @@ class _Stream:
         for k in shards:
             self.loaded.pop(k, None)
 
-    def rows(self, positions: np.ndarray) -> dict | None:
-        """Columns for arbitrary global positions (grouped by shard)."""
+    def rows(self, positions: np.ndarray) -> dict:
+        """Columns for arbitrary (at least one) global positions, grouped by shard."""
         ks = np.searchsorted(self.bounds, positions, side="right") - 1
         out: dict | None = None
         for k in np.unique(ks):
@@ -182,6 +182,7 @@ class _Stream:
                 out = {c: np.empty((len(positions), *v.shape[1:]), v.dtype) for c, v in part.items()}
             for c, v in part.items():
                 out[c][sel] = v
+        assert out is not None   # positions is never empty
         return out
 
 
