@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -13,6 +14,12 @@ import numpy as np
 
 from tokshard.pipeline.format.shards.base import EncodedSample, ShardColumns, ShardFormat, _labels, _meta_json
 from tokshard.pipeline.format.shards.registry import register_format
+
+# numpy reads a .npy header with ast.literal_eval; CPython 3.11 keeps the AST converter's
+# recursion depth per interpreter, not per thread, so two threads parsing headers at once
+# (the loader's prefetch thread and its reader) can fail with "SystemError: AST constructor
+# recursion depth mismatch". One header at a time.
+_NPY_LOCK = threading.Lock()
 
 
 @register_format
@@ -79,7 +86,8 @@ class WebDatasetFormat(ShardFormat):
                     assert fobj is not None   # a regular file (isfile() above) always has one
                     raw = fobj.read()
                     if codec == "raw":
-                        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                        with _NPY_LOCK:
+                            arr = np.load(io.BytesIO(raw), allow_pickle=False)
                         if arr.size != n_tokens or arr.dtype.kind != "u":
                             raise ValueError(f"member {member.name}: {arr.dtype}{arr.shape}, "
                                              f"expected {n_tokens} unsigned tokens")
