@@ -108,21 +108,9 @@ class SampleCache:
 def find_key(ds: TokenDataset, key: str) -> int | None:
     """The id of the sample `key` (None: no such key), through the sample index; the shard is
     checked to hold that key at that row."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     if not isinstance(key, str):
         raise TypeError(f"a sample key is a string, not {type(key).__name__}")
-    shards = ds.manifest
-    if "key_min" in shards.column_names:
-        lo, hi = shards.column("key_min"), shards.column("key_max")
-        try:
-            hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
-        except pa.ArrowException as e:
-            from tokshard.errors import ManifestError
-            raise ManifestError(f"{ds.url}: the manifest's key_min/key_max columns are damaged ({e})") from None
-        candidates = pc.indices_nonzero(pc.fill_null(hit, True)).to_pylist()
-    else:
-        candidates = list(range(ds.num_shards))
+    candidates = ds.shards_for_key(key)
     for k in candidates:
         table = ds.read_index(k, columns=["key", "shard", "row"], filters=[("key", "=", key)])
         for found in table.to_pylist():
@@ -236,7 +224,7 @@ class MapDataset(torch.utils.data.Dataset):
     source, meta, class_name; text can be None, so collate those yourself)."""
 
     def __init__(self, data: TokenDataset | TokenSubset, columns: Sequence[str] = ()):
-        allowed = ("caption", "width", "height", "source", "meta", "class_name")
+        allowed = (*EXTRA_COLUMNS, "class_name")
         unknown = [c for c in columns if c not in allowed]
         if unknown or isinstance(columns, str):
             raise UsageError(f"unknown columns {unknown or columns!r} (one of {', '.join(allowed)})")

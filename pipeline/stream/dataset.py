@@ -229,6 +229,21 @@ class TokenDataset:
         hits = pc.indices_nonzero(pc.is_in(column, value_set=pa.array(sorted(names), pa.string()))).to_pylist()
         return {self.shard_names[i]: i for i in hits}
 
+    def shards_for_key(self, key: str) -> list[int]:
+        """The shards (manifest order) whose key range can hold `key`: the manifest's
+        key_min/key_max route a lookup to one or a few index files (every shard of a
+        pre-1.1 manifest, which has no ranges)."""
+        import pyarrow.compute as pc
+        shards = self.manifest
+        if "key_min" not in shards.column_names:
+            return list(range(self.num_shards))
+        lo, hi = shards.column("key_min"), shards.column("key_max")
+        try:
+            hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
+        except ArrowException as e:
+            raise ManifestError(f"{self.url}: the manifest's key_min/key_max columns are damaged ({e})") from None
+        return pc.indices_nonzero(pc.fill_null(hit, True)).to_pylist()
+
     def read_keys(self, i: int) -> list[str]:
         """Shard `i`'s sample keys in row order (the shard read and checked as `read_shard`
         reads it, only its keys parsed): what an index row is checked against."""

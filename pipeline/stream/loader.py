@@ -107,6 +107,34 @@ def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tupl
     return names, tuple(dict.fromkeys(stored))
 
 
+def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
+              decode_to: np.dtype | None = None) -> tuple[dict, bool]:
+    """(shard i's columns, with "valid" and the stored `columns` (metadata parsed); whether it
+    was skipped). Tokens stay coded, or are decoded to (n, T) `decode_to` rows. With
+    on_error="skip", a shard that cannot be read is stand-in rows marked invalid, which
+    batches leave out."""
+    n = int(ds.shard_sizes[i])
+    try:
+        cols = dict(ds.read_shard(i, columns))
+        if decode_to is not None:
+            cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"]).reshape(n, -1).astype(decode_to)
+        if "meta" in cols:
+            cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i])
+        cols["valid"] = np.ones(n, bool)
+        return cols, False
+    except ShardError:
+        if on_error != "skip":
+            raise
+    if decode_to is None and ds.codec.name != "raw":
+        tokens = np.empty(n, object)
+    else:
+        tokens = np.zeros((n, ds.tokens_per_sample), decode_to or ds.token_dtype)
+    return {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
+            "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1]), "valid": np.zeros(n, bool),
+            **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
+               for c in columns}}, True
+
+
 class _Stream:
     """One epoch segment of the global stream: shard order, positions -> rows."""
 
@@ -127,23 +155,8 @@ class _Stream:
 
     def _load(self, k: int) -> dict:
         i = int(self.order[k])
-        cols: dict
-        try:
-            cols = self.ds.read_shard(i, self.columns)
-            if "meta" in cols:
-                cols["meta"] = _parse_meta(cols["meta"], self.ds.shard_names[i])
-            cols["valid"] = np.ones(len(cols), bool)
-        except ShardError:
-            if self.on_error != "skip":
-                raise
-            n = int(self.ds.shard_sizes[i])
-            tokens = np.empty(n, object) if self.ds.codec.name != "raw" else \
-                np.zeros((n, self.ds.tokens_per_sample), self.ds.token_dtype)
-            cols = {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
-                    "id": np.arange(self.ds.shard_offsets[i], self.ds.shard_offsets[i + 1]),
-                    "valid": np.zeros(n, bool),
-                    **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
-                       for c in self.columns}}
+        cols, skipped = load_rows(self.ds, i, self.columns, self.on_error)
+        if skipped:
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
 
@@ -172,7 +185,7 @@ class _Stream:
 
     def rows(self, positions: np.ndarray) -> dict:
         """Columns for arbitrary (at least one) global positions, grouped by shard."""
-        ks = np.searchsorted(self.bounds, positions, side="right") - 1
+        ks = self.shard_ids(positions)
         out: dict | None = None
         for k in np.unique(ks):
             sel = np.nonzero(ks == k)[0]

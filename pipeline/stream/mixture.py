@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tokshard.errors import ShardError, UsageError
+from tokshard.errors import UsageError
 from tokshard.pipeline.stream.order import key64, permutation
 
 if TYPE_CHECKING:
@@ -254,23 +254,11 @@ class _MixStream:
         hit = self.loaded.get((s, k))
         if hit is not None:
             return hit
-        from tokshard.pipeline.stream.loader import _parse_meta
+        from tokshard.pipeline.stream.loader import load_rows
         ds = self.mix.datasets[s]
         n = int(ds.shard_sizes[k])
-        try:
-            cols = dict(ds.read_shard(k, self.columns))
-            cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"]).reshape(n, -1).astype(self.mix.token_dtype)
-            if "meta" in cols:
-                cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[k])
-            cols["valid"] = np.ones(n, bool)
-        except ShardError:
-            if self.on_error != "skip":
-                raise
-            cols = {"tokens": np.zeros((n, self.mix.tokens_per_sample), self.mix.token_dtype),
-                    "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
-                    "id": np.arange(ds.shard_offsets[k], ds.shard_offsets[k + 1]), "valid": np.zeros(n, bool),
-                    **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
-                       for c in self.columns}}
+        cols, skipped = load_rows(ds, k, self.columns, self.on_error, decode_to=self.mix.token_dtype)
+        if skipped:
             self.skipped_shards.append(f"stream {s}: {ds.shard_names[k]}")
         cols["id"] = cols["id"] + self.mix.offsets[s]
         cols["stream"] = np.full(n, s, np.int64)

@@ -412,24 +412,11 @@ def lookup(url: str, key: str, storage_options: dict | None = None) -> tuple[lis
     all searched). Each row found is checked against the shard it names
     (`check_rows`): a stale or tampered index is a typed error, never another sample.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     from tokshard.pipeline.stream.dataset import TokenDataset
     from tokshard.schemas.v1 import SAMPLES
     ds = TokenDataset(url, storage_options=storage_options)
-    shards = ds.manifest
-    if "key_min" in shards.column_names:
-        lo, hi = shards.column("key_min"), shards.column("key_max")
-        try:
-            hit = pc.or_kleene(pc.and_kleene(pc.less_equal(lo, key), pc.greater_equal(hi, key)), pc.is_null(lo))
-        except pa.ArrowException as e:
-            raise ManifestError(f"{url}: the manifest's key_min/key_max columns are damaged ({e})") from None
-        candidates = pc.indices_nonzero(pc.fill_null(hit, True)).to_pylist()
-    else:
-        candidates = list(range(ds.num_shards))
     rows = []
-    for i in candidates:
+    for i in ds.shards_for_key(key):
         # Checked against the manifest's digest (schema 1.3) before it is parsed.
         table = ds.read_index(i, filters=[("key", "=", key)])
         # By name, not position: a rewritten index file may order or omit its columns differently.
