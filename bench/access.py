@@ -44,12 +44,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
         tmp = Path(tmp)
-        from tokshard.pipeline.convert.job import ConvertConfig, convert
-        from tokshard.pipeline.sample_data import write_img2dataset_shards
-        src = tmp / "src"
-        write_img2dataset_shards(src, crops_per_photo=60, shard_size=256)
-        tokens = tmp / "tokens"
-        convert(ConvertConfig(sources=[str(src)], out=str(tokens), format="parquet", codec="zstd"), quiet=True)
+        _, tokens = loader_bench.convert_photos(tmp)
         n_small = len(tokshard.open(tokens))
         loader_bench.REPEAT = -(-TARGET_SAMPLES // n_small)
         big = loader_bench.repeat_manifest(tokens, tmp / "big")

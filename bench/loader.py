@@ -45,13 +45,20 @@ BATCH = 256
 TARGET_SAMPLES = 200_000
 
 
-def build(tmp: Path) -> tuple[Path, Path, int]:
+def convert_photos(tmp: Path) -> tuple[Path, Path]:
+    """(JPEG tars of the bundled photos + random crops, their tokens: default tokenizer, zstd
+    Parquet): the data every loader-side bench streams."""
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     from tokshard.pipeline.sample_data import write_img2dataset_shards
     src = tmp / "src"
     write_img2dataset_shards(src, crops_per_photo=60, shard_size=256)
     out = tmp / "tokens"
     convert(ConvertConfig(sources=[str(src)], out=str(out), format="parquet", codec="zstd"), quiet=True)
+    return src, out
+
+
+def build(tmp: Path) -> tuple[Path, Path, Path]:
+    src, out = convert_photos(tmp)
     return src, out, repeat_manifest(out, tmp / "big")
 
 
@@ -87,7 +94,11 @@ def token_loader_rate(dataset: Path, samples: int, augment: bool) -> tuple[float
     torch.set_num_threads(1)
     ds = tokshard.open(dataset)
     aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()]) if augment else None
-    loader = ds.loader(BATCH, shuffle_buffer=10_000, augment=aug, rank=0, world_size=1, seed=0)
+    return loader_rate(ds.loader(BATCH, shuffle_buffer=10_000, augment=aug, rank=0, world_size=1, seed=0), samples)
+
+
+def loader_rate(loader, samples: int) -> tuple[float, int]:
+    """(samples/s, samples) of iterating `loader` (epoch after epoch) until `samples` are out."""
     n, t0 = 0, time.perf_counter()
     while n < samples:
         for batch in loader:

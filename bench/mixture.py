@@ -33,44 +33,29 @@ TARGET_MIX = 40_000
 TARGET_WORKERS = 1.6
 
 
-def rate(loader, samples: int) -> tuple[float, int]:
-    n, t0 = 0, time.perf_counter()
-    while n < samples:
-        for batch in loader:
-            n += len(batch["id"])
-            if n >= samples:
-                break
-    return n / (time.perf_counter() - t0), n
-
-
 def main() -> int:
     import torch
 
     import tokshard
-    from tokshard.pipeline.convert.job import ConvertConfig, convert
-    from tokshard.pipeline.sample_data import write_img2dataset_shards
     from tokshard.pipeline.stream.augment import Compose, TokenHFlip, TokenRandomResizedCrop
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
         tmp = Path(tmp)
-        src = tmp / "src"
-        write_img2dataset_shards(src, crops_per_photo=60, shard_size=256)
-        tokens = tmp / "tokens"
-        convert(ConvertConfig(sources=[str(src)], out=str(tokens), format="parquet", codec="zstd"), quiet=True)
+        _, tokens = loader_bench.convert_photos(tmp)
         paths = []
         for name, repeat in (("a", 20), ("b", 30), ("c", 40)):
             loader_bench.REPEAT = repeat
             paths.append(loader_bench.repeat_manifest(tokens, tmp / name))
         a, b, c = (tokshard.open(p) for p in paths)
         kw = dict(shuffle_buffer=10_000, rank=0, world_size=1, seed=0, columns=["caption"])
-        single, sn = rate(c.loader(BATCH, **kw), SAMPLES)
+        single, sn = loader_bench.loader_rate(c.loader(BATCH, **kw), SAMPLES)
         mixture = tokshard.mix([a, b, c], weights=[1, 1, 2])
-        mixed, mn = rate(mixture.loader(BATCH, **kw), SAMPLES)
+        mixed, mn = loader_bench.loader_rate(mixture.loader(BATCH, **kw), SAMPLES)
         aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()])
         workers = {}
         for nw in (1, 2):
-            workers[nw] = rate(c.loader(BATCH, num_workers=nw, augment=aug, **kw), SAMPLES)
+            workers[nw] = loader_bench.loader_rate(c.loader(BATCH, num_workers=nw, augment=aug, **kw), SAMPLES)
         sizes = [len(a), len(b), len(c)]
     w1, w2 = workers[1][0], workers[2][0]
     lines = [
