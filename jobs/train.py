@@ -249,22 +249,21 @@ def count_classes(ds: TokenDataset) -> int:
 def source_pixels(ds: TokenDataset, keys: list[str], resolution: int, sources: list[str] | None = None,
                   ) -> np.ndarray:
     """(len(keys), R, R, 3) uint8: the pixels the tokenizer saw for those samples, read again
-    from the sources (`sources`, default: the source files the dataset records per sample)
-    and decoded and resized as convert did (its resize mode, at the tokenizer's resolution)."""
+    from the sources (`sources`, default: the job spec's, announced on stderr before they are
+    read, as `preview --originals` does: they are the dataset's word) and decoded and resized
+    as convert did (its decode settings, at the tokenizer's resolution)."""
     from tokshard.pipeline.convert.decode import DecodeConfig
     from tokshard.pipeline.convert.sources import read_unit
     from tokshard.pipeline.convert.sources.plan import plan_sources
     from tokshard.pipeline.convert.stages import decode_records
-    from tokshard.pipeline.format.work import read_job_spec
-    spec = read_job_spec(ds.layout)
-    conf = spec[0].config if spec else {}
+    from tokshard.pipeline.tools.preview import announce_sources, job_plan
+    job = job_plan(ds)
     if not sources:
-        sources = sorted({s for i in range(ds.num_shards) for s in ds.read_shard(i, ("source",))["source"].tolist()
-                          if s})
-    decode = DecodeConfig(resolution=resolution, resize_mode=conf.get("resize_mode", "center_crop"),
-                          max_pixels=conf.get("max_pixels", DecodeConfig.max_pixels))
-    columns = dict(conf.get("columns") or {})     # the column choices convert read the tables with
-    plan = plan_sources(sources, int(conf.get("shard_size", 10_000)), conf.get("input_format", "auto"),
+        sources = job.sources
+        announce_sources(sources)
+    decode = DecodeConfig(**{**ds.info.decode, "resolution": resolution})
+    columns = job.columns     # the column choices convert read the tables with
+    plan = plan_sources(sources, job.shard_size, job.input_format, ds.storage_options, split=job.split,
                         image_column=columns.get("image_column"))
     want = {k: i for i, k in enumerate(keys)}
     out = np.zeros((len(keys), resolution, resolution, 3), np.uint8)
@@ -272,7 +271,7 @@ def source_pixels(ds: TokenDataset, keys: list[str], resolution: int, sources: l
 
     def wanted() -> Iterator:
         for unit in plan.units:
-            for rec in read_unit(unit, None, **columns):
+            for rec in read_unit(unit, ds.storage_options, **columns):
                 if rec.key in want and not found[want[rec.key]]:
                     yield rec
 
@@ -671,7 +670,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig | None, argpa
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        choices=choices.get(f.name), help=what)
     p.add_argument("--pixel-sources", nargs="+", default=argparse.SUPPRESS, help="where the pixel baseline "
-                   "reads the source images (default: the source files the dataset records)")
+                   "reads the source images (default: the sources the dataset's job spec names, announced)")
     args = p.parse_args(argv)
     given = {k for k in vars(args) if k in TrainConfig.__dataclass_fields__}
     if "out" not in given:
