@@ -244,6 +244,49 @@ def _zstd_payload_bombs() -> None:
                     what=f"{name}: n_tokens={n}")
 
 
+@case("zstd, zstd-dict: one hostile frame in the middle of a good batch")
+def _zstd_batch_middle() -> None:
+    n = 256
+    for name in ("zstd", "zstd-dict"):
+        c = fitted(name) if name == "zstd-dict" else get_codec(name, VOCAB)
+        good = c.encode_batch(grids(8, seed=5))
+        empty = c.encode(np.zeros(0, np.int64))
+        frame = good[0]
+        over = c._contexts()[0].compress(np.full(n, VOCAB, "<u2").tobytes())   # token 256 >= vocab_size
+        hostile = {
+            "declares 1 TB": zframe(1 << 40, rle_blocks(1000)),
+            "declares 4 GiB, holds it in RLE blocks": zframe(1 << 32, rle_blocks(1 << 32)),
+            "64 MiB of zeros, compressed": zeros_compressed(64 << 20),
+            "no content size, 64 MiB of RLE blocks": zframe(None, rle_blocks(64 << 20)),
+            "declares the right size, holds 64 MiB": zframe(2 * n, rle_blocks(64 << 20)),
+            "declares the right size, holds less": zframe(2 * n, rle_blocks(2 * n - 1)),
+            "declares 2 bytes more": zframe(2 * n + 2, rle_blocks(2 * n + 2)),
+            "right size, frame too short for it": zframe(2 * n),
+            "truncated": frame[:-1],
+            "trailing byte": frame + b"\0",
+            "trailing frame": frame + empty,
+            "garbage": bytes(range(64)),
+            "out-of-vocabulary token": over,
+            "empty": b"",
+        }
+        for what, bad in hostile.items():
+            for at in (0, 4, 8):
+                batch = [*good[:at], bad, *good[at:]]
+                refused(c.decode_batch, batch, n, what=f"{name} batch, {what} at {at}")
+                refused(c.decode_batch, batch, [n] * len(batch), what=f"{name} batch counts, {what} at {at}")
+        for what, bad in {"declares 0, 64 MiB of RLE blocks behind": zframe(0, rle_blocks(64 << 20)),
+                          "trailing byte": empty + b"\0", "two empty frames": empty + empty,
+                          "no content size": zframe(None, rle_blocks(0))}.items():
+            refused(c.decode_batch, [empty, bad, empty], 0, what=f"{name} empty batch, {what}")
+            refused(c.decode_batch, [frame, bad, frame], [n, 0, n], what=f"{name} mixed batch, {what}")
+        # hostile counts in the middle: a tiny frame for 64 MiB, counts above the cap
+        m = 32 << 20
+        refused(c.decode_batch, [frame, zframe(2 * m, rle_blocks(1000)), frame], [n, m, n],
+                what=f"{name}: 13-byte frame for 64 MiB in a batch")
+        for bad_n in (MAX_SAMPLE_TOKENS + 1, 2**64, -1, True, 1.5, None):
+            refused(c.decode_batch, [frame, frame, frame], [n, bad_n, n], what=f"{name}: batch n_tokens={bad_n!r}")
+
+
 @case("rans: payloads longer than n tokens can take, hostile n_tokens")
 def _rans_payloads() -> None:
     for name in ("rans-unigram", "rans-ctx"):

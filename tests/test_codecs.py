@@ -7,6 +7,7 @@ import hashlib
 import math
 import pickle
 import threading
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -397,3 +398,246 @@ def test_pickle_and_threads(name):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# -- zstd decode_batch: the batch path equals decode, checks included -----------------------
+
+ZSTD_NAMES = ("zstd", "zstd-dict")
+
+
+def _walk_tokens(vocab: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A smoothed random walk folded into the vocabulary: tokens with image-like structure."""
+    w = np.cumsum(rng.normal(0, max(1.0, vocab / 50), n + 8))
+    return (np.round(np.convolve(w, np.ones(8) / 8, mode="valid")[:n]) % vocab).astype(np.int64)
+
+
+def _assert_rows_equal(got: list, want: list, dtype: np.dtype) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+        assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("name", ZSTD_NAMES)
+@pytest.mark.parametrize("vocab", [2, 1024, 65536, 65537, 2**20])
+def test_zstd_decode_batch_equals_decode(name, vocab):
+    c = codec(name, vocab)
+    rng = np.random.default_rng(vocab)
+    dtype = token_dtype(vocab)
+    for n in (0, 1, 7, 256, 1000):
+        xs = [_walk_tokens(vocab, n, rng) for _ in range(33)]
+        payloads = c.encode_batch(xs)
+        singles = [c.decode(p, n) for p in payloads]
+        counts = [n] * len(xs)
+        assert c._decode_batch_checked(payloads, counts) is not None   # the fast path, not the fallback
+        for count_arg in (n, np.int64(n), np.array(n), counts, np.array(counts)):
+            got = c.decode_batch(payloads, count_arg)
+            _assert_rows_equal(got, singles, dtype)
+            assert all(np.array_equal(g, x) for g, x in zip(got, xs))
+        got = c.decode_batch(payloads, n)
+        if n:   # writable, like decode's arrays
+            got[0][0] = 0
+            assert np.array_equal(c.decode(payloads[0], n), singles[0])
+    # mixed lengths, 0-token samples among them
+    lengths = [256, 0, 3, 0, 1000, 1, 256, 0]
+    xs = [_walk_tokens(vocab, n, rng) for n in lengths]
+    payloads = c.encode_batch(xs)
+    assert c._decode_batch_checked(payloads, lengths) is not None
+    _assert_rows_equal(c.decode_batch(payloads, lengths), [c.decode(p, n) for p, n in zip(payloads, lengths)], dtype)
+    assert c.decode_batch([], 256) == [] and c.decode_batch([], []) == []
+
+
+@pytest.mark.parametrize("name", ZSTD_NAMES)
+def test_zstd_decode_batch_payload_types(name):
+    c = codec(name, 1024)
+    xs = _samples(1024, n=6, length=256, seed=21)
+    payloads = c.encode_batch(xs)
+    strided = []
+    for p in payloads:   # a non-contiguous view: copied, not refused with a BufferError
+        big = bytearray(2 * len(p))
+        big[::2] = p
+        strided.append(memoryview(big)[::2])
+    mixed = [payloads[0], bytearray(payloads[1]), memoryview(payloads[2]), np.frombuffer(payloads[3], np.uint8),
+             strided[4], memoryview(np.frombuffer(payloads[5], np.uint8).copy()).cast("B")]
+    for batch in (mixed, strided):
+        for got, x in zip(c.decode_batch(batch, 256), xs):
+            assert np.array_equal(got, x)
+    assert np.array_equal(c.decode(strided[0], 256), xs[0])
+    with pytest.raises(CodecError, match="bytes-like"):
+        c.decode_batch([payloads[0], "not bytes"], 256)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_strided_payload_views_decode(name):
+    c = codec(name, 1024)
+    x = _samples(1024, n=1, length=256, seed=4)[0]
+    p = c.encode(x)
+    big = bytearray(2 * len(p))
+    big[::2] = p
+    view = memoryview(big)[::2]
+    assert np.array_equal(c.decode(view, 256), x)
+    assert all(np.array_equal(y, x) for y in c.decode_batch([view, p], 256))
+
+
+def _zstd_bad_frames(c: TokenCodec, n: int) -> dict[str, bytes]:
+    """Payloads that `decode(p, n)` must refuse; n > 0, tokens of vocab_size 1000."""
+    good = c.encode(np.arange(n) % c.vocab_size)
+    size = n * c.dtype.itemsize
+    magic = zstandard.MAGIC_NUMBER.to_bytes(4, "little")
+    declares = magic + bytes([0xE0]) + (size + 2).to_bytes(8, "little")
+    cctx = c._contexts()[0]
+    over = np.full(n, 999, "<u2")
+    over[n // 2] = 1023   # in the dtype, out of the vocabulary
+    return {
+        "declares 2 bytes more": declares + b"\x01\x00\x00",
+        "declares 2**40": magic + bytes([0xE0]) + (2**40).to_bytes(8, "little") + b"\x01\x00\x00",
+        "no content size": zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * size),
+        "truncated": good[:-1],
+        "header only": good[:zstandard.frame_header_size(good)],
+        "trailing byte": good + b"\0",
+        "trailing frame": good + c.encode(np.zeros(0, np.int64)),
+        "two frames of half": cctx.compress(bytes(size // 2)) + cctx.compress(bytes(size - size // 2)),
+        "leading byte": b"\0" + good,
+        "garbage": bytes(range(40)),
+        "garbage behind a magic": magic + bytes(range(40)),
+        "empty": b"",
+        "out-of-vocabulary token": cctx.compress(over.tobytes()),
+        "bit flip in the header": bytes([good[0] ^ 1]) + good[1:],
+    }
+
+
+@pytest.mark.parametrize("name", ZSTD_NAMES)
+def test_zstd_decode_batch_one_bad_frame_in_a_good_batch(name):
+    c = codec(name, 1000)
+    n = 256
+    good = c.encode_batch(_samples(1000, n=9, length=n, seed=8))
+    for what, bad in _zstd_bad_frames(c, n).items():
+        with pytest.raises(CodecError):
+            c.decode(bad, n)
+        for at in (0, 4, 9):
+            batch = [*good[:at], bad, *good[at:]]
+            with pytest.raises(CodecError) as e:
+                c.decode_batch(batch, n)
+            with pytest.raises(CodecError) as single:   # the same error decode() raises for it
+                c.decode(bad, n)
+            assert str(e.value) == str(single.value), what
+            with pytest.raises(CodecError):   # mixed counts take the same path
+                c.decode_batch(batch, [n] * at + [n] + [n] * (len(good) - at))
+    # 0-token samples: only the canonical empty frame
+    empty = c.encode(np.zeros(0, np.int64))
+    cctx = c._contexts()[0]
+    for what, bad in {"trailing byte": empty + b"\0", "two empty frames": empty + empty, "truncated": empty[:-1],
+                      "a frame of 1 byte": cctx.compress(b"\0"), "empty": b"",
+                      "declares 0 with a body": zstandard.MAGIC_NUMBER.to_bytes(4, "little") + bytes([0x20, 0])
+                      + (1 | (2 << 1) | (40 << 3)).to_bytes(3, "little") + b"\0",
+                      "non-canonical empty frame": zstandard.ZstdCompressor(level=1, write_checksum=True).compress(b"")
+                      }.items():
+        assert bad != empty, what
+        with pytest.raises(CodecError):
+            c.decode(bad, 0)
+        with pytest.raises(CodecError):
+            c.decode_batch([empty, bad, empty], 0)
+        with pytest.raises(CodecError):
+            c.decode_batch([good[0], bad, empty, good[1]], [n, 0, 0, n])
+    # a token count that does not match the frame, in the middle of a batch
+    with pytest.raises(CodecError, match="declares 512 content bytes; expected 510"):
+        c.decode_batch([good[0], good[1], good[2]], [n, n - 1, n])
+    with pytest.raises(CodecError):
+        c.decode_batch([good[0], empty, good[2]], [n, n, n])
+
+
+@FAST
+@given(st.sampled_from(ZSTD_NAMES), st.sampled_from([256, 1000, 65537]), st.data())
+def test_zstd_decode_batch_matches_decode_on_corrupt_payloads(name, vocab, data):
+    """Differential: a batch with corrupted payloads decodes exactly as decode() does sample by
+    sample, or raises CodecError exactly when one of its samples does."""
+    c = codec(name, vocab)
+    n = data.draw(st.sampled_from([0, 1, 16, 256]))
+    xs = [data.draw(hnp.arrays(np.int64, n, elements=st.integers(0, vocab - 1))) for _ in range(4)]
+    payloads = [bytearray(p) for p in c.encode_batch(xs)]
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(0, len(payloads) - 1))
+        p = payloads[i]
+        how = data.draw(st.sampled_from(["flip", "cut", "append", "replace"]))
+        if how == "flip" and p:
+            bit = data.draw(st.integers(0, 8 * len(p) - 1))
+            p[bit // 8] ^= 1 << (bit % 8)
+        elif how == "cut":
+            del p[data.draw(st.integers(0, len(p))):]
+        elif how == "append":
+            p += data.draw(st.binary(min_size=1, max_size=8))
+        else:
+            payloads[i] = bytearray(data.draw(st.binary(max_size=64)))
+    batch = [bytes(p) for p in payloads]
+    singles, failed = [], False
+    for p in batch:
+        try:
+            singles.append(c.decode(p, n))
+        except CodecError:
+            failed = True
+    if failed:
+        with pytest.raises(CodecError):
+            c.decode_batch(batch, n)
+    else:
+        _assert_rows_equal(c.decode_batch(batch, n), singles, token_dtype(vocab))
+
+
+@pytest.mark.parametrize("name", ZSTD_NAMES)
+def test_zstd_decode_batch_threads(name):
+    c = codec(name, 1024)
+    xs = _samples(1024, n=64, length=256, seed=12)
+    payloads = c.encode_batch(xs)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            for _ in range(10):
+                assert all(np.array_equal(y, x) for y, x in zip(c.decode_batch(payloads, 256), xs))
+        except BaseException as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_zstd_decode_batch_checks_decompressed_lengths(monkeypatch):
+    """Defence in depth: zstd output of the wrong length is refused, not reshaped."""
+    c = get_codec("zstd", 1024)
+    payloads = c.encode_batch(_samples(1024, n=3, length=256, seed=2))
+    cctx, dctx, empty = c._contexts()
+
+    class Short:
+        def decompress(self, *args, **kwargs):
+            return dctx.decompress(*args, **kwargs)[:-2]
+
+    monkeypatch.setattr(c, "_contexts", lambda: (cctx, Short(), empty))
+    with pytest.raises(CodecError, match="decompressed to 510 bytes"):
+        c.decode_batch(payloads, 256)
+
+
+@pytest.mark.parametrize("name", ZSTD_NAMES)
+def test_zstd_decode_batch_refuses_before_allocating(name):
+    """Sizes are checked for the whole batch before zstd allocates what a frame declares
+    (tracemalloc sees python-zstandard's output buffers)."""
+    c = codec(name, 1024)
+    frame = c.encode(np.arange(256))
+    m = 32 << 20   # 64 MiB of uint16, under MAX_SAMPLE_TOKENS
+    magic = zstandard.MAGIC_NUMBER.to_bytes(4, "little")
+    one_rle_block = (1 | (1 << 1) | (1000 << 3)).to_bytes(3, "little") + b"\0"
+    tiny = magic + bytes([0xE0]) + (2 * m).to_bytes(8, "little") + one_rle_block   # 17 bytes "for" 64 MiB
+    cases = [([frame, tiny, frame], [256, m, 256]),
+             ([frame, magic + bytes([0xE0]) + (2**40).to_bytes(8, "little") + one_rle_block, frame], 256),
+             ([frame] * 8 + [tiny], m)]
+    tracemalloc.start()
+    try:
+        for payloads, counts in cases:
+            tracemalloc.reset_peak()
+            with pytest.raises(CodecError):
+                c.decode_batch(payloads, counts)
+            assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()

@@ -116,7 +116,8 @@ def _bytes_view(payload: Any) -> memoryview:
         mv = memoryview(payload)
     except TypeError:
         raise CodecError(f"payload must be bytes-like, got {type(payload).__name__}") from None
-    return mv if mv.format == "B" and mv.ndim == 1 else memoryview(mv.tobytes())
+    # Contiguous too: zstd and numpy refuse a strided view (e.g. memoryview(b)[::2]).
+    return mv if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous else memoryview(mv.tobytes())
 
 
 class TokenCodec(abc.ABC):

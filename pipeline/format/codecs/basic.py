@@ -12,6 +12,7 @@ import zstandard
 
 from tokshard.errors import CodecError
 from tokshard.pipeline.format.codecs.base import (
+    ZSTD_BLOCK_MAX,
     TokenCodec,
     _bytes_view,
     _count,
@@ -201,6 +202,65 @@ class ZstdCodec(TokenCodec):
             return np.zeros(0, self.dtype)
         raw = _zstd_decompress_exact(dctx, mv, expected, f"{self.name}: {n} tokens", header_checked=True)
         return self._from_raw(raw, n)
+
+    def decode_batch(self, payloads: Sequence[bytes | memoryview],
+                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+        """`[decode(p, n) for ...]`, every check included, at a fraction of the per-sample cost.
+
+        The checks of `decode`, hoisted out of the per-sample loop: first every frame
+        header of the batch must declare exactly n * itemsize content bytes and no more
+        than its frame's length can hold, and every 0-token sample must be the canonical
+        empty frame; only then are the frames decompressed, each by zstd with
+        `allow_extra_data=False` (one frame, nothing after it) into its checked size. The
+        tokens of the whole batch are range-checked at once and the rows are views of one
+        array. On any anomaly the batch goes through `decode` sample by sample, which
+        raises the CodecError that names the sample and what is wrong.
+        """
+        counts = self._counts(payloads, n_tokens)
+        if not counts:
+            return []
+        views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
+        rows = self._decode_batch_checked(views, counts)
+        if rows is None:
+            return [self.decode(v, n) for v, n in zip(views, counts)]
+        return rows
+
+    def _decode_batch_checked(self, views: list[bytes | memoryview], counts: list[int]) -> list[np.ndarray] | None:
+        """decode_batch's fast path: the rows, or None where `decode` must take over to name the error."""
+        _, dctx, empty = self._contexts()
+        sizes = [n * self.dtype.itemsize for n in counts]
+        try:
+            if [zstandard.frame_content_size(v) for v in views] != sizes:   # -1: no size declared
+                return None
+        except zstandard.ZstdError:
+            return None
+        lens = [len(v) for v in views]
+        if (max(sizes) > min(lens) // 3 * ZSTD_BLOCK_MAX      # the batch's worst case, then each: _zstd_check_frame
+                and any(s > k // 3 * ZSTD_BLOCK_MAX for s, k in zip(sizes, lens))):
+            return None
+        if 0 in sizes and any(v != empty for v, s in zip(views, sizes) if not s):
+            return None   # decompress() would not read the body of a frame declaring 0 bytes
+        decompress = dctx.decompress
+        try:
+            # (data, max_output_size, read_across_frames, allow_extra_data), positional:
+            # keywords cost ~0.5 us a sample, 7-20% of the batch. The content size is
+            # declared, so exactly that is allocated, and zstd refuses a frame that does
+            # not fill it or has anything after it.
+            raws = [decompress(v, s, False, False) for v, s in zip(views, sizes) if s]
+        except zstandard.ZstdError:
+            return None
+        if [len(r) for r in raws] != [s for s in sizes if s]:
+            return None
+        # bytearray: writable, so on a little-endian host astype() has nothing to copy
+        flat = np.frombuffer(bytearray().join(raws), dtype=self._le).astype(self.dtype, copy=False)
+        del raws
+        if flat.size and self.vocab_size < 2 ** (8 * self.dtype.itemsize) and int(flat.max()) >= self.vocab_size:
+            return None
+        n = counts[0]
+        if counts.count(n) == len(counts):
+            return list(flat.reshape(len(counts), n))   # rows of one (B, n) array
+        ends = np.cumsum(counts).tolist()
+        return [flat[e - k:e] for e, k in zip(ends, counts)]
 
 
 @register_codec
