@@ -13,7 +13,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 def write_section(heading: str, section: str) -> None:
     """Replace the section that starts with `heading` (up to the next "## "), or append it."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(re.escape(heading) + r".*?(?=\n## |\Z)", re.S)
+    # The heading's whole line: "## GPU" must not match "## GPU plan ...".
+    pattern = re.compile("^" + re.escape(heading) + r"$.*?(?=\n## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text)
 

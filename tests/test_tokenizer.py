@@ -98,3 +98,55 @@ def test_fit_is_deterministic(images):
     a = fit_kmeans_vq(images, codebook_size=16, patch_size=8, resolution=RES, pca_dim=8, iters=3)
     b = fit_kmeans_vq(images, codebook_size=16, patch_size=8, resolution=RES, pca_dim=8, iters=3)
     assert a.identity() == b.identity()
+
+
+def _near_tie_tokenizer() -> tuple[KMeansVQ, float, float]:
+    """Two centroids whose squared norms float32 cannot tell apart, the second truly nearer
+    to a black image (z = 0, so a patch's distance to c is ||c||^2)."""
+    a = np.array([1.0, 0.0], np.float32)
+    b = np.array([1.0 - 2.0 ** -24, np.sqrt(2.0 ** -23 - 2.0 ** -40)], np.float32)
+    basis = np.zeros((12, 2), np.float32)
+    basis[0, 0] = basis[1, 1] = 1.0
+    weights = {"mean": np.zeros(12, np.float32), "basis": basis, "centroids": np.stack([a, b]),
+               "decoder": np.zeros((2, 12), np.float32)}
+    exact = [float((c.astype(np.float64) ** 2).sum()) for c in (a, b)]
+    return KMeansVQ(weights, patch_size=2, resolution=4, device="cpu"), *exact
+
+
+def test_near_ties_get_the_exact_nearest_code_whatever_float32_says():
+    # The default tokenizer must give the same codes on any BLAS and on a GPU: float32
+    # distances are summed in each kernel's own order, so its near ties are decided again
+    # in float64 (on an H200, float32 alone flipped codes in 3 of 20 shards against the CPU).
+    tok, da, db = _near_tie_tokenizer()
+    assert db < da                                                  # b is the nearer
+    sq = (tok._centroids ** 2).sum(1)                              # what float32 sees
+    assert sq[1] >= sq[0]                                           # a tie (or a) in float32
+    codes = tok.encode(np.zeros((3, 4, 4, 3), np.uint8))
+    assert (codes == 1).all()
+
+
+def test_codes_are_the_float64_nearest_centroid(tokenizer_dir, images):
+    tok = KMeansVQ.load(tokenizer_dir)
+    codes = tok.encode(images).reshape(-1)
+    w = {k: v.astype(np.float64) for k, v in load_file(f"{tokenizer_dir}/model.safetensors").items()}
+    p, (h, _) = tok.patch_size, tok.grid_shape
+    patches = images.reshape(len(images), h, p, h, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p * p * 3)
+    z = (patches / 255.0 - w["mean"]) @ w["basis"]
+    d = (w["centroids"] ** 2).sum(1) - 2.0 * z @ w["centroids"].T
+    np.testing.assert_array_equal(codes, d.argmin(axis=1))
+
+
+def test_full_fp32_turns_tf32_off_and_restores_it():
+    import torch
+
+    from tokshard.tokenizers.device import full_fp32
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with full_fp32():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        with full_fp32(enabled=False):
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

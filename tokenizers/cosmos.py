@@ -63,7 +63,7 @@ import torch
 
 from tokshard.errors import TokenizerError
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, canonical_json, sha256_hex
-from tokshard.tokenizers.device import host_to_device, pick_device
+from tokshard.tokenizers.device import full_fp32, host_to_device, pick_device
 from tokshard.tokenizers.options import as_bool, as_int
 
 ENCODER_FILE = "encoder.jit"
@@ -316,6 +316,11 @@ class _CosmosDiscrete(Tokenizer):
         return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
 
     def _encode_fixed(self, pixels: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
+        # "fp32" means float32 on a GPU too (TF32 convolutions change codes).
+        with full_fp32(self.precision == "fp32"):
+            return self._encode_padded(pixels, latent_shape)
+
+    def _encode_padded(self, pixels: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
         """Encode n <= batch_size samples in a batch of exactly batch_size (the last sample is
         repeated as padding), so a sample's codes never depend on how many others share its
         call: kernels that are picked by batch size always see the same size."""

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from tokshard.errors import TokenizerError
 from tokshard.tokenizers.base import Tokenizer, sha256_hex
-from tokshard.tokenizers.device import host_to_device, pick_device
+from tokshard.tokenizers.device import full_fp32, host_to_device, pick_device
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +30,11 @@ WEIGHTS_FILE = "model.safetensors"
 # (much faster than whole batches on CPU). Fixed, so the blocks depend only on where images
 # sit in a call, never on a setting or the machine.
 _STEP = 2
+# Near-tie margin, relative to the largest squared centroid norm (the distances' scale). The
+# float32 distances differ from exact ones by ~1e-6 of that scale (3.5e-4 absolute against a
+# scale of 233 on the default artifact, measured), and by other amounts on another BLAS or a
+# GPU; within 1e-4 of the row's minimum, codes are decided again in float64 (see _nearest).
+_TIE_MARGIN = 1e-4
 
 
 def _expected_shapes(cfg: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -82,6 +87,11 @@ class KMeansVQ(Tokenizer):
         self._basis_u8 = (self._basis / 255.0).T.contiguous().T
         self._mean_z = (self._mean @ self._basis).contiguous()
         self._centroid_sq = (self._centroids ** 2).sum(1)
+        self._tie = float(_TIE_MARGIN * self._centroid_sq.max()) if len(self._centroid_sq) else 0.0
+        w64 = {k: torch.from_numpy(self._weights[k].astype(np.float64)).to(self.device)
+               for k in ("mean", "basis", "centroids")}
+        self._basis64, self._mean64, self._centroids64 = w64["basis"], w64["mean"], w64["centroids"]
+        self._centroid_sq64 = (self._centroids64 ** 2).sum(1)
 
     # --- interface -------------------------------------------------------
     @property
@@ -119,23 +129,53 @@ class KMeansVQ(Tokenizer):
         # Fixed-size chunks: the codes of an image must not depend on which
         # other images share its batch (BLAS may pick kernels by batch size),
         # so callers that batch the same way get bit-identical codes.
-        for start in range(0, len(images), self.batch_size):
-            chunk = host_to_device(np.ascontiguousarray(images[start:start + self.batch_size]), self.device)
-            codes = torch.cat([self._nearest(chunk[i:i + _STEP]) for i in range(0, len(chunk), _STEP)])
-            out[start:start + len(chunk)] = codes.view(len(chunk), *self.grid_shape).cpu().numpy()
+        with full_fp32():
+            for start in range(0, len(images), self.batch_size):
+                chunk = host_to_device(np.ascontiguousarray(images[start:start + self.batch_size]), self.device)
+                blocks = [self._nearest(chunk[i:i + _STEP]) for i in range(0, len(chunk), _STEP)]
+                codes = torch.cat([c for c, _ in blocks])
+                rows = torch.cat([near for _, near in blocks]).nonzero().squeeze(1)
+                if len(rows):
+                    codes[rows.to(codes.device)] = self._exact(chunk, rows.to(chunk.device)).to(codes.device)
+                out[start:start + len(chunk)] = codes.view(len(chunk), *self.grid_shape).cpu().numpy()
         return out
 
-    def _nearest(self, images: torch.Tensor) -> torch.Tensor:
-        """Nearest centroid of every patch: argmin ||c||^2 - 2 z.c (||z||^2 is common to all)."""
+    def _nearest(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid of every patch by argmin ||c||^2 - 2 z.c (||z||^2 is common to all)
+        in float32, and which patches have a runner-up within the near-tie margin.
+
+        The codes `encode` keeps are those of exact arithmetic, whatever the device: float32
+        picks the nearest centroid wherever it is clear, and the near ties (~2% of patches)
+        are decided again in float64 by `_exact`. float32 sums in the order of the BLAS or
+        GPU kernel at hand, so on its own it flipped near ties between a CPU and a GPU (3 of
+        20 shards differed on an H200, bench/gpu.py).
+        """
         z = torch.addmm(self._mean_z, self._patches(images), self._basis_u8, beta=-1.0)
         # One fused matmul into a cache-sized distance block: the (patches x codes)
         # matrix is the whole cost, and three full-size temporaries made it memory-bound.
         d = torch.addmm(self._centroid_sq, z, self._centroids.T, beta=1.0, alpha=-2.0)
+        # The runner-up: the minimum once each row's minimum is set to +inf (one more pass).
         if d.device.type == "cpu":
-            # numpy's SIMD argmin is ~10x torch's CPU kernel here (a fifth of the
+            # numpy's SIMD argmin/min are ~10x torch's CPU kernels here (a fifth of the
             # encode time); same first-minimum rule, so the same codes.
-            return torch.from_numpy(d.numpy().argmin(axis=1))
-        return d.argmin(dim=1)
+            dn, at = d.numpy(), np.arange(len(d))
+            first = dn.argmin(axis=1)
+            low = dn[at, first]
+            dn[at, first] = np.inf
+            return torch.from_numpy(first), torch.from_numpy(dn.min(axis=1) <= low + self._tie)
+        low, codes = d.min(dim=1)
+        return codes, d.scatter_(1, codes[:, None], float("inf")).amin(dim=1) <= low + self._tie
+
+    def _exact(self, images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The nearest centroid of the patches `rows` (flat patch indices of `images`) in
+        float64 from the uint8 pixels: rounding errors ~1e-16 of the scale, so only
+        distances equal to ~13 digits could still be ordered differently by two machines."""
+        (h, w), p = self.grid_shape, self.patch_size
+        x = images.view(len(images), h, p, w, p, 3)
+        img, cell = rows // (h * w), rows % (h * w)
+        patches = x[img, cell // w, :, cell % w].reshape(len(rows), p * p * 3)   # as _patches lays them out
+        z = (patches.to(torch.float64) / 255.0 - self._mean64) @ self._basis64
+        return (self._centroid_sq64 - 2.0 * (z @ self._centroids64.T)).argmin(dim=1)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:

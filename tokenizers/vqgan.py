@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from tokshard.errors import TokenizerError
 from tokshard.tokenizers.base import Tokenizer, canonical_json
-from tokshard.tokenizers.device import host_to_device, pick_device
+from tokshard.tokenizers.device import full_fp32, host_to_device, pick_device
 from tokshard.tokenizers.options import as_bool, as_int
 from tokshard.tokenizers.vq_layers import LLAMAGEN, TAMING, Naming, VQAutoencoder, nearest_code
 
@@ -315,18 +315,20 @@ class VQGANTokenizer(Tokenizer):
         self.check_images(images)
         out = np.empty((len(images), *self._grid), dtype=np.int64)
         m = self.micro_batch
-        for start in range(0, len(images), self.batch_size):
-            chunk = host_to_device(_c_contiguous(images[start:start + self.batch_size]), self.device)
-            codes = []
-            for i in range(0, len(chunk), m):
-                part = chunk[i:i + m]
-                # Every network pass sees exactly m images, so kernels (and roundings) never
-                # depend on how many images came with this one.
-                if len(part) < m:
-                    part = torch.cat([part, part.new_zeros((m - len(part), *part.shape[1:]))])
-                codes.append(nearest_code(self.latents(part), self.model.quantize.embedding.weight,
-                                          self.l2_norm, fused=self.fused_distance)[:len(chunk) - i])
-            out[start:start + len(chunk)] = torch.cat(codes).cpu().numpy()
+        # "fp32" means float32 on a GPU too (TF32 convolutions change codes).
+        with full_fp32(self.precision == "fp32"):
+            for start in range(0, len(images), self.batch_size):
+                chunk = host_to_device(_c_contiguous(images[start:start + self.batch_size]), self.device)
+                codes = []
+                for i in range(0, len(chunk), m):
+                    part = chunk[i:i + m]
+                    # Every network pass sees exactly m images, so kernels (and roundings) never
+                    # depend on how many images came with this one.
+                    if len(part) < m:
+                        part = torch.cat([part, part.new_zeros((m - len(part), *part.shape[1:]))])
+                    codes.append(nearest_code(self.latents(part), self.model.quantize.embedding.weight,
+                                              self.l2_norm, fused=self.fused_distance)[:len(chunk) - i])
+                out[start:start + len(chunk)] = torch.cat(codes).cpu().numpy()
         return out
 
     @torch.inference_mode()
