@@ -13,7 +13,7 @@
 
     python bench/codec_decode.py [--rounds N]
 
-Prints a markdown section; it does not write bench/RESULTS.md.
+Writes its table into bench/RESULTS.md under its heading.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import time
 
 import numpy as np
+from results_md import publish  # bench/ is the script's folder, so on sys.path
 
 from tokshard.pipeline.format.codecs import TokenCodec, get_codec
 
@@ -101,8 +102,7 @@ def main() -> int:
     ]
     if affinity:
         os.sched_setaffinity(0, affinity)
-    print("\n".join(lines))
-    print(f"(bench took {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    publish(HEADING, "\n".join(lines), t0)
     return 0
 
 

@@ -115,8 +115,11 @@ def test_batch_equals_single(name, vocab, data):
     for d, s, x in zip(decoded, singles, batch):
         assert d.dtype == s.dtype == token_dtype(vocab)
         assert np.array_equal(d, s) and np.array_equal(d, x.astype(np.int64))
-    if same and batch:
+    if same:
         assert all(np.array_equal(a, b) for a, b in zip(c.decode_batch(payloads, length), singles))
+        matrix = c.decode_matrix(payloads, length)      # what the loader decodes a batch with
+        assert matrix.shape == (len(batch), length) and matrix.dtype == token_dtype(vocab)
+        assert np.array_equal(matrix, np.array(singles).reshape(len(batch), length))
 
 
 def test_decode_batch_count_mismatch():

@@ -257,7 +257,7 @@ class TokenDataset:
         if tokens.dtype != object:
             return tokens.reshape(len(tokens), *self.sample_shape)
         try:
-            rows = self.codec.decode_batch(list(tokens), self.tokens_per_sample)
+            rows = self.codec.decode_matrix(list(tokens), self.tokens_per_sample)
         except CodecError:
             # Name the culprit: decode one by one to find it.
             for j, payload in enumerate(tokens):
@@ -266,8 +266,7 @@ class TokenDataset:
                 except CodecError as e:
                     raise self._sample_error(None if ids is None else int(ids[j]), e) from None
             raise
-        return (np.stack(rows) if rows else np.empty((0, self.tokens_per_sample), self.token_dtype)) \
-            .reshape(len(tokens), *self.sample_shape)
+        return rows.reshape(len(tokens), *self.sample_shape)
 
     def _sample_error(self, sample_id: int | None, err: Exception) -> ShardError:
         if sample_id is None:

@@ -34,9 +34,7 @@ import json
 import math
 import os
 import traceback
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +56,7 @@ from tokshard.pipeline.stream.order import (
     rank_slice,
     shard_order,
 )
+from tokshard.pipeline.stream.shard_rows import ShardRows
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.augment import Augmentation
@@ -135,68 +134,35 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
                for c in columns}}, True
 
 
-class _Stream:
+def _as_is(batch: Any) -> Any:
+    """The DataLoader's collate_fn: batches come out of the workers finished. (Its default,
+    default_convert, walks every list element, the keys and captions of each batch: a
+    fifth of a worker's time.)"""
+    return batch
+
+
+class _Stream(ShardRows):
     """One epoch segment of the global stream: shard order, positions -> rows."""
 
     def __init__(self, ds: TokenDataset, order: np.ndarray, on_error: str, prefetch: int,
                  columns: tuple[str, ...] = ()):
+        super().__init__(prefetch)
         self.ds, self.order, self.on_error, self.columns = ds, order, on_error, columns
+        self.prefetch = prefetch
         sizes = ds.shard_sizes[order]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.loaded: OrderedDict[int, dict] = OrderedDict()
-        self.skipped_shards: list[str] = []
-        self.prefetch = prefetch
-        self._pool = ThreadPoolExecutor(1) if prefetch > 0 else None
-        self._futures: dict[int, Future[dict]] = {}
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _load(self, k: int) -> dict:
+    def load(self, k: int) -> dict:
         i = int(self.order[k])
         cols, skipped = load_rows(self.ds, i, self.columns, self.on_error)
         if skipped:
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
 
-    def shard(self, k: int) -> dict:
-        """Shard k (stream order), loaded until `release`d."""
-        if k not in self.loaded:
-            fut = self._futures.pop(k, None)
-            self.loaded[k] = fut.result() if fut is not None else self._load(k)
-        return self.loaded[k]
-
-    def shard_ids(self, positions: np.ndarray) -> np.ndarray:
-        """The shard (stream order) of each global position."""
-        return np.searchsorted(self.bounds, positions, side="right") - 1
-
-    def prefetch_shards(self, shards: Sequence[int]) -> None:
-        """Start loading these shards in the background (the next ones needed)."""
-        if self._pool is None:
-            return
-        for k in shards:
-            if k not in self.loaded and k not in self._futures:
-                self._futures[k] = self._pool.submit(self._load, k)
-
-    def release(self, shards: Iterable[int]) -> None:
-        for k in shards:
-            self.loaded.pop(k, None)
-
-    def rows(self, positions: np.ndarray) -> dict:
-        """Columns for arbitrary (at least one) global positions, grouped by shard."""
-        ks = self.shard_ids(positions)
-        out: dict | None = None
-        for k in np.unique(ks):
-            sel = np.nonzero(ks == k)[0]
-            cols = self.shard(int(k))
-            part = {c: v[positions[sel] - self.bounds[k]] for c, v in cols.items()}
-            if out is None:
-                out = {c: np.empty((len(positions), *v.shape[1:]), v.dtype) for c, v in part.items()}
-            for c, v in part.items():
-                out[c][sel] = v
-        assert out is not None   # positions is never empty
-        return out
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shard (stream order) of each global position, and its row there."""
+        k = np.searchsorted(self.bounds, positions, side="right") - 1
+        return k, positions - self.bounds[k]
 
 
 class TokenIterable(IterableDataset):
@@ -569,7 +535,8 @@ class TokenLoader:
             source = it.batches()
         else:
             source = DataLoader(_CarryErrors(it), batch_size=None, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                collate_fn=_as_is, pin_memory=self.pin_memory,
+                                prefetch_factor=self.prefetch_factor,
                                 multiprocessing_context=self.mp_context, persistent_workers=False)
         batches = iter(source)
         error: TokshardError | None = None

@@ -35,6 +35,7 @@ import numpy as np
 
 from tokshard.errors import UsageError
 from tokshard.pipeline.stream.order import key64, permutation
+from tokshard.pipeline.stream.shard_rows import ShardRows
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.access import TokenSubset
@@ -164,7 +165,22 @@ class TokenMixture:
         return self.datasets[0].class_names if self.label_names is not None else None
 
     def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        return tokens.reshape(len(tokens), *self.sample_shape)      # decoded when read
+        """A batch's coded tokens (from any streams; `ids` say which) -> (n, *sample_shape)
+        token ids, each stream's decoded by its own codec."""
+        if tokens.dtype != object:
+            return tokens.reshape(len(tokens), *self.sample_shape)
+        if ids is None:
+            raise ValueError("a mixture decodes tokens by the ids that say their streams")
+        streams = np.searchsorted(self.offsets, ids, side="right") - 1
+        out = np.empty((len(tokens), *self.sample_shape), self.token_dtype)
+        for s in np.unique(streams).tolist():
+            sel = np.flatnonzero(streams == s)
+            ds, coded = self.datasets[s], tokens[sel]
+            if ds.codec.name == "raw":        # rows stored as they are (see _MixStream.load)
+                out[sel] = np.stack(list(coded)).reshape(len(sel), *self.sample_shape)
+            else:
+                out[sel] = ds.decode_tokens(coded, ids[sel] - self.offsets[s])
+        return out
 
     # -- the epoch plan -------------------------------------------------------------------
     def window(self, s: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
@@ -205,7 +221,7 @@ class TokenMixture:
     def epoch_stream(self, epoch: int, seed: int, shuffle: bool, on_error: str, prefetch: int,
                      columns: tuple[str, ...]) -> _MixStream:
         streams, ids = self.epoch_plan(epoch, seed, shuffle)
-        return _MixStream(self, streams, ids, on_error, columns)
+        return _MixStream(self, streams, ids, on_error, columns, prefetch)
 
     # -- training --------------------------------------------------------------------------
     def iterable(self, batch_size: int = 256, **options: Any) -> TokenIterable:
@@ -220,71 +236,47 @@ class TokenMixture:
         return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers, **kw)
 
 
-class _MixStream:
+class _MixStream(ShardRows):
     """A mixture epoch's positions -> rows (the loader's `_Stream` for a mixture): shards of
     every stream, tokens decoded as they are read, kept until the loader releases them."""
 
     def __init__(self, mix: TokenMixture, streams: np.ndarray, ids: np.ndarray, on_error: str,
-                 columns: tuple[str, ...]):
+                 columns: tuple[str, ...], prefetch: int = 0):
+        super().__init__(prefetch)
         self.mix, self.streams, self.ids, self.on_error, self.columns = mix, streams, ids, on_error, columns
-        self.loaded: dict[tuple[int, int], dict] = {}
-        self.skipped_shards: list[str] = []
 
-    def close(self) -> None:
-        pass
+    def key(self, shard: int) -> tuple[int, int]:
+        return divmod(shard, _STREAM_SHIFT)   # (stream, shard in its dataset)
 
-    def shard_ids(self, positions: np.ndarray) -> np.ndarray:
-        """An id of the (stream, shard) each position is read from."""
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An id of the (stream, shard) each position is read from, and its row there."""
         streams, ids = self.streams[positions], self.ids[positions]
-        out = np.empty(len(positions), np.int64)
+        shard, row = np.empty(len(positions), np.int64), np.empty(len(positions), np.int64)
         for s in np.unique(streams):
             sel = streams == s
-            out[sel] = int(s) * _STREAM_SHIFT + np.searchsorted(
-                self.mix.datasets[int(s)].shard_offsets, ids[sel], side="right") - 1
-        return out
+            offsets = self.mix.datasets[int(s)].shard_offsets
+            k = np.searchsorted(offsets, ids[sel], side="right") - 1
+            shard[sel], row[sel] = int(s) * _STREAM_SHIFT + k, ids[sel] - offsets[k]
+        return shard, row
 
-    def prefetch_shards(self, shards: Sequence[int]) -> None:
-        pass               # (shards of a mixture are read when first needed)
-
-    def release(self, shards: Any) -> None:
-        for shard in shards:
-            self.loaded.pop(divmod(int(shard), _STREAM_SHIFT), None)
-
-    def _shard(self, s: int, k: int) -> dict:
-        hit = self.loaded.get((s, k))
-        if hit is not None:
-            return hit
+    def load(self, shard: int) -> dict:
         from tokshard.pipeline.stream.loader import load_rows
+        s, k = self.key(shard)
         ds = self.mix.datasets[s]
         n = int(ds.shard_sizes[k])
-        cols, skipped = load_rows(ds, k, self.columns, self.on_error, decode_to=self.mix.token_dtype)
+        # Tokens stay coded until their batch is decoded (TokenMixture.decode_tokens), as a
+        # dataset's do; a raw codec's rows become objects too, so every stream's shards
+        # gather alike.
+        cols, skipped = load_rows(ds, k, self.columns, self.on_error)
         if skipped:
             self.skipped_shards.append(f"stream {s}: {ds.shard_names[k]}")
+        if cols["tokens"].dtype != object:
+            coded = np.empty(n, object)
+            coded[:] = list(cols["tokens"])
+            cols["tokens"] = coded
         cols["id"] = cols["id"] + self.mix.offsets[s]
         cols["stream"] = np.full(n, s, np.int64)
-        self.loaded[(s, k)] = cols          # until the loader releases it
         return cols
-
-    def rows(self, positions: np.ndarray) -> dict:
-        positions = np.asarray(positions, np.int64)
-        streams, ids = self.streams[positions], self.ids[positions]
-        out: dict | None = None
-        for s in np.unique(streams):
-            ds = self.mix.datasets[int(s)]
-            in_s = np.nonzero(streams == s)[0]
-            shard = np.searchsorted(ds.shard_offsets, ids[in_s], side="right") - 1
-            # Shards in the order the positions first meet them, so the LRU follows the stream.
-            for k in shard[np.sort(np.unique(shard, return_index=True)[1])]:
-                sel = in_s[shard == k]
-                cols = self._shard(int(s), int(k))
-                rows = ids[sel] - ds.shard_offsets[k]
-                if out is None:
-                    out = {c: np.empty((len(positions), *v.shape[1:]), v.dtype) for c, v in cols.items()}
-                for c, v in cols.items():
-                    out[c][sel] = v[rows]
-        assert out is not None   # positions is never empty
-        return out
-
 
 
 def mix(streams: Sequence[TokenDataset | TokenSubset | str | Stream], weights: Sequence[float] | None = None, *,

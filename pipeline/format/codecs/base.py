@@ -176,6 +176,11 @@ class TokenCodec(abc.ABC):
                      n_tokens: int | Sequence[int]) -> list[np.ndarray]:
         return [self.decode(p, n) for p, n in zip(payloads, self._counts(payloads, n_tokens))]
 
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+        """`decode_batch` of samples that all hold `n_tokens`, as one (len(payloads), n_tokens) array."""
+        rows = self.decode_batch(payloads, n_tokens)
+        return np.stack(rows) if rows else np.empty((0, _count(n_tokens)), self.dtype)
+
     # -- helpers for subclasses ---------------------------------------------------
     def _counts(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int]) -> list[int]:
         if isinstance(n_tokens, (int, np.integer)):

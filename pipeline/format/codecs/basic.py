@@ -223,10 +223,22 @@ class ZstdCodec(TokenCodec):
         rows = self._decode_batch_checked(views, counts)
         if rows is None:
             return [self.decode(v, n) for v, n in zip(views, counts)]
-        return rows
+        return list(rows) if isinstance(rows, np.ndarray) else rows
 
-    def _decode_batch_checked(self, views: list[bytes | memoryview], counts: list[int]) -> list[np.ndarray] | None:
-        """decode_batch's fast path: the rows, or None where `decode` must take over to name the error."""
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+        counts = self._counts(payloads, n_tokens)
+        if not counts:
+            return np.empty((0, _count(n_tokens)), self.dtype)
+        views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
+        rows = self._decode_batch_checked(views, counts)
+        if isinstance(rows, np.ndarray):
+            return rows                      # already one array: no np.stack copy
+        return np.stack([self.decode(v, n) for v, n in zip(views, counts)])
+
+    def _decode_batch_checked(self, views: list[bytes | memoryview],
+                              counts: list[int]) -> np.ndarray | list[np.ndarray] | None:
+        """decode_batch's fast path: the rows (one (B, n) array where every count is n), or
+        None where `decode` must take over to name the error."""
         _, dctx, empty = self._contexts()
         sizes = [n * self.dtype.itemsize for n in counts]
         try:
@@ -258,7 +270,7 @@ class ZstdCodec(TokenCodec):
             return None
         n = counts[0]
         if counts.count(n) == len(counts):
-            return list(flat.reshape(len(counts), n))   # rows of one (B, n) array
+            return flat.reshape(len(counts), n)   # one (B, n) array: decode_batch lists its rows
         ends = np.cumsum(counts).tolist()
         return [flat[e - k:e] for e, k in zip(ends, counts)]
 
