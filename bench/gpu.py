@@ -21,8 +21,9 @@ Parts (each a function below):
   with and without TF32), whether a second GPU run repeats the codes exactly, and whether
   an image's codes depend on the other images of its batch.
 - convert: `convert` of ~5,000 JPEGs (img2dataset tars) with the default tokenizer on the
-  GPU and on the CPU, and with taming's VQGAN on the GPU in bf16; images/s, and whether
-  the GPU's shards are byte-identical to the CPU's.
+  GPU and on the CPU, and with taming's VQGAN on the GPU in bf16, decoding ahead across
+  units (the local engine's GPU default) and one unit at a time; images/s, and whether the
+  GPU's shards are byte-identical to the CPU's and the two engine modes' to each other.
 - nvjpeg: `torchvision.io.decode_jpeg(device="cuda")` on batches of the same JPEGs (and a
   resize to 256 on the GPU) against simplejpeg on one CPU core.
 - loader: `loader(pin_memory=...)` moving batches to the GPU, samples/s.
@@ -282,6 +283,7 @@ def differing_files(a: Path, b: Path) -> dict[str, Any]:
 
 def convert_part(run: Run) -> dict:
     import tokshard
+    from tokshard.pipeline.convert.engines.local import LocalEngine
     from tokshard.tokenizers.vqgan import TamingVQGAN
     tmp = run.work
     src = make_source(tmp, run.quick)
@@ -302,13 +304,20 @@ def convert_part(run: Run) -> dict:
         sd, arch = random_weights(TamingVQGAN)
         art = tmp / "taming"
         TamingVQGAN(sd, arch, device="cpu").save(art)
-        for label, opts in (("taming_fp32_mb4", {}),
-                            ("taming_bf16_cl_mb32", {"precision": "bf16", "channels_last": "true",
-                                                     "micro_batch": "32", "batch_size": "128"})):
-            wall, res = timed_convert(src, tmp / label, decode_workers=workers, tokenizer="vqgan-taming",
-                                      tokenizer_options={"path": str(art), "device": run.device, **opts})
+        opts = {"precision": "bf16", "channels_last": "true", "micro_batch": "32", "batch_size": "128"}
+        # The local engine decodes ahead across units where the tokenizer is on a GPU; the
+        # same convert one unit at a time, for the difference.
+        for label, ahead in (("taming_bf16_cl_mb32", None), ("taming_bf16_cl_mb32_one_unit_at_a_time", False)):
+            LocalEngine.ahead = ahead
+            try:
+                wall, res = timed_convert(src, tmp / label, decode_workers=workers, tokenizer="vqgan-taming",
+                                          tokenizer_options={"path": str(art), "device": run.device, **opts})
+            finally:
+                LocalEngine.ahead = None
             out[label] = {"wall_s": round(wall, 2), "images_s": round(n / wall),
                           "converted": len(tokshard.open(str(tmp / label)))}
+        diff = differing_files(tmp / "taming_bf16_cl_mb32", tmp / "taming_bf16_cl_mb32_one_unit_at_a_time")
+        out["ahead_equals_one_unit_at_a_time_bytes"] = not diff
     return out
 
 
@@ -473,7 +482,10 @@ def section(res: dict) -> str:
             if isinstance(v, dict) and "wall_s" in v:
                 lines.append(f"| {k.replace('_', ' ')} | {v['wall_s']} | {v['images_s']:,} |")
         lines += ["", f"Default tokenizer: shards and manifest on the GPU byte-identical to the CPU's: "
-                      f"{'yes' if cv.get('default_gpu_equals_cpu_bytes') else 'NO'}.", ""]
+                      f"{'yes' if cv.get('default_gpu_equals_cpu_bytes') else 'NO'}."
+                  + (f" Decoding ahead across units byte-identical to one unit at a time: "
+                     f"{'yes' if cv['ahead_equals_one_unit_at_a_time_bytes'] else 'NO'}."
+                     if "ahead_equals_one_unit_at_a_time_bytes" in cv else ""), ""]
     elif cv:
         lines += [f"Convert: {cv.get('error') or cv.get('skipped')}", ""]
     nj = res.get("nvjpeg", {})

@@ -217,8 +217,17 @@ def test_folder_non_images_and_unreadable_parquet(tmp_path, photo_jpegs, tokeniz
     assert result["dataset"]["skipped_by_reason"] == {"empty_file": 1, "not_an_image": 1}
 
 
+@pytest.fixture(params=[False, True], ids=["one-unit-at-a-time", "decode-ahead"])
+def local_ahead(request, monkeypatch):
+    """Both ways the local engine runs: units one at a time (the CPU default) and decoding
+    ahead across units (the default where the tokenizer is on a GPU)."""
+    from tokshard.pipeline.convert.engines.local import LocalEngine
+    monkeypatch.setattr(LocalEngine, "ahead", request.param)
+    return request.param
+
+
 def test_failed_unit_leaves_no_visible_partial_output_and_resumes(tmp_path, photo_tars, tokenizer_dir,
-                                                                  monkeypatch):
+                                                                  monkeypatch, local_ahead):
     import tokshard.pipeline.convert.stages as worker
     from tokshard.errors import JobError
     real = worker.atomic_write
@@ -247,7 +256,8 @@ def test_failed_unit_leaves_no_visible_partial_output_and_resumes(tmp_path, phot
     assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
 
 
-def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tokenizer_dir, monkeypatch):
+def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tokenizer_dir, monkeypatch,
+                                                        local_ahead):
     import tokshard.pipeline.convert.stages as worker
     real = worker.atomic_write
     calls = {"n": 0}
@@ -264,6 +274,39 @@ def test_a_transient_failure_is_retried_within_the_run(tmp_path, photo_tars, tok
     monkeypatch.setattr(worker, "atomic_write", real)
     convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
     assert (out / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
+
+
+def test_a_unit_that_fails_while_read_is_retried_alone_and_the_others_are_unchanged(
+        tmp_path, photo_tars, tokenizer_dir, monkeypatch, local_ahead):
+    # A source shard that cannot be read, once (retried) or always (that unit fails for
+    # good): while decoding runs ahead, the next units go on and come out byte-identical.
+    import tokshard.pipeline.convert.stages as worker
+    from tokshard.errors import JobError
+    real = worker.read_unit
+    reads: Counter = Counter()
+    always = False
+
+    def flaky(unit, *args, **kwargs):
+        name = Path(unit.url).name
+        reads[name] += 1
+        if name == "00001.tar" and (always or reads[name] == 1):
+            raise OSError("connection reset")
+        return real(unit, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "read_unit", flaky)
+    convert(convert_config([photo_tars], tmp_path / "once", tokenizer_dir), quiet=True)
+    assert reads["00001.tar"] == 2
+    always = True
+    with pytest.raises(JobError, match=r"1 of 3 shards failed after 3 attempts .*connection reset"):
+        convert(convert_config([photo_tars], tmp_path / "always", tokenizer_dir), quiet=True)
+    monkeypatch.setattr(worker, "read_unit", real)
+    convert(convert_config([photo_tars], tmp_path / "clean", tokenizer_dir), quiet=True)
+    clean = tmp_path / "clean"
+    assert (tmp_path / "once" / "manifest.parquet").read_bytes() == (clean / "manifest.parquet").read_bytes()
+    for shard in ("000000", "000002"):
+        assert (tmp_path / "always" / "shards" / f"{shard}.parquet").read_bytes() == \
+            (clean / "shards" / f"{shard}.parquet").read_bytes()
+    assert not (tmp_path / "always" / "shards" / "000001.parquet").exists()
 
 
 def test_where_keeps_only_selected_source_samples(tmp_path, photo_tars, tokenizer_dir):
