@@ -46,8 +46,8 @@ def main() -> int:
         tmp = Path(tmp)
         _, tokens = loader_bench.convert_photos(tmp)
         n_small = len(tokshard.open(tokens))
-        loader_bench.REPEAT = -(-TARGET_SAMPLES // n_small)
-        big = loader_bench.repeat_manifest(tokens, tmp / "big")
+        repeat = -(-TARGET_SAMPLES // n_small)
+        big = loader_bench.repeat_manifest(tokens, tmp / "big", repeat)
         ds = tokshard.open(big)
         n = len(ds)
         rng = np.random.default_rng(0)
@@ -91,7 +91,7 @@ def main() -> int:
         f"_{datetime.date.today().isoformat()}, `python bench/access.py`, one process (torch 1 thread), "
         f"{os.cpu_count()}-core machine. {n:,} samples ({n_small:,} real images converted with the default "
         f"tokenizer, 16x16 tokens, zstd Parquet shards of {shard_samples} samples, listed "
-        f"{loader_bench.REPEAT} times: {shards} shards); {LOOKUPS:,} uniformly random ids._", "",
+        f"{repeat} times: {shards} shards); {LOOKUPS:,} uniformly random ids._", "",
         "| lookup | lookups/s | vs in-memory columns |",
         "|---|---:|---:|",
         f"| in-memory decoded columns (`tokens[i]` + the same dict, metadata parsed; baseline) | "

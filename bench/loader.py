@@ -62,14 +62,14 @@ def build(tmp: Path) -> tuple[Path, Path, Path]:
     return src, out, repeat_manifest(out, tmp / "big")
 
 
-def repeat_manifest(src: Path, dest: Path) -> Path:
-    """A dataset whose manifest lists every shard of `src` REPEAT times."""
+def repeat_manifest(src: Path, dest: Path, repeat: int = REPEAT) -> Path:
+    """A dataset whose manifest lists every shard of `src` `repeat` times."""
     from tokshard.schemas.v1 import METADATA_KEY
     table = pq.read_table(src / "manifest.parquet")
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     rows = []
     (dest / "shards").mkdir(parents=True)
-    for r in range(REPEAT):
+    for r in range(repeat):
         for row in table.to_pylist():
             # Hard links: a dataset's paths stay inside its root (docs/security.md), and
             # the copies cost no disk.
@@ -77,7 +77,7 @@ def repeat_manifest(src: Path, dest: Path) -> Path:
             os.link(src / row["path"], dest / path)
             rows.append({**row, "shard": f"{r:03d}-{row['shard']}", "path": path})
     meta["shards"] = len(rows)
-    meta["totals"] = {k: v * REPEAT for k, v in meta["totals"].items()}
+    meta["totals"] = {k: v * repeat for k, v in meta["totals"].items()}
     (dest / "codec").mkdir()
     if meta.get("codec_state"):
         (dest / meta["codec_state"]).write_bytes((src / meta["codec_state"]).read_bytes())

@@ -43,10 +43,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tokshard-bench-") as tmp:
         tmp = Path(tmp)
         _, tokens = loader_bench.convert_photos(tmp)
-        paths = []
-        for name, repeat in (("a", 20), ("b", 30), ("c", 40)):
-            loader_bench.REPEAT = repeat
-            paths.append(loader_bench.repeat_manifest(tokens, tmp / name))
+        paths = [loader_bench.repeat_manifest(tokens, tmp / name, repeat)
+                 for name, repeat in (("a", 20), ("b", 30), ("c", 40))]
         a, b, c = (tokshard.open(p) for p in paths)
         kw = dict(shuffle_buffer=10_000, rank=0, world_size=1, seed=0, columns=["caption"])
         single, sn = loader_bench.loader_rate(c.loader(BATCH, **kw), SAMPLES)

@@ -79,6 +79,24 @@ def test_token_dtype():
             token_dtype(bad)
 
 
+def run_in_threads(work, threads: int = 4) -> None:
+    """`work()` in `threads` threads at once; any error one of them raises fails the test."""
+    errors: list[BaseException] = []
+
+    def guarded():
+        try:
+            work()
+        except BaseException as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    running = [threading.Thread(target=guarded) for _ in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    assert not errors, errors
+
+
 def assert_round_trip(c, x) -> None:
     flat = x.reshape(-1)
     payload = c.encode(x)
@@ -384,23 +402,14 @@ def test_pickle_and_threads(name):
     expected = c.encode_batch(xs)
     c2 = pickle.loads(pickle.dumps(c))
     assert c2.encode_batch(xs) == expected and c2.describe() == c.describe()
-    errors: list[BaseException] = []
 
     def work():
-        try:
-            for _ in range(5):
-                assert c.encode_batch(xs) == expected
-                for p, x in zip(expected, xs):
-                    assert np.array_equal(c.decode(p, x.size), x)
-        except BaseException as e:   # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(5):
+            assert c.encode_batch(xs) == expected
+            for p, x in zip(expected, xs):
+                assert np.array_equal(c.decode(p, x.size), x)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work)
 
 
 # -- zstd decode_batch: the batch path equals decode, checks included -----------------------
@@ -590,21 +599,12 @@ def test_zstd_decode_batch_threads(name):
     c = codec(name, 1024)
     xs = _samples(1024, n=64, length=256, seed=12)
     payloads = c.encode_batch(xs)
-    errors: list[BaseException] = []
 
     def work():
-        try:
-            for _ in range(10):
-                assert all(np.array_equal(y, x) for y, x in zip(c.decode_batch(payloads, 256), xs))
-        except BaseException as e:   # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(10):
+            assert all(np.array_equal(y, x) for y, x in zip(c.decode_batch(payloads, 256), xs))
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(work)
 
 
 def test_zstd_decode_batch_checks_decompressed_lengths(monkeypatch):

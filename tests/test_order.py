@@ -9,7 +9,6 @@ from tokshard.pipeline.stream.order import (
     consumed_positions,
     mix64,
     permutation,
-    plan_chunks,
     plan_length,
     plan_lookup,
     plan_positions,
@@ -24,11 +23,11 @@ def run_shuffle(length, size, key, chunks):
     fed = 0
     for c in chunks:
         c = min(c, length - fed)
-        out += s.feed(c).positions.tolist()
+        out += s.feed(c).tolist()
         fed += c
     if fed < length:
-        out += s.feed(length - fed).positions.tolist()
-    return out + s.drain().positions.tolist()
+        out += s.feed(length - fed).tolist()
+    return out + s.drain().tolist()
 
 
 @settings(max_examples=60, deadline=None)
@@ -76,11 +75,6 @@ def test_mixed_plans_slice_and_chunk_at_shard_boundaries():
     assert plan_positions(plan, 0, plan_length(plan)).tolist() == list(range(10)) + [42, 17, 3] + list(range(20, 25))
     assert plan_positions(plan, 8, 14).tolist() == [8, 9, 42, 17, 3, 20]
     assert plan_lookup(plan, np.array([13, 0, 11, 9])).tolist() == [20, 0, 17, 9]
-    bounds = np.array([0, 4, 12, 30, 50])
-    chunks = list(plan_chunks(plan, bounds))
-    assert chunks[0] == (0, (0, 4)) and chunks[1] == (4, (4, 10))
-    assert chunks[2][0] == 10 and chunks[2][1].tolist() == [42, 17, 3]
-    assert chunks[3] == (13, (20, 25))
 
 
 def test_shard_order_is_keyed_and_stable():

@@ -106,17 +106,13 @@ def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tupl
     return names, tuple(dict.fromkeys(stored))
 
 
-def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
-              decode_to: np.dtype | None = None) -> tuple[dict, bool]:
+def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str) -> tuple[dict, bool]:
     """(shard i's columns, with "valid" and the stored `columns` (metadata parsed); whether it
-    was skipped). Tokens stay coded, or are decoded to (n, T) `decode_to` rows. With
-    on_error="skip", a shard that cannot be read is stand-in rows marked invalid, which
-    batches leave out."""
+    was skipped). Tokens stay coded; batches decode them. With on_error="skip", a shard that
+    cannot be read is stand-in rows marked invalid, which batches leave out."""
     n = int(ds.shard_sizes[i])
     try:
         cols = dict(ds.read_shard(i, columns))
-        if decode_to is not None:
-            cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"]).reshape(n, -1).astype(decode_to)
         if "meta" in cols:
             cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i])
         cols["valid"] = np.ones(n, bool)
@@ -124,10 +120,10 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
     except ShardError:
         if on_error != "skip":
             raise
-    if decode_to is None and ds.codec.name != "raw":
+    if ds.codec.name != "raw":
         tokens = np.empty(n, object)
     else:
-        tokens = np.zeros((n, ds.tokens_per_sample), decode_to or ds.token_dtype)
+        tokens = np.zeros((n, ds.tokens_per_sample), ds.token_dtype)
     return {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
             "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1]), "valid": np.zeros(n, bool),
             **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
@@ -174,7 +170,6 @@ class _Stream(ShardRows):
                  columns: tuple[str, ...] = ()):
         super().__init__(prefetch)
         self.ds, self.order, self.on_error, self.columns = ds, order, on_error, columns
-        self.prefetch = prefetch
         sizes = ds.shard_sizes[order]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -368,8 +363,7 @@ class TokenIterable(IterableDataset):
         virtual = np.concatenate([emit[b * bs: min((b + 1) * bs, limit)] for b in own])
         sizes = [min((b + 1) * bs, limit) - b * bs for b in own]
         ends = np.cumsum(sizes)
-        positions = plan_lookup(span, virtual)
-        shards = stream.shard_ids(positions)
+        shards, local = stream.locate(plan_lookup(span, virtual))
         # The last of this worker's batches that needs each shard, and the order shards are
         # first needed in (what to prefetch next).
         batch_of = np.repeat(np.arange(len(own)), sizes)
@@ -387,7 +381,7 @@ class TokenIterable(IterableDataset):
             while nxt < len(needed) and first_batch[nxt] <= j:
                 nxt += 1
             stream.prefetch_shards(needed[nxt: nxt + self.prefetch])
-            rows = stream.rows(positions[lo:hi])
+            rows = stream.rows(shards[lo:hi], local[lo:hi])
             rows["pad"] = virtual[lo:hi] >= real
             yield from self._report([self._finish(b, rows)], stream)
             stream.release(release.get(j, ()))

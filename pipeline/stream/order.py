@@ -25,8 +25,6 @@ The model:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -128,38 +126,7 @@ def even_rank_slice(plan: Plan, rank: int, world_size: int) -> tuple[Plan, int]:
     return (*span, plan_positions(plan, j, j + 1)), n
 
 
-def plan_chunks(plan: Plan, boundaries: np.ndarray,
-                max_chunk: int = 4096) -> Iterator[tuple[int, tuple[int, int] | np.ndarray]]:
-    """Split a plan into (virtual start, global positions or (a, b) range) chunks
-    that never cross a shard boundary when they are ranges, so a range chunk is
-    served by one shard. `boundaries` are the global start positions of the
-    shards in stream order plus the total."""
-    offset = 0
-    for seg in plan:
-        if isinstance(seg, tuple):
-            a, b = seg
-            while a < b:
-                shard_end = int(boundaries[np.searchsorted(boundaries, a, side="right")])
-                e = min(b, shard_end)
-                yield offset, (a, e)
-                offset += e - a
-                a = e
-        else:
-            for i in range(0, len(seg), max_chunk):
-                part = np.asarray(seg[i:i + max_chunk], np.int64)
-                yield offset, part
-                offset += len(part)
-
-
 # -- the in-rank buffer shuffle ---------------------------------------------------
-
-@dataclass
-class Emitted:
-    """Outputs of one feed: virtual positions and the buffer slot each left from
-    (-1: it never entered the buffer, i.e. shuffling is off)."""
-    positions: np.ndarray
-    slots: np.ndarray
-
 
 class BufferShuffle:
     """Index-level streaming shuffle over virtual positions 0..length-1."""
@@ -169,15 +136,14 @@ class BufferShuffle:
         self.buf: list[int] = []
         self.fed = 0
 
-    def feed(self, n: int) -> Emitted:
-        """Let the next `n` positions enter; returns what leaves meanwhile."""
+    def feed(self, n: int) -> np.ndarray:
+        """Let the next `n` positions enter; returns the positions that leave meanwhile."""
         start, stop = self.fed, self.fed + n
         self.fed = stop
         if self.size == 0:
-            pos = np.arange(start, stop, dtype=np.int64)
-            return Emitted(pos, np.full(n, -1, np.int64))
+            return np.arange(start, stop, dtype=np.int64)
         buf, size = self.buf, self.size
-        out, slots = [], []
+        out = []
         i = start
         fill = min(stop, start + max(size - len(buf), 0))
         if i < fill:
@@ -187,22 +153,14 @@ class BufferShuffle:
             picks = (mix64(self.key, np.arange(i, stop, dtype=np.uint64)) % np.uint64(size)).tolist()
             for p, j in zip(range(i, stop), picks):
                 out.append(buf[j])
-                slots.append(j)
                 buf[j] = p
-        return Emitted(np.asarray(out, np.int64), np.asarray(slots, np.int64))
+        return np.asarray(out, np.int64)
 
-    def drain(self) -> Emitted:
+    def drain(self) -> np.ndarray:
         """The buffer's remaining positions, in a keyed random order."""
         if self.size == 0:
-            return Emitted(np.empty(0, np.int64), np.empty(0, np.int64))
-        slots = permutation(self.key ^ 0x7A11, len(self.buf))
-        return Emitted(np.asarray(self.buf, np.int64)[slots], slots.astype(np.int64))
-
-    def outputs_of_feed(self, n: int) -> int:
-        """How many positions leave during feed(n), known without feeding."""
-        if self.size == 0:
-            return n
-        return max(len(self.buf) + n - self.size, 0)
+            return np.empty(0, np.int64)
+        return np.asarray(self.buf, np.int64)[permutation(self.key ^ 0x7A11, len(self.buf))]
 
     def fast_forward(self, outputs: int) -> int:
         """Feed, without data, until `outputs` positions have left or every
@@ -211,7 +169,7 @@ class BufferShuffle:
         while self.fed < self.length and emitted < outputs:
             free = self.size - len(self.buf)
             step = free if free > 0 else outputs - emitted
-            emitted += len(self.feed(min(step, self.length - self.fed)).positions)
+            emitted += len(self.feed(min(step, self.length - self.fed)))
         return emitted
 
 
@@ -220,8 +178,7 @@ def emission_order(length: int, buffer_size: int, key: int) -> np.ndarray:
     (every position fed, then the drain): output index -> virtual position. The same
     whether fed at once or in chunks, so any worker can compute it without data."""
     s = BufferShuffle(length, buffer_size, key)
-    fed = s.feed(length).positions
-    return np.concatenate([fed, s.drain().positions]).astype(np.int64)
+    return np.concatenate([s.feed(length), s.drain()])
 
 
 def consumed_positions(length: int, buffer_size: int, key: int, outputs: int) -> tuple[np.ndarray, int]:
@@ -233,7 +190,6 @@ def consumed_positions(length: int, buffer_size: int, key: int, outputs: int) ->
     leftover = np.asarray(sorted(s.buf), np.int64)
     if emitted < outputs:
         # The rank got into its final drain: part of the buffer left too.
-        d = s.drain()
-        gone = d.positions[:outputs - emitted]
+        gone = s.drain()[:outputs - emitted]
         leftover = np.setdiff1d(leftover, gone)
     return leftover, s.fed

@@ -96,11 +96,8 @@ class ShardRows:
         raise NotImplementedError
 
     def key(self, shard: int) -> Hashable:
-        """The `loaded` key of an integer shard key (what `locate` and `shard_ids` give)."""
+        """The `loaded` key of an integer shard key (what `locate` gives)."""
         return shard
-
-    def shard_ids(self, positions: np.ndarray) -> np.ndarray:
-        return self.locate(positions)[0]
 
     def close(self) -> None:
         if self._pool is not None:
@@ -130,9 +127,8 @@ class ShardRows:
         for shard in shards:
             self.loaded.pop(self.key(int(shard)), None)
 
-    def rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Columns for (at least one) positions, in their order."""
-        shards, rows = self.locate(np.asarray(positions, np.int64))
+    def rows(self, shards: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Columns for (at least one) positions, in their order, given as `locate` gives them."""
         order = np.argsort(shards, kind="stable")
         shards, rows = shards[order], rows[order]
         cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()

@@ -99,18 +99,12 @@ class LocalEngine(Engine):
             self._run_ahead(units, job, on_receipt, on_failure)
             return
         for unit in units:
-            attempt = 0
-            while True:
-                try:
-                    receipt = process_unit(unit, job.ctx, job.tokenizer)
-                except Exception as e:  # one unit's failure must not end the others
-                    if job.retry.again(e, attempt):
-                        attempt += 1
-                        continue
-                    on_failure(unit, job.retry.failure(e, attempt))
-                    break
-                on_receipt(receipt)
-                break
+            try:
+                receipt = process_unit(unit, job.ctx, job.tokenizer)
+            except Exception as e:  # one unit's failure must not end the others
+                self._retry(unit, job, e, on_receipt, on_failure)
+                continue
+            on_receipt(receipt)
 
     def _run_ahead(self, units: list[WorkUnit], job: EngineJob, on_receipt: OnReceipt,
                    on_failure: OnFailure) -> None:
@@ -150,7 +144,8 @@ class LocalEngine(Engine):
     @staticmethod
     def _retry(unit: WorkUnit, job: EngineJob, error: BaseException, on_receipt: OnReceipt,
                on_failure: OnFailure) -> None:
-        """The unit again, by itself, while the policy calls `error` (then each later one) transient."""
+        """After a unit's first attempt failed with `error`: the unit again, by itself, while
+        the policy calls the last error transient; then its failure, counted."""
         if not isinstance(error, Exception):
             raise error                      # KeyboardInterrupt, SystemExit: not the unit's
         attempt = 0
