@@ -50,6 +50,7 @@ def main() -> int:
         single, sn = loader_bench.loader_rate(c.loader(BATCH, **kw), SAMPLES)
         mixture = tokshard.mix([a, b, c], weights=[1, 1, 2])
         mixed, mn = loader_bench.loader_rate(mixture.loader(BATCH, **kw), SAMPLES)
+        per_stream, pn = loader_bench.loader_rate(mixture.loader(BATCH, batching="per_stream", **kw), SAMPLES)
         aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()])
         workers = {}
         for nw in (1, 2):
@@ -67,6 +68,8 @@ def main() -> int:
         f"| one dataset, num_workers=0 (one core) | {single:,.0f} | {sn:,} | 1.00x |",
         f"| 3-dataset mixture, weights 1:1:2, num_workers=0 (one core) | {mixed:,.0f} | {mn:,} | "
         f"{mixed / single:.2f}x |",
+        f"| the same mixture, batching=\"per_stream\" (one core) | {per_stream:,.0f} | {pn:,} | "
+        f"{per_stream / single:.2f}x |",
         f"| one dataset, crop+flip, num_workers=1 | {w1:,.0f} | {workers[1][1]:,} | 1.00x |",
         f"| one dataset, crop+flip, num_workers=2 | {w2:,.0f} | {workers[2][1]:,} | {w2 / w1:.2f}x |",
         "",

@@ -138,3 +138,71 @@ def test_incompatible_streams_and_bad_weights_are_refused(streams, dataset_copy)
     with pytest.raises(UsageError, match="no samples to draw"):
         tokshard.mix([a, tokshard.Stream(b, where="label = 12345", choose=5)])
     assert np.array_equal(tokshard.mix([a]).offsets, [0, len(a)])
+
+
+def one_stream_batches(batches):
+    return all(len(set(b["stream"].tolist())) == 1 for b in batches)
+
+
+def test_per_stream_batches_hold_one_stream_and_keep_every_guarantee(streams):
+    mix = mixture(streams)
+    for world in (1, 2, 3):
+        got, counts = [], set()
+        for rank in range(world):
+            loader = mix.loader(8, rank=rank, world_size=world, batching="per_stream", **OPTS)
+            batches = list(loader)
+            assert one_stream_batches(batches) and len(batches) == len(loader)
+            counts.add(len(batches))
+            got += delivered(batches)
+        assert len(counts) == 1                                        # even batches across ranks
+        assert len(got) == len(set(got)) and [Counter(s for s, _ in got)[s] for s in range(3)] == mix.take
+        # drop_last: only full one-stream batches, as many on every rank, nothing twice.
+        ranks = [list(mix.loader(8, rank=r, world_size=world, batching="per_stream", drop_last=True, **OPTS))
+                 for r in range(world)]
+        assert len({len(b) for b in ranks}) == 1 and all(len(b["id"]) == 8 for bs in ranks for b in bs)
+        assert all(one_stream_batches(b) for b in ranks)
+        dropped = [x for b in ranks for x in delivered(b)]
+        assert len(dropped) == len(set(dropped)) and len(dropped) > len(got) - 3 * world * 8
+    # Streams still interleave through the epoch rather than one after another.
+    order = [int(b["stream"][0]) for b in mix.loader(8, rank=0, world_size=1, batching="per_stream", **OPTS)]
+    assert order[: len(order) // 2].count(1) > 0 and order[len(order) // 2:].count(0) > 0
+
+
+def test_per_stream_batches_resume_exactly_and_elastically_and_ignore_num_workers(streams):
+    mix = mixture(streams)
+    kw = dict(batch_size=8, batching="per_stream", **OPTS)
+    full = list(mix.loader(rank=0, world_size=1, **kw))
+    with_workers = list(mix.loader(rank=0, world_size=1, num_workers=2, **kw))
+    assert [b["id"].tolist() for b in with_workers] == [b["id"].tolist() for b in full]
+    assert [b["tokens"].tolist() for b in with_workers] == [b["tokens"].tolist() for b in full]
+    rng = np.random.default_rng(0)
+    for stop in rng.choice(len(full) - 1, 3, replace=False).tolist():
+        first = mix.loader(rank=0, world_size=1, **kw)
+        head = [b for _, b in zip(range(stop + 1), first)]
+        second = mixture(streams).loader(rank=0, world_size=1, **kw)
+        second.load_state_dict(first.state_dict())
+        assert delivered(head) + delivered(second) == delivered(full)
+    for old, new, steps in ((2, 3, 3), (3, 2, 2)):   # (ranks step together, so stop together)
+        states, got = [], []
+        for rank in range(old):
+            loader = mix.loader(rank=rank, world_size=old, **kw)
+            got += delivered([b for _, b in zip(range(steps), loader)])
+            states.append(loader.state_dict())
+        counts = set()
+        for rank in range(new):
+            loader = mix.loader(rank=rank, world_size=new, **kw)
+            loader.load_state_dict(states[0])
+            batches = list(loader)
+            assert one_stream_batches(batches)
+            counts.add(len(batches))
+            got += delivered(batches)
+        assert len(counts) == 1
+        assert len(got) == len(set(got)) and set(got) == set(delivered(full))   # nothing twice, nothing lost
+    mixed = mix.loader(rank=0, world_size=1, batch_size=8, **OPTS)
+    next(iter(mixed))
+    with pytest.raises(UsageError, match="batching='per_stream' \\(now 'mixed'\\)"):
+        mixed.load_state_dict(first.state_dict())
+    with pytest.raises(UsageError, match="applies to a mixture"):
+        streams[0].loader(8, batching="per_stream")
+    with pytest.raises(UsageError, match="'mixed' or 'per_stream'"):
+        mix.loader(8, batching="stratified")

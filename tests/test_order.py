@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from tokshard.pipeline.stream.order import (
     BufferShuffle,
     consumed_positions,
+    emission_order,
     mix64,
     permutation,
     plan_length,
@@ -14,6 +15,8 @@ from tokshard.pipeline.stream.order import (
     plan_positions,
     rank_slice,
     shard_order,
+    stream_batches,
+    stream_rank_slice,
 )
 
 
@@ -91,3 +94,68 @@ def test_shard_order_is_keyed_and_stable():
 def test_mix64_is_splitmix64():
     # The first two outputs of the reference SplitMix64 seeded with 0.
     assert mix64(0, np.array([1, 2], np.uint64)).tolist() == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+
+
+@settings(max_examples=80, deadline=None)
+@given(streams=st.lists(st.integers(0, 3), max_size=120), world=st.integers(1, 5), even=st.booleans())
+def test_stream_rank_slices_partition_each_stream_and_even_out_its_counts(streams, world, even):
+    streams = np.asarray(streams, np.int64)
+    positions = np.arange(1000, 1000 + len(streams), dtype=np.int64)[::-1].copy()   # any plan
+    spans = [stream_rank_slice(positions, streams, r, world, even) for r in range(world)]
+    real = np.concatenate([span[:n] for span, n in spans])
+    assert sorted(real.tolist()) == sorted(positions.tolist())          # each position once
+    at = {int(p): i for i, p in enumerate(positions)}
+    for span, n in spans:
+        assert [at[int(p)] for p in span[:n]] == sorted(at[int(p)] for p in span[:n])   # plan order
+        assert set(span[n:].tolist()) <= set(positions.tolist())
+    for s in np.unique(streams).tolist():
+        per = [int(np.sum(streams[[at[int(p)] for p in span]] == s)) for span, _ in spans]
+        total = int(np.sum(streams == s))
+        if even:
+            assert set(per) == {-(-total // world)}                       # as many of it on every rank
+        else:
+            assert max(per) - min(per) <= 1 and sum(per) == total
+
+
+@settings(max_examples=80, deadline=None)
+@given(streams=st.lists(st.integers(0, 3), max_size=150), bs=st.integers(1, 9),
+       quota=st.none() | st.lists(st.integers(0, 5), min_size=4, max_size=4))
+def test_stream_batches_regroup_an_emission_order_into_one_stream_batches(streams, bs, quota):
+    streams = np.asarray(streams, np.int64)
+    q = None if quota is None else dict(enumerate(quota))
+    flat, bounds = stream_batches(streams, bs, q)
+    batches = [flat[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert all(len({int(streams[i]) for i in b}) == 1 for b in batches)             # one stream each
+    assert len(set(flat.tolist())) == len(flat)
+    for s in range(4):
+        mine = [i for b in batches for i in b if streams[i] == s]
+        assert mine == sorted(mine)                                     # a stream's order is kept
+        have = int(np.sum(streams == s))
+        if q is None:
+            assert len(mine) == have                                    # everything, partials last
+        else:
+            assert len(mine) == min(have // bs, q[s]) * bs
+    full = [b for b in batches if len(b) == bs]
+    assert [b[-1] for b in full] == sorted(b[-1] for b in full)          # as their last sample comes
+    assert batches[:len(full)] == full
+
+
+def reference_emission(length, size, key):
+    """The buffer shuffle as its definition reads, one position at a time."""
+    if size == 0:
+        return list(range(length))
+    buf, out = [], []
+    for p in range(length):
+        if len(buf) < size:
+            buf.append(p)
+            continue
+        j = int(mix64(key, np.array([p], np.uint64))[0] % np.uint64(size))
+        out.append(buf[j])
+        buf[j] = p
+    return out + np.asarray(buf, np.int64)[permutation(key ^ 0x7A11, len(buf))].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(0, 400), size=st.integers(0, 40), key=st.integers(0, 2**64 - 1))
+def test_the_vectorised_buffer_shuffle_is_its_step_by_step_definition(length, size, key):
+    assert emission_order(length, size, key).tolist() == reference_emission(length, size, key)

@@ -60,3 +60,29 @@ def test_shards_of_other_layouts_gather_column_by_column():
     assert out["tokens"].tolist() == [shards[1]["tokens"][2].tolist(), shards[0]["tokens"][3].tolist(),
                                       shards[0]["tokens"][0].tolist()]
     assert out["label"].tolist() == [shards[1]["label"][2], shards[0]["label"][3], shards[0]["label"][0]]
+
+
+def test_a_shard_parsed_for_some_rows_is_those_rows_of_the_whole(loader_datasets):
+    """What a loader worker reads (`select`): the rows it delivers, as the whole shard has them,
+    in both formats, coded and raw; a shard shorter than the manifest still fails its count."""
+    import pytest
+
+    import tokshard
+    from tokshard.errors import ShardError
+    from tokshard.pipeline.format.shards.registry import parse_shard
+    for variant in (("parquet", "zstd"), ("wds", "raw"), ("parquet", "raw")):
+        ds = tokshard.open(loader_datasets[variant])
+        n = int(ds.shard_sizes[0])
+        rows = np.array([0, 2, n - 1])
+        whole = ds.read_shard(0, ("caption", "meta", "width"))
+        part = ds.read_shard(0, ("caption", "meta", "width"), rows)
+        assert part.rows_in_shard == n and len(part) == 3
+        for c in whole:
+            assert np.array_equal(np.asarray(list(part[c])), np.asarray(list(whole[c][rows]))), (variant, c)
+        kw = dict(shard="s", fmt=ds.format, codec=ds.codec.name, n_tokens=ds.tokens_per_sample,
+                  dtype=ds.token_dtype)
+        data = ds._shard_bytes(0)
+        with pytest.raises(ShardError, match=f"holds {n} samples, the manifest says {n + 5}"):
+            parse_shard(data, samples=n + 5, rows=np.array([n + 1]), **kw)
+        with pytest.raises(ValueError, match="sorted, unique"):
+            parse_shard(data, samples=n, rows=np.array([2, 1]), **kw)

@@ -207,15 +207,17 @@ class TokenDataset:
             self._cache.store(want, ext, data)  # a full or read-only cache is counted and warned; the shard is served
         return data
 
-    def read_shard(self, i: int, columns: Sequence[str] = ()) -> ShardColumns:
+    def read_shard(self, i: int, columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
         """Shard `i` (manifest order) as columns (key, tokens, label, id, and the stored
-        `columns` asked for: caption, width, height, source, meta); tokens stay coded unless raw."""
+        `columns` asked for: caption, width, height, source, meta); tokens stay coded unless raw.
+        `rows` (sorted, unique): only those rows (the whole shard is still read and checked)."""
         if not 0 <= i < self.num_shards:
             raise IndexError(f"shard index {i} out of range [0, {self.num_shards})")
         cols = parse_shard(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
                            codec=self.codec.name, n_tokens=self.tokens_per_sample,
-                           dtype=self.token_dtype, samples=int(self.shard_sizes[i]), columns=columns)
-        cols["id"] = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
+                           dtype=self.token_dtype, samples=int(self.shard_sizes[i]), columns=columns, rows=rows)
+        ids = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
+        cols["id"] = ids if rows is None else ids[rows]
         return cols
 
     def shard_numbers(self, names: set[str]) -> dict[str, int]:

@@ -52,9 +52,12 @@ from tokshard.pipeline.stream.order import (
     mix64,
     plan_length,
     plan_lookup,
+    plan_positions,
     plan_slice,
     rank_slice,
     shard_order,
+    stream_batches,
+    stream_rank_slice,
 )
 from tokshard.pipeline.stream.shard_rows import ShardRows
 
@@ -106,13 +109,17 @@ def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tupl
     return names, tuple(dict.fromkeys(stored))
 
 
-def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str) -> tuple[dict, bool]:
+def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
+              rows: np.ndarray | None = None) -> tuple[dict, bool]:
     """(shard i's columns, with "valid" and the stored `columns` (metadata parsed); whether it
-    was skipped). Tokens stay coded; batches decode them. With on_error="skip", a shard that
-    cannot be read is stand-in rows marked invalid, which batches leave out."""
-    n = int(ds.shard_sizes[i])
+    was skipped); `rows`: only those rows. Tokens stay coded; batches decode them. With
+    on_error="skip", a shard that cannot be read is stand-in rows marked invalid, which
+    batches leave out."""
+    if rows is not None and len(rows) == ds.shard_sizes[i]:
+        rows = None                   # all of them: no copy
+    n = int(ds.shard_sizes[i]) if rows is None else len(rows)
     try:
-        cols = dict(ds.read_shard(i, columns))
+        cols = dict(ds.read_shard(i, columns, rows))
         if "meta" in cols:
             cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i])
         cols["valid"] = np.ones(n, bool)
@@ -125,16 +132,22 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str)
     else:
         tokens = np.zeros((n, ds.tokens_per_sample), ds.token_dtype)
     return {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
-            "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1]), "valid": np.zeros(n, bool),
+            "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1])[slice(None) if rows is None else rows],
+            "valid": np.zeros(n, bool),
             **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
                for c in columns}}, True
 
 
 class _NumpyBatch(dict):
     """A worker's batch on its way to the main process, its tensors as numpy arrays
-    (`tensors` names them)."""
+    (`tensors` names them; `widen`: those sent narrowed, and their dtype)."""
 
     tensors: tuple[str, ...] = ()
+    widen: tuple[tuple[str, np.dtype], ...] = ()
+
+
+_NARROW = (np.uint8, np.uint16, np.int16, np.int32)
+_NARROW_MIN = 4096          # elements: below this, narrowing saves less than it costs
 
 
 def _as_numpy(batch: Any) -> Any:
@@ -143,13 +156,27 @@ def _as_numpy(batch: Any) -> Any:
     process (`_from_numpy`). Sent as tensors, each would go through its own shared-memory
     segment and a socket handshake to pass its file descriptor: ~1.5 ms a tensor, four or
     more a batch, most of the main process's time with workers. (The DataLoader's default,
-    default_convert, also walked every key and caption of each batch.)"""
+    default_convert, also walked every key and caption of each batch.)
+
+    A large integer array travels in the narrowest integer type that holds its values (token
+    ids in 16 bits instead of 64): the main process's share of a batch is mostly copying
+    it out of the pipe, and that share is what num_workers cannot spread."""
     if not isinstance(batch, dict):
         return batch                 # a _WorkerError
     out = _NumpyBatch(batch)
     out.tensors = tuple(k for k, v in batch.items() if isinstance(v, torch.Tensor))
+    widen = []
     for k in out.tensors:
-        out[k] = batch[k].numpy()
+        arr = batch[k].numpy()
+        if arr.dtype.kind in "iu" and arr.size >= _NARROW_MIN and arr.dtype.itemsize > 2:
+            lo, hi = int(arr.min()), int(arr.max())
+            for t in _NARROW:
+                if t().itemsize < arr.dtype.itemsize and np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+                    widen.append((k, arr.dtype))
+                    arr = arr.astype(t)
+                    break
+        out[k] = arr
+    out.widen = tuple(widen)
     return out
 
 
@@ -157,8 +184,10 @@ def _from_numpy(batch: Any, pin: bool) -> Any:
     if not isinstance(batch, _NumpyBatch):
         return batch
     out = dict(batch)
+    for k, dtype in batch.widen:
+        out[k] = batch[k].astype(dtype)
     for k in batch.tensors:
-        t = torch.from_numpy(batch[k])
+        t = torch.from_numpy(out[k])
         out[k] = t.pin_memory() if pin else t
     return out
 
@@ -173,9 +202,9 @@ class _Stream(ShardRows):
         sizes = ds.shard_sizes[order]
         self.bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def load(self, k: int) -> dict:
+    def load(self, k: int, rows: np.ndarray | None = None) -> dict:
         i = int(self.order[k])
-        cols, skipped = load_rows(self.ds, i, self.columns, self.on_error)
+        cols, skipped = load_rows(self.ds, i, self.columns, self.on_error, rows)
         if skipped:
             self.skipped_shards.append(self.ds.shard_names[i])
         return cols
@@ -207,6 +236,9 @@ class TokenIterable(IterableDataset):
     so it is reproducible; an int picks that view; "all" gives (B, V, *grid).
     "view" in the batch says which view each sample got.
 
+    A mixture's batches mix its streams (batching="mixed"); batching="per_stream" makes
+    each batch one stream's (see `order.stream_batches`), with the same guarantees.
+
     on_error="raise" stops at the first bad shard with a ShardError naming it;
     "skip" counts the shard, drops its samples and goes on (batches that would
     hold them come out smaller).
@@ -220,7 +252,7 @@ class TokenIterable(IterableDataset):
                  prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
                  where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None,
-                 ids: np.ndarray | None = None):
+                 ids: np.ndarray | None = None, batching: str = "mixed"):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -247,6 +279,11 @@ class TokenIterable(IterableDataset):
         if getattr(ds, "is_mixture", False) and (where is not None or ids is not None):
             raise UsageError("where= and subsets apply per stream in a mixture: "
                              "tokshard.Stream(dataset or subset, where=...)")
+        if batching not in ("mixed", "per_stream"):
+            raise UsageError(f"batching must be 'mixed' or 'per_stream', got {batching!r}")
+        if batching == "per_stream" and not getattr(ds, "is_mixture", False):
+            raise UsageError("batching='per_stream' applies to a mixture (tokshard.mix); a dataset is one stream")
+        self.batching = batching
         self.view = view
         self.columns, self.stored_columns = check_columns(ds, columns)
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
@@ -284,10 +321,44 @@ class TokenIterable(IterableDataset):
 
     def _span(self, plan: Plan, rank: int, world: int) -> tuple[Plan, int]:
         """(rank's slice of `plan`, padded when even_batches; how many of it are real)."""
+        if self.batching == "per_stream":
+            positions = plan_positions(plan, 0, plan_length(plan))
+            mine, real = stream_rank_slice(positions, self._streams()[positions], rank, world, self.even_batches)
+            return (mine,), real
         if self.even_batches:
             return even_rank_slice(plan, rank, world)
         span = rank_slice(plan, rank, world)
         return span, plan_length(span)
+
+    def _streams(self) -> np.ndarray:
+        """The stream of each global position of this epoch (a mixture's)."""
+        memo = getattr(self, "_streams_memo", None)
+        if memo is None or memo[0] != self.epoch:
+            mixture: Any = self.ds
+            memo = self._streams_memo = (self.epoch, mixture.epoch_plan(self.epoch, self.seed, self.shuffle)[0])
+        return memo[1]
+
+    def _quota(self, plan: Plan, world: int) -> dict[int, int] | None:
+        """With per-stream batching and drop_last: the full batches each stream gives every
+        rank (what its shortest rank can fill), so every rank has as many."""
+        if not self.drop_last:
+            return None
+        streams = self._streams()[plan_positions(plan, 0, plan_length(plan))]
+        s, n = np.unique(streams, return_counts=True)
+        return {int(k): int(c) // world // self.batch_size for k, c in zip(s, n)}
+
+    def _batches(self, plan: Plan, span: Plan, seg: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rank's batches in this segment: (virtual positions of `span`, batch by batch;
+        batch bounds). Mixed: the buffer shuffle's emission order cut into batch_size pieces.
+        Per stream: that order regrouped into one-stream batches (`stream_batches`)."""
+        n, bs = plan_length(span), self.batch_size
+        emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
+        if self.batching == "per_stream":
+            streams = self._streams()[plan_lookup(span, emit)]
+            flat, bounds = stream_batches(streams, bs, self._quota(plan, world))
+            return emit[flat], bounds
+        limit = (plan_length(plan) // world) // bs * bs if self.drop_last else n
+        return emit[:limit], np.append(np.arange(0, limit, bs), limit).astype(np.int64)
 
     def _replay(self) -> Plan:
         plan: Plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
@@ -295,6 +366,9 @@ class TokenIterable(IterableDataset):
             pieces: list[tuple[int, int] | np.ndarray] = []
             for r in range(world):
                 span, real = self._span(plan, r, world)
+                if self.batching == "per_stream":
+                    pieces.extend(self._unconsumed(plan, span, real, seg, r, world, batches))
+                    continue
                 n = plan_length(span)
                 left, fed = consumed_positions(n, self.buffer, self._rank_key(seg, r, world),
                                                min(batches * self.batch_size, n))
@@ -304,6 +378,18 @@ class TokenIterable(IterableDataset):
                 pieces.extend(plan_slice(span, min(fed, real), real))
             plan = tuple(pieces)
         return plan
+
+    def _unconsumed(self, plan: Plan, span: Plan, real: int, seg: int, rank: int, world: int,
+                    batches: int) -> Plan:
+        """The real positions of `span` not in the rank's first `batches` batches, in plan order."""
+        flat, bounds = self._batches(plan, span, seg, rank, world)
+        gone = flat[: bounds[min(batches, len(bounds) - 1)]]
+        gone = gone[gone < real]
+        hi = int(gone.max()) + 1 if len(gone) else 0
+        left = np.ones(hi, bool)
+        left[gone] = False
+        head = np.flatnonzero(left)
+        return ((plan_lookup(span, head),) if len(head) else ()) + plan_slice(span, hi, real)
 
     def _selected_positions(self) -> np.ndarray:
         """Stream positions (this epoch's shard order) of the selected samples, in stream order."""
@@ -318,10 +404,17 @@ class TokenIterable(IterableDataset):
 
     def num_batches(self) -> int:
         """Batches this rank yields in the current epoch segment (from its start)."""
-        plan = self._plan()
+        plan, bs = self._plan(), self.batch_size
+        if self.batching == "per_stream":
+            quota = self._quota(plan, self.world_size)
+            if quota is not None:
+                return sum(quota.values())
+            span, _ = self._span(plan, self.rank, self.world_size)
+            counts = np.unique(self._streams()[plan_positions(span, 0, plan_length(span))], return_counts=True)[1]
+            return int(sum(-(-int(c) // bs) for c in counts))
         if self.drop_last:
-            return (plan_length(plan) // self.world_size) // self.batch_size
-        return math.ceil(plan_length(self._span(plan, self.rank, self.world_size)[0]) / self.batch_size)
+            return (plan_length(plan) // self.world_size) // bs
+        return math.ceil(plan_length(self._span(plan, self.rank, self.world_size)[0]) / bs)
 
     # -- iteration -------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -353,17 +446,15 @@ class TokenIterable(IterableDataset):
         plan = self._plan()
         seg = len(self.history)
         span, real = self._span(plan, self.rank, self.world_size)
-        n = plan_length(span)
-        bs = self.batch_size
-        limit = self.num_batches() * bs if self.drop_last else n
-        own = list(range(self.start_batch + worker, -(-limit // bs), workers))
+        own = list(range(self.start_batch + worker, self.num_batches(), workers))
         if not own:
             return
-        emit = emission_order(n, self.buffer, self._rank_key(seg, self.rank, self.world_size))
-        virtual = np.concatenate([emit[b * bs: min((b + 1) * bs, limit)] for b in own])
-        sizes = [min((b + 1) * bs, limit) - b * bs for b in own]
+        flat, bounds = self._batches(plan, span, seg, self.rank, self.world_size)
+        virtual = np.concatenate([flat[bounds[b]:bounds[b + 1]] for b in own])
+        sizes = [int(bounds[b + 1] - bounds[b]) for b in own]
         ends = np.cumsum(sizes)
         shards, local = stream.locate(plan_lookup(span, virtual))
+        stream.select(shards, local)     # so each shard converts only this worker's rows of it
         # The last of this worker's batches that needs each shard, and the order shards are
         # first needed in (what to prefetch next).
         batch_of = np.repeat(np.arange(len(own)), sizes)
@@ -589,7 +680,7 @@ class TokenLoader:
                 "history": [list(h) for h in it.history], "seed": it.seed,
                 "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
                 "drop_last": it.drop_last, "where": it.where, "even_batches": it.even_batches,
-                "subset": it.subset}
+                "subset": it.subset, "batching": it.batching}
 
     def load_state_dict(self, state: dict) -> None:
         it = self.iterable
@@ -599,10 +690,11 @@ class TokenLoader:
             raise UsageError("the loader state belongs to a different dataset")
         mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
                 "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where,
-                "even_batches": it.even_batches, "subset": it.subset}
-        # (a state saved before even_batches existed was saved without padding)
-        diff = {k: (state.get(k, False if k == "even_batches" else None), v) for k, v in mine.items()
-                if state.get(k, False if k == "even_batches" else None) != v}
+                "even_batches": it.even_batches, "subset": it.subset, "batching": it.batching}
+        # (a state saved before even_batches existed was saved without padding, one before
+        # `batching` with mixed batches)
+        old = {"even_batches": False, "batching": "mixed"}
+        diff = {k: (state.get(k, old.get(k)), v) for k, v in mine.items() if state.get(k, old.get(k)) != v}
         if diff:
             raise UsageError("the loader state was saved with other settings, so its order differs: " +
                              ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))

@@ -16,6 +16,10 @@ The plan stays integers only:
   sits at (j + 1/2) / n_s of the epoch (ties by stream), so every stretch of the epoch holds
   the streams in their proportions. The loader then slices it among ranks, shuffles it
   within each rank through its bounded buffer and resumes it as it does a dataset's stream.
+- `batching="per_stream"` (a loader option) makes every batch one stream's: each stream's
+  positions are sliced among the ranks on their own (`order.stream_rank_slice`, padded per
+  stream so ranks stay even), and the rank's shuffled order is regrouped into one-stream
+  batches (`order.stream_batches`).
 
 Streams must share the tokenizer (its id and codebook hash) and the sample shape; their
 codecs and formats may differ (tokens are decoded when a shard is read). A batch carries
@@ -259,15 +263,15 @@ class _MixStream(ShardRows):
             shard[sel], row[sel] = int(s) * _STREAM_SHIFT + k, ids[sel] - offsets[k]
         return shard, row
 
-    def load(self, shard: int) -> dict:
+    def load(self, shard: int, rows: np.ndarray | None = None) -> dict:
         from tokshard.pipeline.stream.loader import load_rows
         s, k = self.key(shard)
         ds = self.mix.datasets[s]
-        n = int(ds.shard_sizes[k])
+        n = int(ds.shard_sizes[k]) if rows is None else len(rows)
         # Tokens stay coded until their batch is decoded (TokenMixture.decode_tokens), as a
         # dataset's do; a raw codec's rows become objects too, so every stream's shards
         # gather alike.
-        cols, skipped = load_rows(ds, k, self.columns, self.on_error)
+        cols, skipped = load_rows(ds, k, self.columns, self.on_error, rows)
         if skipped:
             self.skipped_shards.append(f"stream {s}: {ds.shard_names[k]}")
         if cols["tokens"].dtype != object:

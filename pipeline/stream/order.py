@@ -20,6 +20,9 @@ The model:
   of the i-th incoming sample is a hash of (key, i), not a stateful RNG, so the
   stream is the same however it is chunked, and replaying it to any step is
   index arithmetic.
+- Per-stream batching (a mixture's option) slices each stream's positions among the
+  ranks instead, and regroups the rank's emitted order into batches of one stream each;
+  a resume then owes the real positions outside the batches consumed, in plan order.
 """
 
 from __future__ import annotations
@@ -126,6 +129,53 @@ def even_rank_slice(plan: Plan, rank: int, world_size: int) -> tuple[Plan, int]:
     return (*span, plan_positions(plan, j, j + 1)), n
 
 
+def stream_rank_slice(positions: np.ndarray, streams: np.ndarray, rank: int, world_size: int,
+                      even: bool) -> tuple[np.ndarray, int]:
+    """A rank's share of a plan for per-stream batching: (its positions, in plan order, then
+    its padding; how many are real). `positions` are the plan's, `streams` the stream of each.
+
+    Each stream's positions are sliced among the ranks as `rank_slice` slices a plan, so every
+    rank holds each stream's share to within one sample; with `even`, a rank one short in a
+    stream gets one of that stream's positions from its start (the j-th short rank its j-th),
+    so every rank holds as many samples of each stream, and so as many one-stream batches."""
+    mine, pads = [], []
+    for s in np.unique(streams).tolist():
+        idx = np.flatnonzero(streams == s)
+        n = len(idx)
+        lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+        mine.append(idx[lo:hi])
+        longest = -(-n // world_size)
+        if even and hi - lo < longest:
+            short = [r for r in range(world_size) if n * (r + 1) // world_size - n * r // world_size < longest]
+            j = short.index(rank) % n
+            pads.append(idx[j:j + 1])
+    real = np.sort(np.concatenate(mine)) if mine else np.empty(0, np.int64)
+    return np.asarray(positions, np.int64)[np.concatenate([real, *pads]).astype(np.int64)], len(real)
+
+
+def stream_batches(streams: np.ndarray, batch_size: int,
+                   quota: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An emission order (`streams`: the stream of each emitted sample) regrouped into batches
+    of one stream each: (indices into the emission order, batch by batch; batch bounds).
+
+    Each stream's samples keep their emitted order and fill its batches in turn; a full batch
+    comes when its last sample is emitted (batches of different streams interleave as the
+    streams do), and each stream's partial last batch comes at the end, in stream order. With
+    `quota` (drop_last) stream s gives its first quota[s] full batches and no partial one."""
+    full, partial = [], []
+    for s in np.unique(streams).tolist():
+        idx = np.flatnonzero(streams == s)
+        k = len(idx) // batch_size if quota is None else min(len(idx) // batch_size, quota.get(s, 0))
+        full.append(idx[: k * batch_size].reshape(k, batch_size))
+        if quota is None and len(idx) > k * batch_size:
+            partial.append(idx[k * batch_size:])
+    grid = np.concatenate(full) if full else np.empty((0, batch_size), np.int64)
+    grid = grid[np.argsort(grid[:, -1], kind="stable")]
+    sizes = [batch_size] * len(grid) + [len(p) for p in partial]
+    flat = np.concatenate([grid.ravel(), *partial]).astype(np.int64)
+    return flat, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
 # -- the in-rank buffer shuffle ---------------------------------------------------
 
 class BufferShuffle:
@@ -133,41 +183,62 @@ class BufferShuffle:
 
     def __init__(self, length: int, buffer_size: int, key: int):
         self.length, self.size, self.key = length, max(int(buffer_size), 0), key
-        self.buf: list[int] = []
+        self.slots = np.empty(self.size, np.int64)    # the buffer: slots[:filled] hold positions
+        self.filled = 0
         self.fed = 0
 
+    @property
+    def buf(self) -> np.ndarray:
+        return self.slots[:self.filled]
+
     def feed(self, n: int) -> np.ndarray:
-        """Let the next `n` positions enter; returns the positions that leave meanwhile."""
+        """Let the next `n` positions enter; returns the positions that leave meanwhile.
+
+        Position p (once the buffer is full) takes the slot `mix64(key, p) % size` and
+        evicts what is there, which is the last position before p that took that slot, or
+        what the slot held when this feed began: grouped by slot (a stable sort), each
+        position's output is its predecessor's position in the group, so the whole feed is
+        a few array operations instead of a step per position."""
         start, stop = self.fed, self.fed + n
         self.fed = stop
         if self.size == 0:
             return np.arange(start, stop, dtype=np.int64)
-        buf, size = self.buf, self.size
-        out = []
         i = start
-        fill = min(stop, start + max(size - len(buf), 0))
+        fill = min(stop, start + max(self.size - self.filled, 0))
         if i < fill:
-            buf.extend(range(i, fill))
+            self.slots[self.filled:self.filled + fill - i] = np.arange(i, fill)
+            self.filled += fill - i
             i = fill
-        if i < stop:
-            picks = (mix64(self.key, np.arange(i, stop, dtype=np.uint64)) % np.uint64(size)).tolist()
-            for p, j in zip(range(i, stop), picks):
-                out.append(buf[j])
-                buf[j] = p
-        return np.asarray(out, np.int64)
+        if i >= stop:
+            return np.empty(0, np.int64)
+        picks = (mix64(self.key, np.arange(i, stop, dtype=np.uint64)) % np.uint64(self.size)).astype(np.int64)
+        order = np.argsort(picks, kind="stable")     # by slot, in arrival order within a slot
+        slot = picks[order]
+        arrived = i + order
+        first = np.ones(len(slot), bool)
+        first[1:] = slot[1:] != slot[:-1]
+        left = np.empty(len(slot), np.int64)
+        left[first] = self.slots[slot[first]]
+        left[1:][~first[1:]] = arrived[:-1][~first[1:]]
+        last = np.ones(len(slot), bool)
+        last[:-1] = first[1:]
+        self.slots[slot[last]] = arrived[last]
+        out = np.empty(len(slot), np.int64)
+        out[order] = left
+        return out
 
     def drain(self) -> np.ndarray:
         """The buffer's remaining positions, in a keyed random order."""
         if self.size == 0:
             return np.empty(0, np.int64)
-        return np.asarray(self.buf, np.int64)[permutation(self.key ^ 0x7A11, len(self.buf))]
+        return self.buf[permutation(self.key ^ 0x7A11, self.filled)]
 
     def fast_forward(self, outputs: int) -> int:
         """Feed, without data, until `outputs` positions have left or every
         position was fed; returns how many left."""
         emitted = 0
         while self.fed < self.length and emitted < outputs:
-            free = self.size - len(self.buf)
+            free = self.size - self.filled
             step = free if free > 0 else outputs - emitted
             emitted += len(self.feed(min(step, self.length - self.fed)))
         return emitted
@@ -187,7 +258,7 @@ def consumed_positions(length: int, buffer_size: int, key: int, outputs: int) ->
     The rank's unconsumed positions are those plus [fed, length)."""
     s = BufferShuffle(length, buffer_size, key)
     emitted = s.fast_forward(outputs)
-    leftover = np.asarray(sorted(s.buf), np.int64)
+    leftover = np.sort(s.buf)
     if emitted < outputs:
         # The rank got into its final drain: part of the buffer left too.
         gone = s.drain()[:outputs - emitted]

@@ -8,7 +8,10 @@ object columns (keys, captions, coded tokens) side by side, so a batch costs two
 indexes per shard and one reorder at the end (`gather`).
 
 `ShardRows` keeps the loaded shards until the loader releases them and reads the next
-ones in a background thread; the dataset's epoch stream and a mixture's subclass it.
+ones in a background thread; the dataset's epoch stream and a mixture's subclass it. Told
+which rows it will deliver (`select`), it converts only those of each shard: a DataLoader
+worker delivers every num_workers-th batch, and a batch draws a few rows from each of many
+shards, so each worker reads most shards but pays the per-row work for its own rows only.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ class PackedRows:
     (Records as numpy void items: a fancy index copies each with one memcpy, 5x faster
     than the rows of an (n, row bytes) uint8 matrix.)"""
 
-    __slots__ = ("dtype", "fixed", "names", "objects", "layout")
+    __slots__ = ("dtype", "fixed", "names", "objects", "layout", "rows")
 
-    def __init__(self, cols: dict[str, np.ndarray]):
+    def __init__(self, cols: dict[str, np.ndarray], rows: np.ndarray | None = None):
+        self.rows = rows     # the shard's rows these are (sorted), or None: all of them
         fixed = [(c, v) for c, v in cols.items() if v.dtype != object]
         objects = [(c, v) for c, v in cols.items() if v.dtype == object]
         n = len(next(iter(cols.values())))
@@ -84,11 +88,13 @@ class ShardRows:
 
     def __init__(self, prefetch: int):
         self.loaded: dict[Hashable, PackedRows] = {}
+        self.needed: dict[Hashable, np.ndarray] = {}   # shard key -> the rows to deliver (`select`)
         self.skipped_shards: list[str] = []
         self._pool = ThreadPoolExecutor(1) if prefetch > 0 else None
         self._futures: dict[Hashable, Future[PackedRows]] = {}
 
-    def load(self, key: Any) -> dict[str, np.ndarray]:
+    def load(self, key: Any, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The columns of shard `key`; of its `rows` (sorted) only, when given."""
         raise NotImplementedError
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +109,20 @@ class ShardRows:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def select(self, shards: np.ndarray, rows: np.ndarray) -> None:
+        """The (shard, row) pairs that will be asked for (as `locate` gives them): each shard
+        is then loaded with those of its rows only."""
+        order = np.lexsort((rows, shards))
+        s, r = shards[order], rows[order]
+        new = np.ones(len(s), bool)
+        new[1:] = (s[1:] != s[:-1]) | (r[1:] != r[:-1])
+        s, r = s[new], r[new]
+        cuts = (np.flatnonzero(s[1:] != s[:-1]) + 1).tolist()
+        self.needed = {self.key(int(s[a])): r[a:b] for a, b in zip([0, *cuts], [*cuts, len(s)])}
+
     def _packed(self, shard: int) -> PackedRows:
-        return PackedRows(self.load(shard))
+        rows = self.needed.get(self.key(shard))
+        return PackedRows(self.load(shard, rows), rows)
 
     def shard(self, shard: int) -> PackedRows:
         key = self.key(shard)
@@ -133,5 +151,8 @@ class ShardRows:
         shards, rows = shards[order], rows[order]
         cuts = (np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist()
         starts, ends = [0, *cuts], [*cuts, len(shards)]
-        parts = [(self.shard(int(shards[a])), rows[a:b]) for a, b in zip(starts, ends)]
+        parts = []
+        for a, b in zip(starts, ends):
+            packed = self.shard(int(shards[a]))
+            parts.append((packed, rows[a:b] if packed.rows is None else np.searchsorted(packed.rows, rows[a:b])))
         return gather(parts, order)

@@ -40,10 +40,26 @@ EXTRA_COLUMNS = ("caption", "width", "height", "source", "meta")
 class ShardColumns(dict):
     """{"tokens": (n, T) array of token ids, or an object array of coded payloads;
     "label": int64 (-1 unlabelled); "key": object array of str; and the EXTRA_COLUMNS
-    asked for}."""
+    asked for}. Parsed with `rows`, only those rows; `total` then says how many the shard holds."""
+
+    total: int | None = None
 
     def __len__(self) -> int:  # number of samples, not of columns
         return len(self["key"])
+
+    @property
+    def rows_in_shard(self) -> int:
+        return len(self) if self.total is None else self.total
+
+    def take(self, rows: np.ndarray | None) -> ShardColumns:
+        """These rows of every column, `total` kept. All of them when `rows` is None, or names
+        a row the shard does not hold: parse_shard's count check then fails it, as it should
+        (rows are below the manifest's count)."""
+        if rows is None or (len(rows) and rows[-1] >= len(self)):
+            return self
+        out = ShardColumns({c: v[rows] for c, v in self.items()})
+        out.total = self.rows_in_shard
+        return out
 
 
 def _meta_json(meta: dict | None) -> str | None:
@@ -69,9 +85,11 @@ class ShardFormat(abc.ABC):
 
     @abc.abstractmethod
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
-              columns: Sequence[str] = ()) -> ShardColumns:
+              columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
         """The shard's key, label and tokens columns, and the EXTRA_COLUMNS named in `columns`;
-        any exception means a damaged file."""
+        with `rows` (sorted, unique row numbers), only those rows, `total` set to the shard's
+        row count (a loader worker converts only the rows it delivers); any exception means a
+        damaged file."""
 
     @abc.abstractmethod
     def keys(self, data: bytes, codec: str) -> list[str]:

@@ -30,13 +30,19 @@ def get_format(name: str) -> ShardFormat:
 
 
 def parse_shard(data: bytes, *, shard: str, fmt: str, codec: str, n_tokens: int,
-                dtype: np.dtype, samples: int, columns: Sequence[str] = ()) -> ShardColumns:
-    """Shard `shard`'s columns (`ShardFormat.parse`; `columns`: which of EXTRA_COLUMNS too),
-    held to the manifest's sample count."""
+                dtype: np.dtype, samples: int, columns: Sequence[str] = (),
+                rows: np.ndarray | None = None) -> ShardColumns:
+    """Shard `shard`'s columns (`ShardFormat.parse`; `columns`: which of EXTRA_COLUMNS too;
+    `rows`: only those rows), held to the manifest's sample count."""
     unknown = [c for c in columns if c not in EXTRA_COLUMNS]
     if unknown:
         raise ValueError(f"unknown shard columns {unknown} (stored: {', '.join(EXTRA_COLUMNS)})")
-    return _held(lambda: get_format(fmt).parse(data, codec, n_tokens, dtype, tuple(columns)), shard, fmt, samples)
+    if rows is not None:
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and not (rows[0] >= 0 and rows[-1] < samples and bool(np.all(rows[1:] > rows[:-1]))):
+            raise ValueError(f"rows must be sorted, unique row numbers below {samples}")
+    return _held(lambda: get_format(fmt).parse(data, codec, n_tokens, dtype, tuple(columns), rows),
+                 shard, fmt, samples)
 
 
 def parse_keys(data: bytes, *, shard: str, fmt: str, codec: str, samples: int) -> list[str]:
@@ -53,6 +59,7 @@ def _held(parse: Callable[[], _Parsed], shard: str, fmt: str, samples: int) -> _
         raise
     except Exception as e:  # a damaged file can fail anywhere inside the parser
         raise ShardError(shard, f"unreadable {fmt} shard: {type(e).__name__}: {e}") from None
-    if len(parsed) != samples:
-        raise ShardError(shard, f"holds {len(parsed)} samples, the manifest says {samples}")
+    held = parsed.rows_in_shard if isinstance(parsed, ShardColumns) else len(parsed)
+    if held != samples:
+        raise ShardError(shard, f"holds {held} samples, the manifest says {samples}")
     return parsed

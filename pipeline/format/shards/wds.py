@@ -70,7 +70,7 @@ class WebDatasetFormat(ShardFormat):
                     for key, _, suffix in [member.name.partition(".")] if suffix == ext]
 
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
-              columns: Sequence[str] = ()) -> ShardColumns:
+              columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
         ext = self.token_member(codec)
         keys, tokens, labels = [], [], {}
         captions: dict[str, str] = {}
@@ -129,4 +129,4 @@ class WebDatasetFormat(ShardFormat):
             else:
                 values[:] = [infos.get(k, {}).get(name) for k in keys]
             out[name] = values
-        return out
+        return out.take(rows)   # a tar is read whole anyway
