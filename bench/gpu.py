@@ -2,8 +2,9 @@
 the CPU's), the convert job with its tokenizer on the GPU, nvJPEG against the CPU JPEG
 decoder, the loader feeding a GPU, and the reference training job under nccl + bf16.
 
-    python bench/gpu.py --out DIR             # on a machine with a CUDA GPU, ~4 min
+    python bench/gpu.py --out DIR             # on a machine with a CUDA GPU, ~5 min
     python bench/gpu.py --record DIR/gpu.json # here: turn its figures into bench/RESULTS.md
+    python bench/gpu.py --device cpu --quick  # a dry run on the CPU, tiny sizes (the tests run it)
 
 The run writes DIR/gpu.json after every part, so a part that fails (or a run cut short by
 its time limit) still leaves the parts before it; each part's error is recorded in place
@@ -28,6 +29,17 @@ Parts (each a function below):
   resize to 256 on the GPU) against simplejpeg on one CPU core.
 - loader: `loader(pin_memory=...)` moving batches to the GPU, samples/s.
 - train: `torchrun -m tokshard.jobs.train --compare-pixels` on one GPU (nccl, bf16).
+- ray: the Ray engine on a local Ray cluster (decode tasks on the CPUs, tokenizer actors
+  with one GPU each) against the local engine on the same JPEGs as `convert` (built once
+  per run), the default tokenizer on the GPU for both: images/s of each (the first job on
+  a new cluster, when the workers start, and a second one), and whether the shards and
+  manifest are byte-identical, as the README promises. Needs `pip install 'tokshard[ray]'`;
+  without Ray the part records an error saying so.
+
+`--device cpu --quick` is the dry mode: every part on the CPU at tiny sizes (76 JPEGs in
+3 tars; the VQGAN-class tokenizers, ~2 s an image on a CPU, are left out; one Ray job), a
+Ray cluster of the machine's CPUs with one tokenizer actor on the CPU. `--results PATH`
+makes `--record` write another copy of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +56,8 @@ import tarfile
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +122,8 @@ def env(run: Run) -> dict:
         p = torch.cuda.get_device_properties(0)
         d.update(device=p.name, memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
                  capability=f"{p.major}.{p.minor}", bf16=torch.cuda.is_bf16_supported())
+    else:
+        d["device"] = "no GPU (dry run on the CPU)"
     try:
         d["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
                                           "--format=csv,noheader"], capture_output=True, text=True,
@@ -193,6 +209,9 @@ def tokenizers(run: Run) -> dict:
     n_gpu = 64 if q else 512
     n_cpu = 4 if q else 16
     for name in ("vqgan-taming", "llamagen-vq16", "maskgit-vqgan"):
+        if q and dev == "cpu":
+            out[name] = {"skipped": "dry mode: ~2 s an image on a CPU"}
+            continue
         if run.left() < 40:
             out[name] = {"skipped": "time"}
             continue
@@ -238,11 +257,21 @@ def tokenizers(run: Run) -> dict:
 # --- convert ----------------------------------------------------------------------------
 
 def make_source(tmp: Path, quick: bool) -> Path:
+    """The JPEGs `convert`, `ray` and `nvjpeg` read, written once per run: 19 photos and 260
+    crops of each (4,959 JPEGs) in tars of 250; quick: 3 crops of each (76) in tars of 32."""
+    import shutil
+
     from tokshard.pipeline.sample_data import write_img2dataset_shards
-    src = tmp / "src"
-    if not src.exists():
-        write_img2dataset_shards(src, crops_per_photo=10 if quick else 260, shard_size=250)
+    src, done = tmp / "src", tmp / "src.done"
+    if not done.exists():
+        shutil.rmtree(src, ignore_errors=True)
+        write_img2dataset_shards(src, crops_per_photo=3 if quick else 260, shard_size=32 if quick else 250)
+        done.touch()
     return src
+
+
+def count_jpegs(src: Path) -> int:
+    return sum(1 for p in src.glob("*.tar") for m in tarfile.open(p) if m.name.endswith(".jpg"))
 
 
 def timed_convert(src: Path, out: Path, **kw: Any) -> tuple[float, dict]:
@@ -287,7 +316,7 @@ def convert_part(run: Run) -> dict:
     from tokshard.tokenizers.vqgan import TamingVQGAN
     tmp = run.work
     src = make_source(tmp, run.quick)
-    n = sum(1 for p in src.glob("*.tar") for m in tarfile.open(p) if m.name.endswith(".jpg"))
+    n = count_jpegs(src)
     workers = max(2, (os.cpu_count() or 4) - 2)
     out: dict[str, Any] = {"images": n, "decode_workers": workers}
     # Warm-up (CUDA context, cuDNN, the default artifact) outside the timings.
@@ -318,6 +347,96 @@ def convert_part(run: Run) -> dict:
                           "converted": len(tokshard.open(str(tmp / label)))}
         diff = differing_files(tmp / "taming_bf16_cl_mb32", tmp / "taming_bf16_cl_mb32_one_unit_at_a_time")
         out["ahead_equals_one_unit_at_a_time_bytes"] = not diff
+    return out
+
+
+# --- ray --------------------------------------------------------------------------------
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after `seconds` (a hung cluster must not take
+    the rest of the run's budget: the Ray driver waits in 1 s steps, so the alarm lands)."""
+    def fire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"the part ran past its {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def same_bytes(a: Path, b: Path) -> dict[str, Any]:
+    """differing_files both ways: the files that differ, and those only one side has."""
+    return {**differing_files(a, b), **{f: "only in the second" for f in differing_files(b, a) if
+                                        not (a / f).is_file()}}
+
+
+def ray_part(run: Run) -> dict:
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise RuntimeError("ray is not importable (pip install 'tokshard[ray]'): the Ray engine was not run")
+    import torch
+
+    import tokshard
+    from tokshard.pipeline.convert.engines.ray import init_ray
+    tmp = run.work
+    src = make_source(tmp, run.quick)
+    n = count_jpegs(src)
+    workers = max(2, (os.cpu_count() or 4) - 2)     # as `convert`: the local engine's decode threads
+    gpus = torch.cuda.device_count() if run.device == "cuda" else 0
+    # One tokenizer actor per GPU, one GPU each (the engine's default where the cluster has
+    # GPUs); on the CPU one actor all the same, so that the dry run takes the same path
+    # (decode tasks -> actor -> commit tasks) rather than whole-unit tasks.
+    encoders, gpus_per_encoder = (gpus, 1.0) if gpus else (1, None)
+    opts = {"device": run.device}
+    out: dict[str, Any] = {"images": n, "device": run.device, "decode_workers": workers, "encoders": encoders,
+                           "gpus_per_encoder": gpus_per_encoder or 0}
+    labels = ("ray",) if run.quick else ("ray_first_job", "ray")
+    cwd = os.getcwd()
+    # Ray puts the driver's working directory on its workers' sys.path: from the repository's
+    # root, its tokshard/ folder would shadow the installed package there.
+    os.chdir(tmp)
+    try:
+        with time_limit(max(30.0, run.left() - 5)):
+            ray = None
+            try:
+                t = time.perf_counter()
+                ray = init_ray(None)
+                resources = ray.cluster_resources()
+                if gpus and resources.get("GPU", 0) < gpus:   # Ray did not see the GPU: say so, and give it
+                    out["ray_detected_gpus"] = resources.get("GPU", 0)
+                    ray.shutdown()
+                    ray.init(num_gpus=gpus, include_dashboard=False, logging_level="WARNING",  # as init_ray
+                             log_to_driver=False)
+                    resources = ray.cluster_resources()
+                out["cluster"] = {k: resources.get(k, 0) for k in ("CPU", "GPU")}
+                out["cluster_start_s"] = round(time.perf_counter() - t, 2)
+                ray_kw = {"engine": "ray", "encoders": encoders, "gpus_per_encoder": gpus_per_encoder}
+                # The first job on a new cluster starts its worker processes (each imports torch);
+                # the second finds the task workers started (tokenizer actors start in every job).
+                # The dry run has one job only.
+                for label in labels:
+                    wall, res = timed_convert(src, tmp / label, decode_workers=workers, tokenizer_options=opts,
+                                              **ray_kw)
+                    out[label] = {"wall_s": round(wall, 2), "images_s": round(n / wall),
+                                  "converted": len(tokshard.open(str(tmp / label))),
+                                  "first_job_on_the_cluster": label == labels[0]}
+            finally:
+                if ray is not None:
+                    ray.shutdown()      # before the local engine runs: its CPUs to itself
+            wall, res = timed_convert(src, tmp / "local", decode_workers=workers, tokenizer_options=opts)
+            out["local"] = {"wall_s": round(wall, 2), "images_s": round(n / wall),
+                            "converted": len(tokshard.open(str(tmp / "local")))}
+            out["shards"] = res["dataset"]["shards"]
+    finally:
+        os.chdir(cwd)
+    for label in labels:
+        diff = same_bytes(tmp / "local", tmp / label)
+        out[f"{label}_equals_local_bytes"] = not diff
+        if diff:
+            out[f"{label}_vs_local_differing"] = diff
     return out
 
 
@@ -432,9 +551,14 @@ def train_part(run: Run) -> dict:
 
 # --- RESULTS.md -------------------------------------------------------------------------
 
+def heading(res: dict) -> str:
+    """A section per device: a run on another GPU does not replace this one's figures."""
+    return f"{HEADING}: {res.get('env', {}).get('device', 'unknown device')}"
+
+
 def section(res: dict) -> str:
     e = res.get("env", {})
-    lines = [HEADING, "",
+    lines = [heading(res), "",
              f"_{res.get('started', '?')[:10]}, `python bench/gpu.py` on one {e.get('device', '?')} "
              f"({e.get('memory_gib', '?')} GiB, {e.get('cpus', '?')} CPU cores; torch {e.get('torch')}, CUDA "
              f"{e.get('cuda')}, cuDNN {e.get('cudnn')}; TF32 for convolutions "
@@ -514,7 +638,35 @@ def section(res: dict) -> str:
                   f"samples/s (chance {tr['tokens']['chance']:.3f}).", ""]
     elif tr:
         lines += [f"Training: {tr.get('error') or tr.get('skipped') or tr.get('stderr', '')[-500:]}", ""]
+    lines += ray_lines(res.get("ray", {}))
     return "\n".join(lines)
+
+
+def ray_lines(ry: dict) -> list[str]:
+    if not ry:
+        return []
+    if "error" in ry or "skipped" in ry:
+        return [f"Ray engine: {ry.get('error') or ry.get('skipped')}", ""]
+    actors = (f"{ry['encoders']} tokenizer actor(s), {ry['gpus_per_encoder']:g} GPU each" if ry["gpus_per_encoder"]
+              else f"{ry['encoders']} tokenizer actor(s) on the CPU")
+    cluster = ry.get("cluster", {})
+    rows = [("local engine", ry["local"], f"{ry['decode_workers']} decode workers, one process", "(reference)")]
+    for label in ("ray_first_job", "ray"):
+        if label in ry:
+            name = "Ray, first job on a new cluster" if ry[label].get("first_job_on_the_cluster") else "Ray, second job"
+            rows.append((name, ry[label], actors, "yes" if ry[f"{label}_equals_local_bytes"] else "NO"))
+    lines = [f"Ray engine (GPU tokenizer actors) vs local engine: convert of the same {ry['images']:,} JPEGs "
+             f"({ry.get('shards', '?')} shards), default tokenizer (kmeans-vq) on `{ry.get('device', 'cuda')}` "
+             f"in both; a local Ray cluster of {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPU(s), "
+             f"started in {ry['cluster_start_s']} s (not in the walls):", "",
+             "| engine | workers | wall s | images/s | shards + manifest byte-identical to the local engine's |",
+             "|---|---|---:|---:|---|"]
+    lines += [f"| {name} | {how} | {cell['wall_s']} | {cell['images_s']:,} | {same} |"
+              for name, cell, how, same in rows]
+    if "ray_detected_gpus" in ry:
+        lines += ["", f"(Ray detected {ry['ray_detected_gpus']:g} GPUs by itself; the cluster was started with "
+                      f"num_gpus given.)"]
+    return [*lines, ""]
 
 
 def main() -> int:
@@ -524,21 +676,28 @@ def main() -> int:
     p.add_argument("--budget", type=float, default=270, help="seconds for the whole run")
     p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script out)")
     p.add_argument("--quick", action="store_true", help="small sizes, to try the script out")
-    p.add_argument("--parts", default="env,tokenizers,train,convert,loader,nvjpeg")
+    p.add_argument("--parts", default="env,tokenizers,train,convert,loader,nvjpeg,ray")
     p.add_argument("--record", metavar="GPU_JSON", help="write RESULTS.md's section from a run's gpu.json")
+    p.add_argument("--results", metavar="PATH", help="the RESULTS.md that --record writes (default: bench's)")
     args = p.parse_args()
     if args.record:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import results_md
         from results_md import write_section
-        text = section(json.loads(Path(args.record).read_text()))
+        if args.results:
+            results_md.RESULTS = Path(args.results)
+        res = json.loads(Path(args.record).read_text())
+        text = section(res)
         print(text)
-        write_section(HEADING, text)
+        write_section(heading(res), text)
         return 0
-    out = Path(args.out or tempfile.mkdtemp(prefix="tokshard-gpu-"))
-    run = Run(out, Path(args.work or tempfile.mkdtemp(prefix="tokshard-gpu-work-")), args.budget, args.device,
-              args.quick)
+    out = Path(args.out or tempfile.mkdtemp(prefix="tokshard-gpu-")).resolve()
+    # Absolute: the ray and train parts run from the work folder.
+    run = Run(out, Path(args.work or tempfile.mkdtemp(prefix="tokshard-gpu-work-")).resolve(), args.budget,
+              args.device, args.quick)
     parts = {"env": (0, env), "tokenizers": (60, tokenizers), "convert": (40, convert_part),
-             "nvjpeg": (15, nvjpeg), "loader": (15, loader_part), "train": (40, train_part)}
+             "nvjpeg": (15, nvjpeg), "loader": (15, loader_part), "train": (40, train_part),
+             "ray": (60, ray_part)}
     for name in args.parts.split(","):
         needs, fn = parts[name]
         run.part(name, needs, fn)
