@@ -7,8 +7,13 @@
   columns=["caption"])`, num_workers=0, torch 1 thread: one core.
 - mixture: `tokshard.mix([a, b, c], weights=[1, 1, 2])` through the same loader settings,
   the caption column included: one core.
-- workers: the single dataset with num_workers=1 and num_workers=2 (2-core machine),
-  crop + flip in the workers, same settings otherwise.
+- workers: num_workers=1 against num_workers=2 (2-core machine), crop + flip in the
+  workers, same settings otherwise, in interleaved rounds (the best of each, and each
+  round's ratio), on two layouts of the same tokens: shards of 1,159 samples (the photos
+  converted from one source shard, listed 200 times: 231,800 samples) and the 256-sample
+  shards of the single dataset. Converted from img2dataset's default 10,000-sample shards, a
+  dataset has shards of thousands of samples; at 256 a shard, every worker pays each
+  shard's fixed read cost (file, checksum, Parquet footer) for a few of its rows.
 
     python bench/mixture.py
 
@@ -29,8 +34,32 @@ from results_md import publish
 HEADING = "## Mixtures and workers"
 BATCH = 256
 SAMPLES = 150_000
+ROUNDS = 3
 TARGET_MIX = 40_000
 TARGET_WORKERS = 1.6
+
+
+def convert_one_shard(tmp: Path) -> Path:
+    """The bench's photos and crops converted from one source shard: one token shard of 1,159."""
+    from tokshard.pipeline.convert.job import ConvertConfig, convert
+    from tokshard.pipeline.sample_data import write_img2dataset_shards
+    src = tmp / "src-one"
+    write_img2dataset_shards(src, crops_per_photo=60, shard_size=10_000)
+    out = tmp / "tokens-one"
+    convert(ConvertConfig(sources=[str(src)], out=str(out), format="parquet", codec="zstd"), quiet=True)
+    return out
+
+
+def worker_rounds(ds, aug, kw: dict) -> tuple[float, float, list[float]]:
+    """(best samples/s with num_workers=1, with 2, each round's ratio), rounds interleaved."""
+    best = {1: 0.0, 2: 0.0}
+    ratios = []
+    for r in range(ROUNDS):
+        rate = {nw: loader_bench.loader_rate(ds.loader(BATCH, num_workers=nw, augment=aug, **{**kw, "seed": r}),
+                                             SAMPLES)[0] for nw in (1, 2)}
+        best = {nw: max(best[nw], rate[nw]) for nw in best}
+        ratios.append(rate[2] / rate[1])
+    return best[1], best[2], ratios
 
 
 def main() -> int:
@@ -52,11 +81,10 @@ def main() -> int:
         mixed, mn = loader_bench.loader_rate(mixture.loader(BATCH, **kw), SAMPLES)
         per_stream, pn = loader_bench.loader_rate(mixture.loader(BATCH, batching="per_stream", **kw), SAMPLES)
         aug = Compose([TokenRandomResizedCrop(16), TokenHFlip()])
-        workers = {}
-        for nw in (1, 2):
-            workers[nw] = loader_bench.loader_rate(c.loader(BATCH, num_workers=nw, augment=aug, **kw), SAMPLES)
+        wide = tokshard.open(loader_bench.repeat_manifest(convert_one_shard(tmp), tmp / "wide", 200))
+        workers = {name: worker_rounds(ds, aug, kw) for name, ds in (("1,159", wide), ("256", c))}
         sizes = [len(a), len(b), len(c)]
-    w1, w2 = workers[1][0], workers[2][0]
+    w1, w2, ratios = workers["1,159"]
     lines = [
         HEADING, "",
         f"_{datetime.date.today().isoformat()}, `python bench/mixture.py`, {os.cpu_count()}-core machine, torch 1 "
@@ -70,12 +98,18 @@ def main() -> int:
         f"{mixed / single:.2f}x |",
         f"| the same mixture, batching=\"per_stream\" (one core) | {per_stream:,.0f} | {pn:,} | "
         f"{per_stream / single:.2f}x |",
-        f"| one dataset, crop+flip, num_workers=1 | {w1:,.0f} | {workers[1][1]:,} | 1.00x |",
-        f"| one dataset, crop+flip, num_workers=2 | {w2:,.0f} | {workers[2][1]:,} | {w2 / w1:.2f}x |",
+        "",
+        f"num_workers=1 against num_workers=2, crop+flip, best of {ROUNDS} interleaved rounds of {SAMPLES:,} "
+        "samples (each round's ratio in the last column):", "",
+        "| shards of | num_workers=1 samples/s | num_workers=2 samples/s | ratio of the bests | ratio per round |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {name} samples | {r1:,.0f} | {r2:,.0f} | {r2 / r1:.2f}x | {', '.join(f'{x:.2f}' for x in rr)} |"
+          for name, (r1, r2, rr) in workers.items()],
         "",
         f"Targets (issue 16): a 3-dataset mixture with the caption column >= {TARGET_MIX:,} samples/s on one "
         f"core: {mixed:,.0f}, **{'met' if mixed >= TARGET_MIX else 'NOT met'}**; num_workers=2 >= "
-        f"{TARGET_WORKERS}x num_workers=1: {w2 / w1:.2f}x, **{'met' if w2 / w1 >= TARGET_WORKERS else 'NOT met'}**.",
+        f"{TARGET_WORKERS}x num_workers=1 (1,159-sample shards): {w2 / w1:.2f}x (rounds "
+        f"{min(ratios):.2f}-{max(ratios):.2f}), **{'met' if w2 / w1 >= TARGET_WORKERS else 'NOT met'}**.",
         "",
     ]
     publish(HEADING, "\n".join(lines), t0)

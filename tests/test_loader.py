@@ -19,13 +19,17 @@ def reference(ds):
     return {i: (k, t.copy(), lab) for i, k, t, lab in ds}
 
 
-def rank_batches(ds, rank, world, workers=1, **kw):
-    """A rank's batches with `workers` emulated in-process, in DataLoader order."""
+def rank_batches(ds, rank, world, workers=1, block=1, **kw):
+    """A rank's batches with `workers` emulated in-process, in DataLoader order (blocks of
+    `block` batches, one DataLoader item each, taken from the workers round-robin)."""
     it = ds.iterable(16, rank=rank, world_size=world, **{**OPTS, **kw})
-    per_worker = [list(it.batches(w, workers)) for w in range(workers)]
+    per_worker = []
+    for w in range(workers):
+        mine = list(it.batches(w, workers, block))
+        per_worker.append([mine[j:j + block] for j in range(0, len(mine), block)])
     out = []
     for i in range(max(map(len, per_worker), default=0)):
-        out += [p[i] for p in per_worker if i < len(p)]
+        out += [b for p in per_worker if i < len(p) for b in p[i]]
     return out
 
 
@@ -62,10 +66,21 @@ def test_rank_stream_does_not_depend_on_worker_count(loader_datasets):
     ds = tokshard.open(loader_datasets[("parquet", "zstd")])
     one = ids(rank_batches(ds, 1, 3, 1))
     for workers in (2, 3, 4):
-        assert ids(rank_batches(ds, 1, 3, workers)) == one
-    # The same through real DataLoader worker processes.
-    loader = ds.loader(16, rank=1, world_size=3, num_workers=2, **OPTS)
-    assert ids(loader) == one
+        for block in (1, 2, 3):
+            assert ids(rank_batches(ds, 1, 3, workers, block)) == one, (workers, block)
+    # The same through real DataLoader worker processes, whatever batches travel together,
+    # and from a resume in the middle of a block.
+    for block in (None, 1, 3):
+        loader = ds.loader(16, rank=1, world_size=3, num_workers=2, block=block, **OPTS)
+        assert ids(loader) == one
+    first = ds.loader(16, rank=1, world_size=3, num_workers=2, block=3, **OPTS)
+    head = [b for _, b in zip(range(4), first)]
+    second = ds.loader(16, rank=1, world_size=3, num_workers=3, block=2, **OPTS)
+    second.load_state_dict(first.state_dict())
+    assert ids(head) + ids(second) == one
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match="block must be a positive number"):
+            ds.loader(16, block=bad)
 
 
 def test_order_is_a_function_of_seed_epoch_and_shards(loader_datasets):

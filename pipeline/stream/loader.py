@@ -12,12 +12,13 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
   marked `pad=True` in its batch (leave padded samples out of evaluation counts); with
   `drop_last=True` every rank gets the same number of full batches instead.
 - A rank's batches do not depend on `num_workers`: counting from the batch the
-  iteration starts at, the i-th batch is built by worker i % num_workers, and
-  DataLoader takes batches from its workers round-robin, so the rank sees its
-  batches in order whatever the worker count.
-  Each worker computes the rank's output order on integers alone and reads, decodes
+  iteration starts at, batches travel in blocks of k (`TokenLoader.block`), the j-th
+  block is built by worker j % num_workers, and DataLoader takes items from its
+  workers round-robin, so the rank sees its batches in order whatever the worker count.
+  Each worker computes the rank's output order on integers alone and converts, decodes
   and augments only the rows of its own batches (each shard holding one of them is
-  still read by that worker).
+  still read and checked by that worker; Arrow takes the rows before any becomes a
+  Python object).
 - The loader is a cursor over (epoch, batch): `state_dict()` after batch k,
   `load_state_dict()` in a new process, and the next batches are batch k+1,
   k+2, ... of the uninterrupted run, sample for sample and bit for bit
@@ -150,8 +151,13 @@ _NARROW = (np.uint8, np.uint16, np.int16, np.int32)
 _NARROW_MIN = 4096          # elements: below this, narrowing saves less than it costs
 
 
-def _as_numpy(batch: Any) -> Any:
-    """The DataLoader's collate_fn, in the worker: the batch is finished; its tensors travel
+def _as_numpy(item: Any) -> Any:
+    """The DataLoader's collate_fn (in the worker): a block of batches, each `_numpy`'s."""
+    return [_numpy(b) for b in item]
+
+
+def _numpy(batch: Any) -> Any:
+    """In the worker, a finished batch made ready to travel: its tensors travel
     as numpy arrays, pickled through the worker's pipe, and become tensors again in the main
     process (`_from_numpy`). Sent as tensors, each would go through its own shared-memory
     segment and a socket handshake to pass its file descriptor: ~1.5 ms a tensor, four or
@@ -422,7 +428,9 @@ class TokenIterable(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.batches(worker, workers)
 
-    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+    def batches(self, worker: int = 0, workers: int = 1, block: int = 1) -> Iterator[dict]:
+        """This worker's batches: counting from `start_batch`, blocks of `block` batches, the
+        j-th block being worker j % workers's."""
         stream: _Stream | Any
         if getattr(self.ds, "is_mixture", False):
             mixture: Any = self.ds
@@ -432,11 +440,11 @@ class TokenIterable(IterableDataset):
             order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
             stream = _Stream(self.ds, order, self.on_error, self.prefetch, self.stored_columns)
         try:
-            yield from self._run(stream, worker, workers)
+            yield from self._run(stream, worker, workers, block)
         finally:
             stream.close()
 
-    def _run(self, stream: _Stream | Any, worker: int, workers: int) -> Iterator[dict]:
+    def _run(self, stream: _Stream | Any, worker: int, workers: int, block: int = 1) -> Iterator[dict]:
         """This worker's batches of the rank's epoch segment, from `start_batch` on.
 
         The rank's output order is known without data (`emission_order`: the buffer
@@ -446,7 +454,8 @@ class TokenIterable(IterableDataset):
         plan = self._plan()
         seg = len(self.history)
         span, real = self._span(plan, self.rank, self.world_size)
-        own = list(range(self.start_batch + worker, self.num_batches(), workers))
+        start = self.start_batch
+        own = [b for b in range(start, self.num_batches()) if (b - start) // block % workers == worker]
         if not own:
             return
         flat, bounds = self._batches(plan, span, seg, self.rank, self.world_size)
@@ -575,19 +584,32 @@ class _CarryErrors(IterableDataset):
     Other exceptions go through torch's own path, as before.
     """
 
-    def __init__(self, iterable: TokenIterable):
+    def __init__(self, iterable: TokenIterable, block: int = 1):
         super().__init__()
-        self.iterable = iterable
+        self.iterable, self.block = iterable, block
 
-    def __iter__(self) -> Iterator[dict | _WorkerError]:
+    def __iter__(self) -> Iterator[list[dict | _WorkerError]]:
+        """The worker's blocks of batches, each one DataLoader item (see TokenLoader.block)."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        group: list[dict | _WorkerError] = []
         try:
-            yield from self.iterable
+            for batch in self.iterable.batches(worker, workers, self.block):
+                group.append(batch)
+                if len(group) == self.block:
+                    yield group
+                    group = []
         except TokshardError as e:
-            info = get_worker_info()
-            where = f"DataLoader worker process {info.id}" if info is not None else "a DataLoader worker"
+            where = f"DataLoader worker process {worker}" if info is not None else "a DataLoader worker"
             frames = "".join(traceback.format_tb(e.__traceback__)).rstrip()
             e.add_note(f"(raised in {where}; its traceback:)\n{frames}")
-            yield _WorkerError(e)
+            group.append(_WorkerError(e))
+        except Exception:
+            if group:       # the batches before it, as without workers
+                yield group
+            raise
+        if group:
+            yield group
 
 
 class TokenLoader:
@@ -607,8 +629,12 @@ class TokenLoader:
     """
 
     def __init__(self, iterable: TokenIterable, *, num_workers: int = 0, pin_memory: bool | None = None,
-                 prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None):
+                 prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None,
+                 block: int | None = None):
         self.iterable, self.num_workers = iterable, num_workers
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise UsageError(f"block must be a positive number of batches, got {block!r}")
+        self.block = block
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor, self.mp_context = prefetch_factor, multiprocessing_context
         self._skipped: set[str] = set()
@@ -629,6 +655,19 @@ class TokenLoader:
     def __len__(self) -> int:
         return self.iterable.num_batches()
 
+    def blocking(self) -> int:
+        """How many batches a worker hands over at once (`block`, or by default as many as
+        make ~2 MiB of tokens, at most 8). Each DataLoader item costs the main process a
+        fixed ~0.4 ms (queues, a pickle, a pipe, a feeder thread), about what a worker takes
+        to build a batch of 256 samples: the main process's share, which num_workers cannot
+        spread, shrinks with the batches per item."""
+        if self.block is not None:
+            return self.block
+        it = self.iterable
+        views = len(it.ds.views) if it.view == "all" else 1
+        size = it.batch_size * it.ds.tokens_per_sample * views * 8
+        return max(1, min(8, (2 << 20) // max(size, 1)))
+
     @property
     def skipped_shards(self) -> list[str]:
         """Shards skipped (on_error="skip") so far, sorted: those that could not be read, and
@@ -646,12 +685,13 @@ class TokenLoader:
             source = it.batches()
         else:
             # Pinned here, in _from_numpy: the DataLoader's pin thread sees numpy arrays.
-            loader = DataLoader(_CarryErrors(it), batch_size=None, num_workers=self.num_workers,
+            loader = DataLoader(_CarryErrors(it, self.blocking()), batch_size=None, num_workers=self.num_workers,
                                 collate_fn=_as_numpy, pin_memory=False,
                                 prefetch_factor=self.prefetch_factor,
                                 multiprocessing_context=self.mp_context, persistent_workers=False)
             pin = bool(self.pin_memory) and torch.cuda.is_available()   # as DataLoader: no device, no pinning
-            source = (_from_numpy(b, pin) for b in loader)
+            workers = iter(loader)
+            source = (_from_numpy(b, pin) for item in workers for b in item)
         batches = iter(source)
         error: TokshardError | None = None
         try:
@@ -665,9 +705,9 @@ class TokenLoader:
         finally:
             # Workers stop here, not when the error (whose traceback holds this frame) is
             # collected: that can happen inside a later fork, where torch's cleanup fails.
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            if self.num_workers:
+                workers._shutdown_workers()   # type: ignore[attr-defined]  # (a multi-process iterator's)
+                del workers
             del batches, source
         if error is not None:
             raise error
