@@ -103,3 +103,38 @@ def test_a_column_that_cannot_be_delivered_is_named(hub_datasets, loader_dataset
     # A metadata field no sample has is None for every sample (fields are optional per sample).
     batch = next(iter(ds.loader(4, rank=0, world_size=1, columns=["meta.missing"])))
     assert batch["meta.missing"] == [None] * 4
+
+
+def test_metadata_that_is_not_json_is_a_shard_error_naming_shard_and_row(dataset_copy):
+    """The loader and ds[i] parse stored metadata with one rule and fail alike on text that is not JSON."""
+    import hashlib
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import rewrite_manifest
+
+    from tokshard.errors import ShardError
+    root = dataset_copy(("parquet", "zstd"))
+    ds = tokshard.open(root)
+    name, path = ds.shard_names[0], root / ds.manifest.column("path")[0].as_py()
+    table = pq.read_table(path)
+    meta = table.column("meta").to_pylist()
+    meta[3] = '{"broken": '
+    i = table.schema.get_field_index("meta")
+    table = table.set_column(i, table.schema.field("meta"), pa.array(meta, pa.string()))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    path.write_bytes(data)
+
+    def fix(rows):
+        rows[0].update(sha256=hashlib.sha256(data).hexdigest(), stored_bytes=len(data))
+    rewrite_manifest(root, rows=fix)
+    ds = tokshard.open(root)
+    with pytest.raises(ShardError, match="row 3: its metadata is not JSON") as e:
+        list(ds.loader(4, columns=["meta"], shuffle=False, rank=0, world_size=1))
+    assert e.value.shard == name
+    with pytest.raises(ShardError, match="row 3: its metadata is not JSON"):
+        ds[3]
+    assert ds[2]["meta"] == (json.loads(meta[2]) if meta[2] is not None else None)

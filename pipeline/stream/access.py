@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import numpy as np
 import torch.utils.data
 
 from tokshard.errors import ShardError, UsageError
-from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS
+from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS, parse_meta
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
@@ -88,11 +87,7 @@ class SampleCache:
         cols = self.shard(k)
         tokens = cols["tokens"][row].copy()     # (a view would keep the shard's array alive)
         label = cols["label"][row]
-        text = cols["meta"][row]
-        try:
-            meta = None if text is None else json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise ShardError(ds.shard_names[k], f"row {row}: its metadata is not JSON: {type(e).__name__}") from None
+        meta = parse_meta([cols["meta"][row]], ds.shard_names[k], [row])[0]
         out = {"id": sample_id, "key": cols["key"][row], "tokens": tokens, "label": label,
                "caption": cols["caption"][row], "width": cols["width"][row], "height": cols["height"][row],
                "source": cols["source"][row], "meta": meta}

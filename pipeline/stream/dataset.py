@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from tokshard.pipeline.stream.access import MapDataset, SampleCache, TokenSubset
-    from tokshard.pipeline.stream.loader import TokenIterable, TokenLoader
+    from tokshard.pipeline.stream.loader import EpochStream, TokenIterable, TokenLoader
     from tokshard.tokenizers.base import Tokenizer
 
 DEFAULT_CACHE_BYTES = 20 * 2**30
@@ -416,6 +416,13 @@ class TokenDataset:
         return MapDataset(self, columns)
 
     # -- training ---------------------------------------------------------------
+    def epoch_stream(self, epoch: int, seed: int, shuffle: bool, on_error: str, prefetch: int,
+                     columns: tuple[str, ...]) -> EpochStream:
+        """The loader's view of an epoch: the shards in their (seed, epoch) order, positions -> rows."""
+        from tokshard.pipeline.stream.loader import EpochStream
+        from tokshard.pipeline.stream.order import shard_order
+        return EpochStream(self, shard_order(self.num_shards, seed, epoch, shuffle), on_error, prefetch, columns)
+
     def iterable(self, batch_size: int = 256, **options: Any) -> TokenIterable:
         """A torch IterableDataset of ready batches (see `TokenIterable`)."""
         from tokshard.pipeline.stream.loader import TokenIterable

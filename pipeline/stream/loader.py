@@ -31,7 +31,6 @@ Guarantees (see `tokshard.pipeline.stream.order` for the plan itself):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import traceback
@@ -44,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.errors import ShardError, TokshardError, UsageError
+from tokshard.pipeline.format.shards.base import parse_meta
 from tokshard.pipeline.stream.order import (
     Plan,
     consumed_positions,
@@ -122,7 +122,7 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
     try:
         cols = dict(ds.read_shard(i, columns, rows))
         if "meta" in cols:
-            cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i])
+            cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i], rows)
         cols["valid"] = np.ones(n, bool)
         return cols, False
     except ShardError:
@@ -198,8 +198,9 @@ def _from_numpy(batch: Any, pin: bool) -> Any:
     return out
 
 
-class _Stream(ShardRows):
-    """One epoch segment of the global stream: shard order, positions -> rows."""
+class EpochStream(ShardRows):
+    """A dataset's epoch stream for the loader: shard order, positions -> rows (a mixture's is
+    `mixture._MixStream`); `TokenDataset.epoch_stream` makes it."""
 
     def __init__(self, ds: TokenDataset, order: np.ndarray, on_error: str, prefetch: int,
                  columns: tuple[str, ...] = ()):
@@ -431,20 +432,14 @@ class TokenIterable(IterableDataset):
     def batches(self, worker: int = 0, workers: int = 1, block: int = 1) -> Iterator[dict]:
         """This worker's batches: counting from `start_batch`, blocks of `block` batches, the
         j-th block being worker j % workers's."""
-        stream: _Stream | Any
-        if getattr(self.ds, "is_mixture", False):
-            mixture: Any = self.ds
-            stream = mixture.epoch_stream(self.epoch, self.seed, self.shuffle, self.on_error, self.prefetch,
-                                          self.stored_columns)
-        else:
-            order = shard_order(self.ds.num_shards, self.seed, self.epoch, self.shuffle)
-            stream = _Stream(self.ds, order, self.on_error, self.prefetch, self.stored_columns)
+        stream: ShardRows = self.ds.epoch_stream(self.epoch, self.seed, self.shuffle, self.on_error, self.prefetch,
+                                                 self.stored_columns)
         try:
             yield from self._run(stream, worker, workers, block)
         finally:
             stream.close()
 
-    def _run(self, stream: _Stream | Any, worker: int, workers: int, block: int = 1) -> Iterator[dict]:
+    def _run(self, stream: Any, worker: int, workers: int, block: int = 1) -> Iterator[dict]:
         """This worker's batches of the rank's epoch segment, from `start_batch` on.
 
         The rank's output order is known without data (`emission_order`: the buffer
@@ -487,7 +482,7 @@ class TokenIterable(IterableDataset):
             stream.release(release.get(j, ()))
 
     @staticmethod
-    def _report(batches: Iterable[dict], stream: _Stream | Any) -> Iterator[dict]:
+    def _report(batches: Iterable[dict], stream: Any) -> Iterator[dict]:
         # Skipped shards ride along with the next batch so the loader in the
         # main process can count them, whichever worker saw them.
         for batch in batches:
@@ -539,13 +534,10 @@ class TokenIterable(IterableDataset):
         return [m.get(field) if isinstance(m, dict) else None for m in cols["meta"].tolist()]
 
 
-def _parse_meta(texts: np.ndarray, shard: str) -> np.ndarray:
-    """A shard's meta column (JSON text per sample) parsed: dicts (or None)."""
+def _parse_meta(texts: np.ndarray, shard: str, rows: np.ndarray | None) -> np.ndarray:
+    """A shard's meta column (JSON text per sample; of `rows`, if only those) parsed: dicts (or None)."""
     out = np.empty(len(texts), dtype=object)
-    try:
-        out[:] = [None if t is None else json.loads(t) for t in texts]
-    except (ValueError, RecursionError) as e:
-        raise ShardError(shard, f"a sample's metadata is not JSON: {type(e).__name__}: {e}"[:300]) from None
+    out[:] = parse_meta(texts, shard, rows)
     return out
 
 

@@ -241,7 +241,7 @@ class TokenMixture:
 
 
 class _MixStream(ShardRows):
-    """A mixture epoch's positions -> rows (the loader's `_Stream` for a mixture): shards of
+    """A mixture epoch's positions -> rows (the loader's `EpochStream` for a mixture): shards of
     every stream, tokens decoded as they are read, kept until the loader releases them."""
 
     def __init__(self, mix: TokenMixture, streams: np.ndarray, ids: np.ndarray, on_error: str,

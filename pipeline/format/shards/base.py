@@ -66,6 +66,25 @@ def _meta_json(meta: dict | None) -> str | None:
     return None if meta is None else json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str)
 
 
+def parse_meta(texts: Sequence[str | None] | np.ndarray, shard: str,
+               rows: Sequence[int] | np.ndarray | None = None) -> list:
+    """Stored metadata (`_meta_json`'s JSON text, None where a sample has none) back to
+    dicts; text that does not parse is a ShardError naming the shard and the row (`rows`:
+    the rows the texts are, when not 0, 1, ...)."""
+    try:
+        return [None if t is None else json.loads(t) for t in texts]
+    except (ValueError, RecursionError) as e:
+        error = e
+    for i, t in enumerate(texts):
+        try:
+            None if t is None else json.loads(t)
+        except (ValueError, RecursionError):
+            row = i if rows is None else int(rows[i])
+            break
+    from tokshard.errors import ShardError
+    raise ShardError(shard, f"row {row}: its metadata is not JSON: {type(error).__name__}: {error}"[:300])
+
+
 def _labels(values: Iterable[int | None]) -> np.ndarray:
     return np.array([-1 if v is None else int(v) for v in values], dtype=np.int64)
 
