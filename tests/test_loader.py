@@ -1,5 +1,6 @@
 """The streaming loader on real converted datasets: partitioning, order, resume."""
 
+import os
 import random
 from collections import Counter
 
@@ -271,3 +272,33 @@ def test_where_selects_samples_without_rewriting_shards(loader_datasets):
         ds.loader(4, rank=0, world_size=1, **OPTS).load_state_dict(ds.loader(4, **kw).state_dict())
     with pytest.raises(UsageError, match="no_such_column"):
         ds.loader(4, where="no_such_column = 1")
+
+
+def test_workers_are_pinned_to_cores_of_their_own_rank(loader_datasets, tmp_path, monkeypatch):
+    from tokshard.pipeline.stream.loader import TokenIterable, worker_cores
+    # This rank's slice of a machine its local ranks all see; the launcher's binding kept.
+    assert worker_cores(4, allowed=range(16), cpus=16, local_rank=1, local_world=4) == (4, 5, 6, 7)
+    assert worker_cores(2, allowed=[4, 5, 6, 7], cpus=16, local_rank=1, local_world=4) == (4, 5)
+    assert worker_cores(5, allowed=range(16), cpus=16, local_rank=3, local_world=4) is None   # 4 cores, 5 workers
+    assert worker_cores(5, True, allowed=range(16), cpus=16, local_rank=3, local_world=4) == (12, 13, 14, 15, 12)
+    assert worker_cores(2, False, allowed=range(16), cpus=16) is None
+    # Real workers: each on its own core of this process's set, or unpinned where too few.
+    allowed = sorted(os.sched_getaffinity(0))
+    log = tmp_path / "cores"
+    original = TokenIterable.batches
+
+    def batches(self, worker=0, workers=1, block=1):
+        with open(log, "a") as f:
+            f.write(f"{worker} {sorted(os.sched_getaffinity(0))}\n")
+        return original(self, worker, workers, block)
+
+    monkeypatch.setattr(TokenIterable, "batches", batches)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    ds = tokshard.open(loader_datasets[("parquet", "zstd")])
+    workers = min(2, len(allowed))
+    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, **OPTS))
+    seen = dict(line.split(" ", 1) for line in log.read_text().splitlines())
+    assert seen == {str(w): f"[{allowed[w]}]" for w in range(workers)}
+    log.write_text("")
+    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, worker_affinity=False, **OPTS))
+    assert {line.split(" ", 1)[1] for line in log.read_text().splitlines()} == {str(allowed)}

@@ -235,7 +235,7 @@ class TokenMixture:
     def loader(self, batch_size: int = 256, *, num_workers: int = 0, **options: Any) -> TokenLoader:
         """A resumable loader of the mixture's batches for this rank (see `TokenLoader`)."""
         from tokshard.pipeline.stream.loader import TokenLoader
-        loader_keys = ("pin_memory", "prefetch_factor", "multiprocessing_context", "block")
+        loader_keys = ("pin_memory", "prefetch_factor", "multiprocessing_context", "block", "worker_affinity")
         kw = {k: options.pop(k) for k in loader_keys if k in options}
         return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers, **kw)
 
