@@ -279,10 +279,9 @@ def test_workers_are_pinned_to_cores_of_their_own_rank(loader_datasets, tmp_path
     # This rank's slice of a machine its local ranks all see; the launcher's binding kept.
     assert worker_cores(4, allowed=range(16), cpus=16, local_rank=1, local_world=4) == (4, 5, 6, 7)
     assert worker_cores(2, allowed=[4, 5, 6, 7], cpus=16, local_rank=1, local_world=4) == (4, 5)
-    assert worker_cores(5, allowed=range(16), cpus=16, local_rank=3, local_world=4) is None   # 4 cores, 5 workers
-    assert worker_cores(5, True, allowed=range(16), cpus=16, local_rank=3, local_world=4) == (12, 13, 14, 15, 12)
+    assert worker_cores(5, allowed=range(16), cpus=16, local_rank=3, local_world=4) == (12, 13, 14, 15, 12)
     assert worker_cores(2, False, allowed=range(16), cpus=16) is None
-    # Real workers: each on its own core of this process's set, or unpinned where too few.
+    # Real workers, asked to be pinned: each on its own core of this process's set; by default not pinned.
     allowed = sorted(os.sched_getaffinity(0))
     log = tmp_path / "cores"
     original = TokenIterable.batches
@@ -296,9 +295,9 @@ def test_workers_are_pinned_to_cores_of_their_own_rank(loader_datasets, tmp_path
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     ds = tokshard.open(loader_datasets[("parquet", "zstd")])
     workers = min(2, len(allowed))
-    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, **OPTS))
+    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, worker_affinity=True, **OPTS))
     seen = dict(line.split(" ", 1) for line in log.read_text().splitlines())
     assert seen == {str(w): f"[{allowed[w]}]" for w in range(workers)}
     log.write_text("")
-    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, worker_affinity=False, **OPTS))
+    list(ds.loader(16, num_workers=workers, rank=0, world_size=1, **OPTS))
     assert {line.split(" ", 1)[1] for line in log.read_text().splitlines()} == {str(allowed)}

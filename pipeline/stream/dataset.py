@@ -430,7 +430,7 @@ class TokenDataset:
 
     def loader(self, batch_size: int = 256, *, num_workers: int = 0, pin_memory: bool | None = None,
                prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None,
-               block: int | None = None, worker_affinity: bool | None = None, **options: Any) -> TokenLoader:
+               block: int | None = None, worker_affinity: bool = False, **options: Any) -> TokenLoader:
         """A resumable loader of batches for this rank (see `TokenLoader`)."""
         from tokshard.pipeline.stream.loader import TokenLoader
         return TokenLoader(self.iterable(batch_size, **options), num_workers=num_workers,

@@ -605,19 +605,20 @@ class _CarryErrors(IterableDataset):
             yield group
 
 
-def worker_cores(workers: int, affinity: bool | None = None, allowed: Sequence[int] | None = None,
+def worker_cores(workers: int, affinity: bool = True, allowed: Sequence[int] | None = None,
                  cpus: int | None = None, local_rank: int | None = None, local_world: int | None = None
                  ) -> tuple[int, ...] | None:
-    """The cores a rank's DataLoader workers are pinned to (worker w to the w-th), or None: not
-    pinned. Pinned, a worker keeps its core's caches instead of migrating whenever the main
-    process wakes: num_workers=2 on 2 cores ran 4-12% faster pinned, in interleaved rounds.
+    """The cores a rank's DataLoader workers are pinned to with `worker_affinity=True` (worker w
+    to the w-th, round-robin where there are fewer cores than workers), or None: not pinned.
+    Pinned, a worker keeps its core's caches instead of migrating whenever the main process
+    wakes: num_workers=2 on 2 cores ran 3-12% faster pinned, in paired rounds.
 
     The cores are those this process may use (`sched_getaffinity`), and where every local rank
     sees the whole machine (torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE, no binding by the
-    launcher), this rank's equal slice of them, so ranks never pin workers to the same core.
-    `affinity=None` (the default) pins only where the slice has a core for every worker;
-    True pins anyway (cores reused round-robin); False never pins."""
-    if affinity is False or workers < 1 or not hasattr(os, "sched_getaffinity"):
+    launcher), this rank's equal slice of them, so a job's ranks never pin workers to the same
+    core. Off by default: two jobs that do not know of each other would pin their workers to
+    the same first cores of a machine."""
+    if not affinity or workers < 1 or not hasattr(os, "sched_getaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
     cpus = (os.cpu_count() or len(cores)) if cpus is None else cpus
@@ -626,7 +627,7 @@ def worker_cores(workers: int, affinity: bool | None = None, allowed: Sequence[i
     if local_world > 1 and len(cores) >= cpus and 0 <= local_rank < local_world:
         k = len(cores) // local_world
         cores = cores[local_rank * k:(local_rank + 1) * k]
-    if not cores or (affinity is None and len(cores) < workers):
+    if not cores:
         return None
     return tuple(cores[w % len(cores)] for w in range(workers))
 
@@ -657,7 +658,7 @@ class TokenLoader:
 
     def __init__(self, iterable: TokenIterable, *, num_workers: int = 0, pin_memory: bool | None = None,
                  prefetch_factor: int | None = None, multiprocessing_context: str | BaseContext | None = None,
-                 block: int | None = None, worker_affinity: bool | None = None):
+                 block: int | None = None, worker_affinity: bool = False):
         self.iterable, self.num_workers, self.worker_affinity = iterable, num_workers, worker_affinity
         if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise UsageError(f"block must be a positive number of batches, got {block!r}")
