@@ -27,6 +27,19 @@ def mix(streams: Any, weights: Any = None, **options: Any) -> Any:
     return _mix(streams, weights, **options)
 
 
+def codec(name: str, vocab_size: int, **params: Any) -> Any:
+    """A token codec for code outside tokshard (`tokshard.pipeline.format.codecs.public`):
+    `fit(tokens)`, `encode_batch(tokens) -> list[bytes]`, `decode_batch(payloads, shape)`."""
+    from tokshard.pipeline.format.codecs.public import codec as _codec
+    return _codec(name, vocab_size, **params)
+
+
+def codec_from(description: dict, vocab_size: int, state: bytes | None = None) -> Any:
+    """A `codec` rebuilt from its `describe()` and `state()`."""
+    from tokshard.pipeline.format.codecs.public import codec_from as _codec_from
+    return _codec_from(description, vocab_size, state)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Stream":   # (imported on first use: `import tokshard` stays light)
         from tokshard.pipeline.stream.mixture import Stream

@@ -1,0 +1,143 @@
+"""The codecs for code outside tokshard: `tokshard.codec(name, vocab_size=V, **params)`.
+
+A training or preprocessing script that keeps tokens its own way (a LlamaGen `extract_codes`
+folder, a TiTok JSONL) can store them with the same codecs as a tokshard dataset, without
+the rest of tokshard. `Codec` is a small facade over a registered `TokenCodec`: whole
+batches in, whole batches out, shapes kept, every problem a `CodecError`.
+
+    c = tokshard.codec("rans-ctx", vocab_size=2**18)
+    c.fit(train_tokens)                     # (N, 16, 16) ints; a no-op for untrained codecs
+    payloads = c.encode_batch(tokens)       # list of bytes, one per sample
+    back = c.decode_batch(payloads, (16, 16))   # (B, 16, 16), uint16 or uint32 as V needs
+    state = c.state(); desc = c.describe()  # to rebuild it: tokshard.codec_from(desc, V, state)
+
+Vocabularies up to 2**32 codes work through every codec; tokens come back as the narrowest
+unsigned dtype that holds the vocabulary (uint16 up to 65,536, else uint32).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tokshard.errors import CodecError
+from tokshard.pipeline.format.codecs.base import TokenCodec
+from tokshard.pipeline.format.codecs.registry import codec_from_description, get_codec
+
+Shape = int | Sequence[int]
+
+
+class Codec:
+    """A registered codec behind batch-shaped calls (see the module docstring)."""
+
+    def __init__(self, codec: TokenCodec):
+        self._codec = codec
+
+    @property
+    def name(self) -> str:
+        return self._codec.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self._codec.vocab_size
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype decoded tokens come back as."""
+        return self._codec.dtype
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self._codec.params)
+
+    @property
+    def needs_fit(self) -> bool:
+        return self._codec.needs_fit
+
+    def __repr__(self) -> str:
+        return f"tokshard.codec({self.name!r}, vocab_size={self.vocab_size}, {self.params})"
+
+    def fit(self, tokens: np.ndarray | Sequence[np.ndarray]) -> Codec:
+        """Train the codec's state on sample tokens (an (N, ...) array or N arrays); a no-op for
+        codecs without state. Returns the codec."""
+        self._codec.fit([self._checked(t) for t in _samples(tokens)])
+        return self
+
+    def encode_batch(self, tokens: np.ndarray | Sequence[np.ndarray]) -> list[bytes]:
+        """One payload per sample of `tokens` (a (B, ...) array, or B arrays of any shapes)."""
+        if self._codec.needs_fit and self._codec.state() is None:
+            raise CodecError(f"codec {self.name!r} needs fit() on sample tokens before it encodes")
+        return self._codec.encode_batch([self._checked(t) for t in _samples(tokens)])
+
+    def decode_batch(self, payloads: Sequence[bytes | memoryview],
+                     shape: Shape | Sequence[Shape]) -> np.ndarray | list[np.ndarray]:
+        """Payloads back to tokens: with one sample `shape` (an int or a tuple), a (B, *shape)
+        array; with one shape per payload (samples of different grids), a list of arrays."""
+        if self._codec.needs_fit and self._codec.state() is None:
+            raise CodecError(f"codec {self.name!r} has no state: fit() it, or rebuild it with its state")
+        payloads = list(payloads)
+        one = _shape(shape)
+        if one is not None:
+            n = math.prod(one)
+            return self._codec.decode_matrix(payloads, n).reshape(len(payloads), *one)
+        shapes = [_shape(s) for s in shape]  # type: ignore[union-attr]
+        if any(s is None for s in shapes) or len(shapes) != len(payloads):
+            raise CodecError(f"shape must be one sample shape, or one shape per payload ({len(payloads)}); "
+                             f"got {shape!r:.80}")
+        counts = [math.prod(s) for s in shapes if s is not None]
+        rows = self._codec.decode_batch(payloads, counts)
+        return [r.reshape(s) for r, s in zip(rows, shapes) if s is not None]
+
+    def describe(self) -> dict:
+        """The codec's versioned description (name, version, params, state checksum), as a
+        manifest records it."""
+        return self._codec.describe()
+
+    def state(self) -> bytes | None:
+        """The trained state (None for codecs without one): keep it beside the payloads."""
+        return self._codec.state()
+
+    def _checked(self, tokens: Any) -> np.ndarray:
+        a = np.asarray(tokens)
+        if a.dtype.kind not in "iu":
+            raise CodecError(f"tokens must be integers, got dtype {a.dtype}")
+        return a
+
+
+def _samples(tokens: np.ndarray | Sequence[np.ndarray]) -> list[Any]:
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim < 1:
+            raise CodecError("tokens must hold a batch of samples (an (N, ...) array or a list of arrays)")
+        return list(tokens)
+    try:
+        return list(tokens)
+    except TypeError:
+        raise CodecError(f"tokens must be an array or a sequence of arrays, got {type(tokens).__name__}") from None
+
+
+def _shape(shape: Any) -> tuple[int, ...] | None:
+    """`shape` as one sample's shape, or None if it is not one (a sequence of shapes)."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        dims: tuple = (int(shape),)
+    elif isinstance(shape, (tuple, list)) and shape and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                                                  for d in shape):
+        dims = tuple(int(d) for d in shape)
+    else:
+        return None
+    if not dims or any(d < 1 for d in dims):
+        raise CodecError(f"a sample shape needs positive sizes, got {shape!r}")
+    return dims
+
+
+def codec(name: str, vocab_size: int, **params: Any) -> Codec:
+    """The codec `name` for tokens below `vocab_size` (see the module docstring)."""
+    return Codec(get_codec(name, vocab_size, **params))
+
+
+def codec_from(description: dict, vocab_size: int, state: bytes | None = None) -> Codec:
+    """A codec rebuilt from its `describe()` and `state()` (the state is checked against the
+    description's checksum)."""
+    return Codec(codec_from_description(description, vocab_size, state))
