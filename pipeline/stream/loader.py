@@ -451,10 +451,11 @@ class TokenIterable(IterableDataset):
         seg = len(self.history)
         span, real = self._span(plan, self.rank, self.world_size)
         start = self.start_batch
-        own = [b for b in range(start, self.num_batches()) if (b - start) // block % workers == worker]
+        flat, bounds = self._batches(plan, span, seg, self.rank, self.world_size)
+        # (the batches `bounds` delimits are num_batches() of them, without a second rank slice)
+        own = [b for b in range(start, len(bounds) - 1) if (b - start) // block % workers == worker]
         if not own:
             return
-        flat, bounds = self._batches(plan, span, seg, self.rank, self.world_size)
         virtual = np.concatenate([flat[bounds[b]:bounds[b + 1]] for b in own])
         sizes = [int(bounds[b + 1] - bounds[b]) for b in own]
         ends = np.cumsum(sizes)
