@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--views", default=default("views"), choices=CHOICES["views"],
                    help="also store the tokens of the flipped image (hflip) or of ten crops "
                         "(tencrop, LlamaGen-style); the loader picks one per sample")
+    c.add_argument("--text-tokenizer", metavar="PATH", help="a local Hugging Face tokenizer.json: each caption "
+                   "also becomes text token ids (the text_tokens column; never downloaded)")
+    c.add_argument("--max-text-tokens", type=int, metavar="N",
+                   help=f"with --text-tokenizer: ids kept per caption; longer ones are cut and counted as "
+                        f"text_truncated (default {default('max_text_tokens')})")
     for col, member in (("image", "input.jpg"), ("caption", "caption.txt"), ("label", "label.cls"), ("key", None)):
         c.add_argument(f"--{col}-column", help=f"Parquet/Arrow input: the {col} column"
                        + (f" (tars: the {col} member's extension, e.g. {member})" if member else ""))
@@ -177,7 +182,10 @@ def _summary(result: dict) -> str:
             f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
             f"({t['source_bytes'] / n:.0f} B/image)\n"
             f"  skipped: {skipped}"
-            + (f"\n  kept, with parts dropped (fields stored as null, members ignored): {dropped}" if dropped else "")
+            + (f"\n  kept, with parts dropped (fields stored as null, members ignored, captions' text ids cut): "
+               f"{dropped}" if dropped else "")
+            + (f"\n  text tokens: {t['text_tokens'] / n:.1f} ids/sample, {t['no_caption']} sample(s) without a caption"
+               if ds.get("text_tokenizer") else "")
             + _ignored(result.get("ignored") or []))
 
 
@@ -195,6 +203,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     from tokshard.pipeline.convert.job import ConvertConfig, convert
     cols = {f"{c}_column": getattr(a, f"{c}_column") for c in ("image", "caption", "label", "key")
             if getattr(a, f"{c}_column")}
+    if a.max_text_tokens is not None and a.text_tokenizer is None:
+        raise UsageError("--max-text-tokens goes with --text-tokenizer")
     cfg = ConvertConfig(
         sources=a.sources, out=a.out, format=a.format, codec=a.codec,
         codec_params=_codec_params(a.codec_opt), tokenizer=a.tokenizer,
@@ -204,7 +214,8 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         decode_workers=a.decode_workers, columns=cols, views=a.views, engine=a.engine, address=a.address,
         where=a.where, clip_frames=a.clip_frames, clip_fps=a.clip_fps, clip_stride=a.clip_stride, max_clips=a.max_clips,
         encoders=a.encoders, gpus_per_encoder=a.gpus_per_encoder, retries=a.retries,
-        storage_options=_storage_options(a.storage_opt))
+        storage_options=_storage_options(a.storage_opt), text_tokenizer=a.text_tokenizer,
+        max_text_tokens=default("max_text_tokens") if a.max_text_tokens is None else a.max_text_tokens)
     print(_summary(convert(cfg, quiet=a.quiet)))
     return 0
 
@@ -332,6 +343,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"tokenizer   {tok.tokenizer_id}  {tok.vocab_size} codes, grid {rec.grid}, "
         f"stored per sample {list(rec.stored_shape())}",
         f"            codebook {tok.codebook_hash[:16]}  config {tok.tokenizer_config_hash[:16]}",
+        *([f"text        {rec.text_summary()}"] if rec.text_tokenizer else []),
         f"codec       {codec.get('name')} v{codec.get('version')} {codec.get('params') or ''}".rstrip(),
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
@@ -339,7 +351,8 @@ def _cmd_info(a: argparse.Namespace) -> int:
         *([f"ignored     {', '.join(f'{k} {v:,}' for k, v in rec.ignored_inputs.items())} (input files no "
            "reader took)"] if rec.ignored_inputs else []),
         *([f"dropped     {', '.join(f'{k} {v:,}' for k, v in rec.dropped_by_reason.items())} (parts of kept "
-           "samples: fields stored as null, members ignored)"] if rec.dropped_by_reason else []),
+           "samples: fields stored as null, members ignored, captions' text ids cut)"]
+          if rec.dropped_by_reason else []),
         f"sources     {', '.join(rec.sources)}",
     ]
     if video:

@@ -113,6 +113,36 @@ class TokenizerRecord:
 
 
 @dataclass(frozen=True)
+class TextTokenizerRecord:
+    """The Hugging Face tokenizer that wrote the `text_tokens` column, and where the dataset
+    keeps its copy (a dataset converted with --text-tokenizer; absent otherwise)."""
+    name: str                   # "<folder>/<file>" it was read from (for people)
+    model: str                  # the tokenizer model's type: BPE, Unigram, WordPiece, WordLevel
+    vocab_size: int             # every id is below it
+    sha256: str                 # of the tokenizer.json bytes: the identity
+    max_tokens: int             # ids kept per caption (--max-text-tokens); longer ones are cut and counted
+    path: str                   # the copy, relative to the dataset root
+    dtype: str = "uint32"       # the stored ids' type
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TextTokenizerRecord:
+        _check(d, dict, where, "text_tokenizer")
+        strings = {k: _check(d.get(k), str, where, f"text_tokenizer.{k}")
+                   for k in ("name", "model", "sha256", "path", "dtype")}
+        ints = {k: _check(d.get(k), int, where, f"text_tokenizer.{k}") for k in ("vocab_size", "max_tokens")}
+        if strings["dtype"] not in ("uint16", "uint32"):
+            raise ManifestError(f"{where}: field 'text_tokenizer.dtype' is {strings['dtype']!r:.40}, "
+                                "expected uint32")
+        if ints["max_tokens"] < 1 or ints["vocab_size"] < 0:
+            raise ManifestError(f"{where}: field 'text_tokenizer' has max_tokens {ints['max_tokens']}, "
+                                f"vocab_size {ints['vocab_size']}")
+        return cls(**strings, **ints)
+
+
+@dataclass(frozen=True)
 class DatasetRecord:
     """The manifest's key-value metadata: everything a reader needs besides the shard rows."""
     tokshard_version: str
@@ -143,6 +173,9 @@ class DatasetRecord:
     # The Hugging Face ClassLabel names of the sources' columns, {column: names}; None
     # (not written) when no source has any, so records without them are unchanged.
     class_names: dict[str, list[str]] | None = None
+    # The text tokenizer of the `text_tokens` column; None (not written) without one, so
+    # records of datasets without text tokens are unchanged.
+    text_tokenizer: TextTokenizerRecord | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> DatasetRecord:
@@ -180,6 +213,8 @@ class DatasetRecord:
             schema_version=str(d.get("schema_version", "1.0")),
             files=_file_map(d.get("files", {}), where, "files"),
             class_names=_class_names(d.get("class_names"), where),
+            text_tokenizer=(None if d.get("text_tokenizer") is None
+                            else TextTokenizerRecord.from_dict(d.get("text_tokenizer"), where)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,9 +225,23 @@ class DatasetRecord:
         for name in ("dropped_by_reason", "ignored_inputs"):   # (absent before 1.4, or when none)
             if d[name] is None:
                 del d[name]
-        if self.class_names is None:
-            del d["class_names"]
+        for name in ("class_names", "text_tokenizer"):
+            if d[name] is None:
+                del d[name]
         return d
+
+    def text_summary(self) -> str:
+        """The text tokenizer's identity and the text token counts on one line ("" without one):
+        what `info` and the report show."""
+        text = self.text_tokenizer
+        if text is None:
+            return ""
+        n = max(1, int(self.totals.get("samples", 0)))
+        stored = int(self.totals.get("text_tokens", 0))
+        cut = (self.dropped_by_reason or {}).get("text_truncated", 0)
+        return (f"{text.name} ({text.model}, {text.vocab_size:,} ids, sha256 {text.sha256[:16]}); "
+                f"{stored:,} {text.dtype} ids stored ({stored / n:,.1f}/sample); {cut:,} caption(s) cut at "
+                f"{text.max_tokens} ids, {int(self.totals.get('no_caption', 0)):,} sample(s) without a caption")
 
     def stored_shape(self) -> tuple[int, ...]:
         """Codes per sample: the grid, with a leading view or time axis."""
@@ -211,10 +260,16 @@ class JobSpec:
     tokenizer_id: str
     tokenizer_config_hash: str
     codebook_hash: str
+    # The text tokenizer's sha256 (--text-tokenizer); None (not written) without one, so the
+    # specs and job hashes of jobs without text tokens are unchanged.
+    text_tokenizer_sha256: str | None = None
 
     def identity(self) -> dict[str, Any]:
         """What the job hash is taken over (everything but the hash itself)."""
-        return asdict(self)
+        d = asdict(self)
+        if d["text_tokenizer_sha256"] is None:
+            del d["text_tokenizer_sha256"]
+        return d
 
     def to_json(self, job_hash: str) -> bytes:
         return json.dumps({"job_hash": job_hash, **self.identity()}, sort_keys=True, indent=1).encode()
@@ -229,7 +284,9 @@ class JobSpec:
         _check(d, dict, where, "job")
         spec = cls(tokshard=str(d.get("tokshard", "")), config=_check(d.get("config"), dict, where, "config"),
                    **{k: _check(d.get(k), str, where, k)
-                      for k in ("tokenizer_id", "tokenizer_config_hash", "codebook_hash")})
+                      for k in ("tokenizer_id", "tokenizer_config_hash", "codebook_hash")},
+                   text_tokenizer_sha256=_check(d.get("text_tokenizer_sha256"), str, where,
+                                                "text_tokenizer_sha256", optional=True))
         return spec, _check(d.get("job_hash"), str, where, "job_hash")
 
 
@@ -262,9 +319,18 @@ class ShardEntry:
     index_sha256: str | None = None
     # Parts of kept samples dropped (a field stored as null, a member ignored), by reason (1.4).
     dropped_by_reason: list[dict[str, Any]] | None = None
+    # With a text tokenizer: text token ids stored, and samples without a caption (so empty
+    # ids). None (not written) without one. Receipts carry them (the manifest's shard table
+    # does not), and the record's totals sum them.
+    text_tokens: int | None = None
+    no_caption: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for name in ("text_tokens", "no_caption"):
+            if d[name] is None:
+                del d[name]
+        return d
 
     @property
     def index(self) -> FileDigest | None:
@@ -277,7 +343,8 @@ class ShardEntry:
     def from_dict(cls, d: Any, where: str) -> ShardEntry:
         _check(d, dict, where, "shard")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(d) - {"key_min", "key_max", "index_bytes", "index_sha256", "dropped_by_reason"})
+        missing = sorted(names - set(d) - {"key_min", "key_max", "index_bytes", "index_sha256", "dropped_by_reason",
+                                           "text_tokens", "no_caption"})
         if missing:
             raise ManifestError(f"{where}: shard entry lacks {missing}")
         for name in ("shard", "path", "format", "codec", "sha256"):
@@ -287,6 +354,8 @@ class ShardEntry:
             _check(d[name], int, where, name)
         _check(d.get("index_bytes"), int, where, "index_bytes", optional=True)
         _check(d.get("index_sha256"), str, where, "index_sha256", optional=True)
+        for name in ("text_tokens", "no_caption"):
+            _check(d.get(name), int, where, name, optional=True)
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

@@ -12,9 +12,16 @@ SCHEMA_VERSION = "1.4"   # 1.1: shards.key_min/key_max; 1.2: labels.parquet;
 METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JSON
 
 
-def shard_schema(token_type: pa.DataType) -> pa.Schema:
-    """One row per sample in a Parquet token shard."""
-    return pa.schema([
+# A caption's text token ids (a dataset converted with --text-tokenizer): one variable-length
+# list per sample, empty without a caption. Parquet stores uint32 in its 4-byte INT32 type
+# whatever the vocabulary, so one width serves every vocabulary; zstd takes the slack.
+TEXT_TOKENS_TYPE = pa.list_(pa.uint32())
+
+
+def shard_schema(token_type: pa.DataType, text_tokens: bool = False) -> pa.Schema:
+    """One row per sample in a Parquet token shard; `text_tokens`: with the text_tokens
+    column last (only then: shards without text tokens are unchanged)."""
+    schema = pa.schema([
         ("key", pa.string()),
         ("tokens", token_type),             # fixed_size_list<uint16|uint32> (raw) or binary (coded)
         ("caption", pa.string()),
@@ -24,6 +31,7 @@ def shard_schema(token_type: pa.DataType) -> pa.Schema:
         ("source", pa.string()),            # source shard URL
         ("meta", pa.string()),              # source JSON metadata, as text
     ])
+    return schema.append(pa.field("text_tokens", TEXT_TOKENS_TYPE)) if text_tokens else schema
 
 
 SAMPLES = pa.schema([
@@ -37,6 +45,9 @@ SAMPLES = pa.schema([
     ("height", pa.int32()),
     ("source", pa.string()),
 ])
+# The sample index of a dataset with text tokens (--text-tokenizer) also holds each sample's
+# count of text token ids: the loader packs sequences (pack=N) from it without reading shards.
+SAMPLES_TEXT = SAMPLES.append(pa.field("text_tokens", pa.int32()))
 
 SKIP = pa.struct([("reason", pa.string()), ("count", pa.int64())])
 

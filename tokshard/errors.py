@@ -118,6 +118,7 @@ DROP_REASONS = (
     "unknown_member",      # a member no reader takes (not media, not a sidecar): ignored
     "extra_media",         # a media member of a sample besides the one taken as its image: ignored
     "mixed_type",          # a metadata field whose type differs from other samples' under --where: null
+    "text_truncated",      # a caption's text token ids beyond --max-text-tokens: cut (the first N kept)
 )
 
 

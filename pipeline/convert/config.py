@@ -14,6 +14,7 @@ from tokshard.pipeline.convert.views import VIEWS
 from tokshard.pipeline.format.codecs import CODECS
 from tokshard.pipeline.format.shards import FORMATS
 from tokshard.pipeline.storage import redact_url
+from tokshard.tokenizers.text import DEFAULT_MAX_TEXT_TOKENS
 
 DEFAULT_TOKENIZER = "kmeans-vq"
 # Images `tokshard fit-tokenizer` decodes at most unless asked otherwise.
@@ -60,6 +61,9 @@ class ConvertConfig:
     encoders: int = 0                             # Ray tokenizer actors (0: one per GPU; no GPU: whole-unit tasks)
     gpus_per_encoder: float | None = None         # None: 1 where the cluster has GPUs, else 0
     retries: int = 2                              # extra attempts for a unit that fails
+    # A local Hugging Face tokenizer.json: each caption also becomes text token ids (text_tokens).
+    text_tokenizer: str | None = None
+    max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS  # ids kept per caption; longer ones are cut and counted
 
     def job_identity(self) -> dict[str, Any]:
         """What decides the output bytes (not where it goes or how fast). It is written to the
@@ -72,6 +76,11 @@ class ConvertConfig:
             d.pop(k)
         if d["split"] is None:   # (absent unless set: jobs planned before it existed keep their hash)
             d.pop("split")
+        # The text tokenizer is a path: its identity, the file's sha256, is the job spec's. The
+        # cap counts only with it (and is absent without it: those jobs keep their hash).
+        d.pop("text_tokenizer")
+        if self.text_tokenizer is None:
+            d.pop("max_text_tokens")
         d["tokenizer_options"] = {k: v for k, v in d["tokenizer_options"].items()
                                   if k not in ("device", "path")}
         return d

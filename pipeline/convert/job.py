@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tokshard import __version__
-from tokshard.errors import CodecError, JobError, ManifestError, UsageError
+from tokshard.errors import CodecError, JobError, ManifestError, TokenizerError, UsageError
 from tokshard.pipeline.convert.config import CHOICES, DEFAULT_TOKENIZER, ConvertConfig
 from tokshard.pipeline.convert.decode import DecodeConfig
 from tokshard.pipeline.convert.default_tokenizer import default_artifact
@@ -31,14 +31,22 @@ from tokshard.pipeline.convert.stages import TokenizerInfo, UnitContext, load_re
 from tokshard.pipeline.convert.video import ClipConfig
 from tokshard.pipeline.convert.views import decode_resolution, view_names
 from tokshard.pipeline.format.codecs import get_codec, token_dtype
-from tokshard.pipeline.format.layout import CODEC_STATE, LABELS, TOKENIZER_DIR, DatasetLayout
+from tokshard.pipeline.format.layout import CODEC_STATE, LABELS, TEXT_TOKENIZER, TOKENIZER_DIR, DatasetLayout
 from tokshard.pipeline.format.manifest import write_labels, write_manifest, write_timings
 from tokshard.pipeline.format.work import read_job_spec, write_job_spec
 from tokshard.pipeline.storage import atomic_write, clean_temporaries, redact_text, redact_url, storage_access
-from tokshard.schemas.records import DatasetRecord, FileDigest, JobSpec, Receipt, TokenizerRecord
+from tokshard.schemas.records import (
+    DatasetRecord,
+    FileDigest,
+    JobSpec,
+    Receipt,
+    TextTokenizerRecord,
+    TokenizerRecord,
+)
 from tokshard.schemas.v1 import SCHEMA_VERSION
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, artifact_files, canonical_json, sha256_hex
 from tokshard.tokenizers.registry import load_tokenizer
+from tokshard.tokenizers.text import TEXT_TOKEN_DTYPE, TextTokenizer
 
 RECEIPT_READERS = 16
 DESTINATION_UNUSABLE = "cannot use the destination"
@@ -84,12 +92,27 @@ def _check_config(cfg: ConvertConfig) -> None:
             raise UsageError(f"unknown {name} {getattr(cfg, name)!r} (one of {', '.join(CHOICES[name])})")
     if cfg.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
+    n = cfg.max_text_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"--max-text-tokens must be a positive integer, got {n!r:.40}")
+
+
+def _load_text_tokenizer(cfg: ConvertConfig) -> TextTokenizer | None:
+    """The job's text tokenizer (--text-tokenizer), read and parsed before any work starts: a
+    missing or unparsable file is one UsageError naming it and the cause."""
+    if cfg.text_tokenizer is None:
+        return None
+    try:
+        return TextTokenizer.load(cfg.text_tokenizer, cfg.max_text_tokens)
+    except TokenizerError as e:
+        raise UsageError(f"--text-tokenizer: {e}") from None
 
 
 def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     """Run the convert job `cfg`; returns {"dataset": the record, "elapsed_s", "units_reused"}."""
     _check_config(cfg)
     started = time.perf_counter()
+    text = _load_text_tokenizer(cfg)
     opts = dict(cfg.tokenizer_options)
     if cfg.resolution:
         opts["resolution"] = cfg.resolution
@@ -117,7 +140,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     layout = DatasetLayout.at(cfg.out, cfg.storage_options)
     identity = tok.identity()
     spec = JobSpec(tokshard=__version__, config=cfg.job_identity(), tokenizer_id=identity.tokenizer_id,
-                   tokenizer_config_hash=identity.config_hash, codebook_hash=identity.codebook_hash)
+                   tokenizer_config_hash=identity.config_hash, codebook_hash=identity.codebook_hash,
+                   text_tokenizer_sha256=None if text is None else text.sha256)
     job_hash = sha256_hex(canonical_json(spec.identity()))
     # The first reads and writes of the destination: a bucket that does not exist, denied
     # access or an endpoint that does not answer is one UsageError naming --out.
@@ -130,11 +154,15 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
                       job_hash=job_hash, decode_workers=cfg.decode_workers,
                       storage_options=cfg.storage_options, columns=cfg.columns, views=cfg.views, clip=clip,
                       where=cfg.where,
-                      clip_shape=_clip_shape(tok, clip))
+                      clip_shape=_clip_shape(tok, clip), text=text)
     if codec.needs_fit:
         _fit_codec(ctx, tok, units, cfg.codec_fit_samples)
     with storage_access(cfg.out, DESTINATION_UNUSABLE, UsageError):  # first write of a resumed job
         files = _save_tokenizer(tok, layout)
+        if text is not None:
+            # A copy beside the shards: the ids decode with exactly this tokenizer, and repair finds it.
+            atomic_write(layout.fs, layout.text_tokenizer, text.data)
+            files[TEXT_TOKENIZER] = FileDigest.of(text.data)
 
     committed: dict[int, Receipt] = {}
     todo = []
@@ -166,6 +194,8 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     rows = [r.shard for r in receipts]
     totals = {k: int(sum(getattr(r, k) for r in rows)) for k in
               ("samples", "tokens", "raw_bytes", "payload_bytes", "stored_bytes", "source_bytes", "skipped")}
+    if text is not None:   # (keys only then: the totals of jobs without text tokens are unchanged)
+        totals.update({k: int(sum(getattr(r, k) or 0 for r in rows)) for k in ("text_tokens", "no_caption")})
     skips: dict[str, int] = {}
     for row in rows:
         for item in row.skipped_by_reason:
@@ -200,6 +230,9 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         codec_state_bytes=len(state or b""),
         labels=LABELS, files=dict(sorted(files.items())), class_names=class_names,
         ignored_inputs=dict(sorted(Counter(reason for _, reason in plan.ignored).items())) or None,
+        text_tokenizer=None if text is None else TextTokenizerRecord(
+            name=text.name, model=text.model, vocab_size=text.vocab_size, sha256=text.sha256,
+            max_tokens=text.max_tokens, path=TEXT_TOKENIZER, dtype=TEXT_TOKEN_DTYPE.name),
     )
     write_manifest(layout, rows, record)
     write_timings(layout, receipts)
@@ -366,9 +399,18 @@ def _claim_destination(layout: DatasetLayout, spec: JobSpec, job_hash: str) -> N
                          f"({previous.tokenizer_id} {previous.codebook_hash[:12]}, now "
                          f"{spec.tokenizer_id} {spec.codebook_hash[:12]}): its codes would "
                          "not mean the same; use a new --out")
+    if previous.text_tokenizer_sha256 != spec.text_tokenizer_sha256:
+        raise UsageError(f"{layout.root} holds a dataset converted with "
+                         f"{_text_side(previous.text_tokenizer_sha256)}, and this job has "
+                         f"{_text_side(spec.text_tokenizer_sha256)}: its text token ids would not mean "
+                         "the same; use a new --out")
     if previous_hash != job_hash:
         raise UsageError(f"{layout.root} holds a dataset made with a different config or tokenizer; "
                          "use a new --out (or delete it)")
+
+
+def _text_side(sha256: str | None) -> str:
+    return f"text tokenizer {sha256[:12]} (sha256)" if sha256 else "no --text-tokenizer"
 
 
 def _fit_codec(ctx: UnitContext, tok: Tokenizer, units: list[WorkUnit], limit: int) -> None:

@@ -39,8 +39,9 @@ from tokshard.pipeline.format.shards import EncodedSample, get_format
 from tokshard.pipeline.format.work import read_receipt, write_receipt
 from tokshard.pipeline.storage import atomic_write, redact_url, sha256
 from tokshard.schemas.records import Receipt, ShardEntry
-from tokshard.schemas.v1 import SAMPLES
+from tokshard.schemas.v1 import SAMPLES, SAMPLES_TEXT
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
+from tokshard.tokenizers.text import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class UnitContext:
     where: str | None = None                    # SQL predicate over source samples' metadata
     clip: ClipConfig | None = None              # set: a video job, one sample per clip
     clip_shape: tuple[int, ...] | None = None   # codes of one clip from a clip (3-D) tokenizer
+    text: TextTokenizer | None = None           # set: captions become the text_tokens column
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -256,22 +258,29 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     codes = (np.concatenate([b.codes for b in batches]) if batches
              else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
     payloads = codec.encode_batch(list(codes)) if len(codes) else []
+    text = _text_tokens(ctx.text, [rec.caption for rec, _, _ in kept])
     # rec.source is already redacted: the source readers (sources.py) are the one place that does it.
-    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta)
-               for (rec, w, h), p, c in zip(kept, payloads, codes)]
+    samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta, ids)
+               for (rec, w, h), p, c, ids in zip(kept, payloads, codes, text.ids)]
     identity = info.identity
     name = shard_name(unit.index)
     shard_format = get_format(ctx.format)
     rel = ctx.layout.shard_rel(name, shard_format.extension)
     file_meta = {"tokenizer": identity.tokenizer_id, "codebook_hash": identity.codebook_hash}
-    data, offsets = shard_format.write(samples, codec.name, ctx.sample_shape, dtype, file_meta)
+    if ctx.text is not None:   # (only then: the shards of jobs without text tokens are unchanged)
+        file_meta["text_tokenizer_sha256"] = ctx.text.sha256
+    data, offsets = shard_format.write(samples, codec.name, ctx.sample_shape, dtype, file_meta,
+                                       text_tokens=ctx.text is not None)
     atomic_write(ctx.layout.fs, ctx.layout.resolve(rel), data)
-    index = pa.Table.from_pydict({
+    index_columns = {
         "key": [s.key for s in samples], "shard": [name] * len(samples),
         "row": list(range(len(samples))), "offset": offsets,
         "size": [len(s.payload) for s in samples], "label": [s.label for s in samples],
         "width": [s.width for s in samples], "height": [s.height for s in samples],
-        "source": [s.source for s in samples]}, schema=SAMPLES)
+        "source": [s.source for s in samples]}
+    if ctx.text is not None:
+        index_columns["text_tokens"] = [len(ids) for ids in text.ids]
+    index = pa.Table.from_pydict(index_columns, schema=SAMPLES if ctx.text is None else SAMPLES_TEXT)
     buf = io.BytesIO()
     pq.write_table(index, buf, compression="zstd")
     index_data = buf.getvalue()
@@ -280,6 +289,8 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
                "write_s": time.perf_counter() - t0}  # coding, serialising and writing
     n_tokens = int(np.prod(ctx.sample_shape))
     skips = tail.skips
+    # A caption cut at --max-text-tokens is a part of a kept sample dropped, counted as the others are.
+    dropped = tail.dropped + Counter({"text_truncated": text.truncated})
     entry = ShardEntry(
         shard=name, path=rel, format=ctx.format, codec=codec.name,
         codec_version=codec.version, samples=len(samples), tokens=len(samples) * n_tokens,
@@ -289,10 +300,11 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         **identity.as_dict(), grid=list(info.grid_shape), source_shards=[redact_url(unit.url)],
         unit=unit.index, skipped=sum(skips.values()),
         skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
-        dropped_by_reason=[{"reason": r, "count": c} for r, c in sorted(tail.dropped.items())],
+        dropped_by_reason=[{"reason": r, "count": c} for r, c in sorted(dropped.items())],
         key_min=min((s.key for s in samples), default=None),
         key_max=max((s.key for s in samples), default=None),
         index_bytes=len(index_data), index_sha256=sha256(index_data),
+        text_tokens=text.tokens, no_caption=text.no_caption,
     )
     labels = Counter(s.label for s in samples if s.label is not None)
     receipt = Receipt(unit_hash=unit_hash(unit, ctx.job_hash), shard=entry, timings=timings,
@@ -300,6 +312,23 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     # The receipt is written last: its presence means the unit is committed.
     write_receipt(ctx.layout, receipt)
     return receipt
+
+
+@dataclass
+class _TextTokens:
+    """A shard's text token ids (None per sample without a text tokenizer) and their counts
+    (None without one, so receipts of jobs without text tokens are unchanged)."""
+    ids: list
+    truncated: int = 0
+    tokens: int | None = None
+    no_caption: int | None = None
+
+
+def _text_tokens(text: TextTokenizer | None, captions: list[str | None]) -> _TextTokens:
+    if text is None:
+        return _TextTokens([None] * len(captions))
+    ids, truncated, no_caption = text.encode(captions)
+    return _TextTokens(ids, truncated, sum(len(a) for a in ids), no_caption)
 
 
 def load_receipt(unit: WorkUnit, ctx: UnitContext) -> Receipt | None:

@@ -7,6 +7,7 @@
     samples/NAME.parquet        per-shard sample index
     codec/state.bin             a fitted codec's state
     tokenizer/                  a copy of the tokenizer artifact
+    text_tokenizer/tokenizer.json  a copy of the text tokenizer (--text-tokenizer)
     _work/job.json              what the destination was claimed for (JobSpec)
     _work/units/NAME.json       one receipt per committed unit
 
@@ -39,6 +40,7 @@ SHARDS_DIR = "shards"
 INDEX_DIR = "samples"
 CODEC_STATE = "codec/state.bin"
 TOKENIZER_DIR = "tokenizer"
+TEXT_TOKENIZER = "text_tokenizer/tokenizer.json"
 WORK_DIR = "_work"
 JOB_SPEC = f"{WORK_DIR}/job.json"
 RECEIPTS_DIR = f"{WORK_DIR}/units"
@@ -176,6 +178,10 @@ class DatasetLayout:
     @property
     def tokenizer_dir(self) -> str:
         return self.resolve(TOKENIZER_DIR)
+
+    @property
+    def text_tokenizer(self) -> str:
+        return self.resolve(TEXT_TOKENIZER)
 
     @property
     def job_spec(self) -> str:

@@ -105,8 +105,9 @@ def read_valid(layout: DatasetLayout, url: str) -> tuple[pa.Table, DatasetRecord
 def check_record_paths(layout: DatasetLayout, record: DatasetRecord) -> None:
     """Every path the record names stays inside the root (lexically: links are checked when
     a file is read), so no command shows, or later follows, one that leaves it."""
+    text = record.text_tokenizer.path if record.text_tokenizer is not None else None
     for rel, field in ((record.codec_state, "record.codec_state"), (record.labels, "record.labels"),
-                       (record.tokenizer.path, "record.tokenizer.path")):
+                       (record.tokenizer.path, "record.tokenizer.path"), (text, "record.text_tokenizer.path")):
         if rel is not None:
             layout.resolve(rel, field, follow_links=False)
     layout.check_paths(list(record.files), lambda i: "record.files")

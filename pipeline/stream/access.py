@@ -1,7 +1,8 @@
 """Random access to a token dataset and deterministic subsets of it.
 
 - `ds[i]` and `ds.get(key)` return one sample as a dict (id, key, tokens, label, caption,
-  width, height, source, meta, and class_name when the dataset has class names). A sample
+  width, height, source, meta, class_name when the dataset has class names, and text_tokens,
+  the caption's ids as a 1-D int64 array, when it has a text tokenizer). A sample
   is read from its shard, which is parsed whole once and kept in a small LRU of parsed
   shards bounded by their stored bytes (`SampleCache`): lookups that stay within the
   cached shards cost an index and the decode of one sample.
@@ -67,12 +68,15 @@ class SampleCache:
             self.shards.move_to_end(k)
             return hit[0]
         ds = self.ds
-        cols = dict(ds.read_shard(k, EXTRA_COLUMNS))
+        text = ds.info.text_tokenizer is not None
+        cols = dict(ds.read_shard(k, EXTRA_COLUMNS + (("text_tokens",) if text else ())))
         cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"])
         # (metadata stays JSON text, parsed per lookup: each caller gets a dict of its own)
         for name in ("key", "caption", "source", "label", "width", "height", "meta"):
             cols[name] = cols[name].tolist()
         weight = int(cols["tokens"].nbytes) + int(ds.shard_bytes[k])
+        if text:
+            weight += sum(int(a.nbytes) for a in cols["text_tokens"])
         self.shards[k] = (cols, weight)
         self.bytes += weight
         while self.bytes > self.max_bytes and len(self.shards) > 1:
@@ -91,6 +95,8 @@ class SampleCache:
         out = {"id": sample_id, "key": cols["key"][row], "tokens": tokens, "label": label,
                "caption": cols["caption"][row], "width": cols["width"][row], "height": cols["height"][row],
                "source": cols["source"][row], "meta": meta}
+        if "text_tokens" in cols:
+            out["text_tokens"] = cols["text_tokens"][row].astype(np.int64)   # (a copy, as tokens)
         names = ds.label_names
         if names is not None:
             out["class_name"] = names[label] if 0 <= label < len(names) else None
@@ -136,6 +142,30 @@ def all_keys(ds: TokenDataset) -> list[str]:
         part[rows] = table.column("key").to_pylist()
         keys += part.tolist()
     return keys
+
+
+def all_text_lengths(ds: TokenDataset) -> np.ndarray:
+    """Every sample's count of text token ids in id order (zeros for a dataset without text
+    tokens), from the sample index: what `pack=N` plans with before any shard is read. The
+    loader holds each shard's ids to these counts when it reads them."""
+    out = np.zeros(len(ds), np.int32)       # (4 bytes a sample: counts stay below --max-text-tokens)
+    if ds.text_tokenizer is None:
+        return out
+    for k in range(ds.num_shards):
+        table = ds.read_index(k, columns=["row", "text_tokens"])
+        rows = table.column("row").to_numpy()
+        size, lo = int(ds.shard_sizes[k]), int(ds.shard_offsets[k])
+        counts = table.column("text_tokens")
+        if len(rows) != size or (size and not np.array_equal(np.sort(rows), np.arange(size))) \
+                or counts.null_count:
+            raise ShardError(ds.shard_names[k], f"its sample index does not give rows 0..{size - 1} once each "
+                             "with their text token counts")
+        counts = counts.to_numpy().astype(np.int64)
+        if size and (counts.min() < 0 or counts.max() > ds.text_tokenizer["max_tokens"]):
+            raise ShardError(ds.shard_names[k], "its sample index gives text token counts outside 0.."
+                             f"{ds.text_tokenizer['max_tokens']} (--max-text-tokens)")
+        out[lo + rows] = counts
+    return out
 
 
 def hash_fraction_ids(keys: Sequence[str], ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -216,16 +246,20 @@ class MapDataset(torch.utils.data.Dataset):
     """A map-style `torch.utils.data.Dataset` over a dataset or subset: item i is sample i as
     {"tokens": int64 torch tensor, "label", "key", "id"} (what torch's default collate
     batches), plus the `columns` asked for as `ds[i]` gives them (caption, width, height,
-    source, meta, class_name; text can be None, so collate those yourself)."""
+    source, meta, class_name; text can be None, so collate those yourself), text_tokens as
+    an int64 torch tensor of the caption's length (pad them in your collate: `pad_text_tokens`)."""
 
     def __init__(self, data: TokenDataset | TokenSubset, columns: Sequence[str] = ()):
-        allowed = (*EXTRA_COLUMNS, "class_name")
+        allowed = (*EXTRA_COLUMNS, "class_name", "text_tokens")
         unknown = [c for c in columns if c not in allowed]
         if unknown or isinstance(columns, str):
             raise UsageError(f"unknown columns {unknown or columns!r} (one of {', '.join(allowed)})")
         ds = data.ds if isinstance(data, TokenSubset) else data
         if "class_name" in columns and ds.label_names is None:
             raise UsageError("column 'class_name': this dataset has no class names for its labels")
+        if "text_tokens" in columns and ds.text_tokenizer is None:
+            raise UsageError("column 'text_tokens': this dataset has no text tokens (converted without "
+                             "--text-tokenizer)")
         self.data, self.columns = data, tuple(columns)
 
     def __len__(self) -> int:
@@ -236,4 +270,6 @@ class MapDataset(torch.utils.data.Dataset):
         out = {"tokens": torch.from_numpy(sample["tokens"].astype(np.int64)), "label": sample["label"],
                "key": sample["key"], "id": sample["id"]}
         out.update((c, sample.get(c)) for c in self.columns)
+        if "text_tokens" in self.columns:
+            out["text_tokens"] = torch.from_numpy(sample["text_tokens"])
         return out

@@ -173,6 +173,43 @@ class TokenDataset:
             self._label_names = picked
         return self._label_names
 
+    @property
+    def text_tokenizer(self) -> dict[str, Any] | None:
+        """The text tokenizer of the `text_tokens` column (name, model, vocab_size, sha256 of
+        its tokenizer.json, max_tokens, dtype, path of the dataset's copy); None when the
+        dataset was converted without --text-tokenizer."""
+        text = self.info.text_tokenizer
+        return None if text is None else text.to_dict()
+
+    def text_lengths(self) -> np.ndarray:
+        """Each sample's count of text token ids, by sample id (zeros without text tokens);
+        read once from the sample index."""
+        if getattr(self, "_text_lengths", None) is None:
+            from tokshard.pipeline.stream.access import all_text_lengths
+            self._text_lengths = all_text_lengths(self)
+        return self._text_lengths
+
+    def load_text_tokenizer(self) -> Any:
+        """The Hugging Face `tokenizers.Tokenizer` stored with the dataset (to decode
+        `text_tokens`), its bytes checked against the record first. It is data, never code."""
+        from tokshard.tokenizers.text import MAX_TEXT_TOKENIZER_BYTES, parse_tokenizer_json
+        text = self.info.text_tokenizer
+        if text is None:
+            raise UsageError(f"{self.url} has no text tokens (converted without --text-tokenizer)")
+        field = "record.text_tokenizer.path"
+        try:
+            data = read_checked(self.layout, text.path, field, self.info.files.get(text.path),
+                                limit=MAX_TEXT_TOKENIZER_BYTES)
+        except FileNotFoundError:
+            raise ManifestError(f"{self.url}: the text tokenizer copy {text.path} is missing") from None
+        if sha256(data) != text.sha256:
+            raise ManifestError(f"{self.url}: the text tokenizer copy {text.path} is not the one the record names "
+                                f"(sha256 {sha256(data)[:16]}, record {text.sha256[:16]})")
+        try:
+            return parse_tokenizer_json(data, f"{self.url}: {text.path}")
+        except TokenizerError as e:
+            raise ManifestError(str(e)) from None
+
     def __repr__(self) -> str:
         views = f", views={len(self.views)}" if len(self.views) > 1 else ""
         return (f"TokenDataset({self.url!r}, samples={len(self)}, shards={self.num_shards}, "
@@ -209,10 +246,14 @@ class TokenDataset:
 
     def read_shard(self, i: int, columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
         """Shard `i` (manifest order) as columns (key, tokens, label, id, and the stored
-        `columns` asked for: caption, width, height, source, meta); tokens stay coded unless raw.
+        `columns` asked for: caption, width, height, source, meta, and text_tokens when the
+        dataset has them: an object array of 1-D uint32 arrays); tokens stay coded unless raw.
         `rows` (sorted, unique): only those rows (the whole shard is still read and checked)."""
         if not 0 <= i < self.num_shards:
             raise IndexError(f"shard index {i} out of range [0, {self.num_shards})")
+        if "text_tokens" in columns and self.info.text_tokenizer is None:
+            raise UsageError(f"column 'text_tokens': {self.url} has no text tokens (converted without "
+                             "--text-tokenizer)")
         cols = parse_shard(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
                            codec=self.codec.name, n_tokens=self.tokens_per_sample,
                            dtype=self.token_dtype, samples=int(self.shard_sizes[i]), columns=columns, rows=rows)
@@ -422,6 +463,15 @@ class TokenDataset:
         from tokshard.pipeline.stream.loader import EpochStream
         from tokshard.pipeline.stream.order import shard_order
         return EpochStream(self, shard_order(self.num_shards, seed, epoch, shuffle), on_error, prefetch, columns)
+
+    def epoch_ids(self, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+        """The sample id at each position of the epoch's stream (its shards in their order)."""
+        from tokshard.pipeline.stream.order import shard_order
+        order = shard_order(self.num_shards, seed, epoch, shuffle)
+        sizes = self.shard_sizes[order].astype(np.int64)
+        starts = np.repeat(self.shard_offsets[order].astype(np.int64) - np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+                           sizes)
+        return starts + np.arange(int(sizes.sum()), dtype=np.int64)
 
     def iterable(self, batch_size: int = 256, **options: Any) -> TokenIterable:
         """A torch IterableDataset of ready batches (see `TokenIterable`)."""

@@ -143,6 +143,8 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
         ("source", f"{totals.get('source_bytes', 0):,} B"),
         ("order-0 entropy", f"{h0:.2f} bits/token (codes used: {int((counts > 0).sum())} of {ds.vocab_size})"),
     ]
+    if rec.text_tokenizer is not None:
+        summary.insert(3, ("text tokenizer", rec.text_summary()))
     storage = [(k, totals.get(f"{k}_bytes", 0) / n) for k in ("source", "raw", "payload", "stored")]
     sizes = ds.shard_sizes
     shown = [(name, float(s)) for name, s in zip(ds.shard_names, sizes)][:40]

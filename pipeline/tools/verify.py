@@ -20,6 +20,7 @@ copy that fails cannot be rebuilt from the sources.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections import Counter
@@ -137,6 +138,7 @@ def _check_dataset_files(layout: DatasetLayout, record: DatasetRecord, rows: lis
             problems.append(Problem("-", rel, DATASET_FILE, str(e)))
         except Exception as e:          # an unparsable label table
             problems.append(Problem("-", rel, DATASET_FILE, f"unreadable ({type(e).__name__})"))
+    _check_text_tokenizer(layout, record, problems)
     try:
         for what in check_tree(layout, record.tokenizer.path, record.files):
             problems.append(Problem("-", record.tokenizer.path, NOT_REPAIRABLE, f"tokenizer copy: {what}"))
@@ -150,6 +152,26 @@ def _check_dataset_files(layout: DatasetLayout, record: DatasetRecord, rows: lis
             if rel not in listed:
                 problems.append(Problem("-", rel, DATASET_FILE, "not listed in the manifest (a stray or "
                                         "orphaned file; --repair removes it)"))
+
+
+def _check_text_tokenizer(layout: DatasetLayout, record: DatasetRecord, problems: list[Problem]) -> None:
+    """The text tokenizer copy against the record: its digest, and the sha256 the record names.
+    Like the tokenizer copy, the sources cannot rebuild it."""
+    from tokshard.tokenizers.text import MAX_TEXT_TOKENIZER_BYTES
+    text = record.text_tokenizer
+    if text is None:
+        return
+    try:
+        data = read_checked(layout, text.path, "record.text_tokenizer.path", record.files.get(text.path),
+                            limit=MAX_TEXT_TOKENIZER_BYTES)
+        if hashlib.sha256(data).hexdigest() != text.sha256:
+            problems.append(Problem("-", text.path, NOT_REPAIRABLE, "text tokenizer copy: not the one the record "
+                                    f"names (sha256 {text.sha256[:16]}...)"))
+    except FileNotFoundError:
+        problems.append(Problem("-", text.path, NOT_REPAIRABLE, "text tokenizer copy missing"))
+    except ManifestError as e:
+        if not any(p.what == str(e) for p in problems):     # (a path already reported above)
+            problems.append(Problem("-", text.path, NOT_REPAIRABLE, str(e)))
 
 
 def _files_under(layout: DatasetLayout, folder: str) -> list[str]:
@@ -303,10 +325,29 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
                 forget_receipt(layout, p.shard)
             except ManifestError:
                 pass                # a shard name that leaves the root has no receipt of ours
-    with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="tokshard-repair-text-") as text_tmp:
         # The dataset's own tokenizer copy: same weights, so the same job hash.
         fs.get(tokenizer_dir + "/", tmp + "/", recursive=True)
+        text = {}
+        if record.text_tokenizer is not None:
+            # The dataset's own text tokenizer copy (verify checked it): the same sha256, so the same job.
+            local = _text_copy_path(text_tmp, record.text_tokenizer.name)
+            fs.get(layout.resolve(record.text_tokenizer.path, "record.text_tokenizer.path"), local)
+            text = {"text_tokenizer": local}
         cfg = ConvertConfig(**{**job, "out": url, "storage_options": storage_options,
                                **({"sources": list(sources)} if sources is not None else {}),
-                               "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}})
+                               "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}, **text})
         return convert(cfg, quiet=quiet)
+
+
+def _text_copy_path(tmp: str, name: str) -> str:
+    """Where repair puts the text tokenizer copy: at `tmp`/<folder>/<file> of the name the record
+    gives (the name is taken from the path the job read), so the rewritten record is the same.
+    A name that is not two plain path parts (a record may come from anyone) gets a plain one."""
+    parts = name.split("/")
+    plain = all(p and p not in (".", "..") and os.sep not in p and "\\" not in p and "\0" not in p for p in parts)
+    if not plain or len(parts) > 2:
+        parts = ["text", "tokenizer.json"]
+    os.makedirs(os.path.join(tmp, *parts[:-1]), exist_ok=True)
+    return os.path.join(tmp, *parts)

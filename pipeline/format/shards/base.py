@@ -28,6 +28,7 @@ class EncodedSample:
     height: int
     source: str
     meta: dict | None
+    text_tokens: np.ndarray | None = None   # the caption's text token ids (uint32), with a text tokenizer
 
 
 
@@ -35,6 +36,20 @@ class EncodedSample:
 # (`ShardFormat.parse(..., columns=...)`): caption, source and meta (JSON text) as object
 # arrays (None where absent), width and height as int64 arrays.
 EXTRA_COLUMNS = ("caption", "width", "height", "source", "meta")
+# Columns only the shards of some datasets store, asked for by name like EXTRA_COLUMNS:
+# text_tokens (a dataset converted with --text-tokenizer), an object array of 1-D uint32 id
+# arrays (empty for a sample without a caption).
+OPTIONAL_COLUMNS = ("text_tokens",)
+
+
+def pad_text_tokens(ids: Sequence[np.ndarray] | np.ndarray, pad: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(an (n, longest) int64 matrix of the id arrays `ids`, padded with `pad`; their (n,) int64
+    lengths): a batch's text tokens as one array (ids are never negative, so -1 marks padding)."""
+    lengths = np.fromiter((len(a) for a in ids), np.int64, count=len(ids))
+    out = np.full((len(ids), int(lengths.max(initial=0))), pad, np.int64)
+    for row, a in enumerate(ids):
+        out[row, : len(a)] = a
+    return out, lengths
 
 
 class ShardColumns(dict):
@@ -98,14 +113,15 @@ class ShardFormat(abc.ABC):
 
     @abc.abstractmethod
     def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
-              token_dtype: np.dtype, file_meta: dict) -> tuple[bytes, list[int]]:
+              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False) -> tuple[bytes, list[int]]:
         """(file bytes, per-sample byte offset of the tokens in the file; -1 where rows are
-        addressed by index)."""
+        addressed by index). `text_tokens`: store each sample's text_tokens too (the dataset
+        has a text tokenizer; said once, so a shard of no samples has the column as well)."""
 
     @abc.abstractmethod
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
               columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
-        """The shard's key, label and tokens columns, and the EXTRA_COLUMNS named in `columns`;
+        """The shard's key, label and tokens columns, and the EXTRA_COLUMNS and OPTIONAL_COLUMNS named in `columns`;
         with `rows` (sorted, unique row numbers), only those rows, `total` set to the shard's
         row count (a loader worker converts only the rows it delivers); any exception means a
         damaged file."""

@@ -8,7 +8,7 @@ from typing import TypeVar
 import numpy as np
 
 from tokshard.errors import ShardError
-from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS, ShardColumns, ShardFormat
+from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS, OPTIONAL_COLUMNS, ShardColumns, ShardFormat
 
 SHARD_FORMATS: dict[str, ShardFormat] = {}
 _Parsed = TypeVar("_Parsed", bound=Sized)
@@ -32,11 +32,11 @@ def get_format(name: str) -> ShardFormat:
 def parse_shard(data: bytes, *, shard: str, fmt: str, codec: str, n_tokens: int,
                 dtype: np.dtype, samples: int, columns: Sequence[str] = (),
                 rows: np.ndarray | None = None) -> ShardColumns:
-    """Shard `shard`'s columns (`ShardFormat.parse`; `columns`: which of EXTRA_COLUMNS too;
-    `rows`: only those rows), held to the manifest's sample count."""
-    unknown = [c for c in columns if c not in EXTRA_COLUMNS]
+    """Shard `shard`'s columns (`ShardFormat.parse`; `columns`: which of EXTRA_COLUMNS and
+    OPTIONAL_COLUMNS too; `rows`: only those rows), held to the manifest's sample count."""
+    unknown = [c for c in columns if c not in EXTRA_COLUMNS + OPTIONAL_COLUMNS]
     if unknown:
-        raise ValueError(f"unknown shard columns {unknown} (stored: {', '.join(EXTRA_COLUMNS)})")
+        raise ValueError(f"unknown shard columns {unknown} (stored: {', '.join(EXTRA_COLUMNS + OPTIONAL_COLUMNS)})")
     if rows is not None:
         rows = np.asarray(rows, np.int64)
         if len(rows) and not (rows[0] >= 0 and rows[-1] < samples and bool(np.all(rows[1:] > rows[:-1]))):

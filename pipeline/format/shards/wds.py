@@ -1,5 +1,6 @@
 """WebDataset token shards: a tar with KEY.tokens.CODEC (or KEY.tokens.npy for
-raw), KEY.json, KEY.txt and KEY.cls members, readable by `webdataset` itself."""
+raw), KEY.json, KEY.txt and KEY.cls members (and KEY.text_tokens.npy with a text
+tokenizer), readable by `webdataset` itself."""
 
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ from tokshard.pipeline.format.shards.registry import register_format
 # (the loader's prefetch thread and its reader) can fail with "SystemError: AST constructor
 # recursion depth mismatch". One header at a time.
 _NPY_LOCK = threading.Lock()
+# A sample's text token ids: a 1-D little-endian uint32 .npy (webdataset decodes it by its
+# extension), in every sample of a dataset with a text tokenizer (empty without a caption).
+# Every member of a tar takes whole 512-byte blocks, so a narrower type would rarely save any.
+TEXT_TOKENS_MEMBER = "text_tokens.npy"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(raw: bytes) -> np.ndarray:
+    with _NPY_LOCK:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
 @register_format
@@ -33,7 +49,7 @@ class WebDatasetFormat(ShardFormat):
         return "tokens.npy" if codec_name == "raw" else f"tokens.{codec_name}"
 
     def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
-                  token_dtype: np.dtype, file_meta: dict) -> tuple[bytes, list[int]]:
+              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False) -> tuple[bytes, list[int]]:
         """Returns (tar bytes, byte offset of each sample's tokens member header)."""
         buf = io.BytesIO()
         offsets = []
@@ -61,6 +77,9 @@ class WebDatasetFormat(ShardFormat):
                     add(f"{s.key}.txt", s.caption.encode())
                 if s.label is not None:
                     add(f"{s.key}.cls", str(s.label).encode())
+                if text_tokens:
+                    ids = s.text_tokens if s.text_tokens is not None else np.empty(0)
+                    add(f"{s.key}.{TEXT_TOKENS_MEMBER}", _npy(ids.astype("<u4")))
         return buf.getvalue(), offsets
 
     def keys(self, data: bytes, codec: str) -> list[str]:
@@ -72,10 +91,12 @@ class WebDatasetFormat(ShardFormat):
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
               columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
         ext = self.token_member(codec)
-        keys, tokens, labels = [], [], {}
+        keys, labels = [], {}
+        tokens: list[np.ndarray | bytes] = []   # id rows (raw) or coded payloads
         captions: dict[str, str] = {}
+        text: dict[str, np.ndarray] = {}
         infos: dict[str, dict] = {}
-        want_info = any(c != "caption" for c in columns)
+        want_info = any(c not in ("caption", "text_tokens") for c in columns)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
@@ -86,8 +107,7 @@ class WebDatasetFormat(ShardFormat):
                     assert fobj is not None   # a regular file (isfile() above) always has one
                     raw = fobj.read()
                     if codec == "raw":
-                        with _NPY_LOCK:
-                            arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                        arr = _load_npy(raw)
                         if arr.size != n_tokens or arr.dtype.kind != "u":
                             raise ValueError(f"member {member.name}: {arr.dtype}{arr.shape}, "
                                              f"expected {n_tokens} unsigned tokens")
@@ -99,6 +119,10 @@ class WebDatasetFormat(ShardFormat):
                     fobj = tar.extractfile(member)
                     assert fobj is not None
                     labels[key] = int(fobj.read().decode().strip())
+                elif suffix == TEXT_TOKENS_MEMBER and "text_tokens" in columns:
+                    fobj = tar.extractfile(member)
+                    assert fobj is not None
+                    text[key] = _text_ids(_load_npy(fobj.read()), member.name)
                 elif suffix == "txt" and "caption" in columns:
                     fobj = tar.extractfile(member)
                     assert fobj is not None
@@ -121,7 +145,13 @@ class WebDatasetFormat(ShardFormat):
                 out[name] = np.array([int(infos.get(k, {}).get(name, -1)) for k in keys], dtype=np.int64)
                 continue
             values = np.empty(len(keys), dtype=object)
-            if name == "caption":
+            if name == "text_tokens":
+                missing = [k for k in keys if k not in text]
+                if missing:
+                    raise ValueError(f"sample {missing[0]!r:.60} has no {TEXT_TOKENS_MEMBER} member")
+                for i, k in enumerate(keys):     # (one by one: equal lengths would make one 2-D array)
+                    values[i] = text[k]
+            elif name == "caption":
                 values[:] = [captions.get(k) for k in keys]
             elif name == "meta":   # as Parquet stores it: the JSON text
                 values[:] = [None if infos.get(k, {}).get("meta") is None else _meta_json(infos[k]["meta"])
@@ -130,3 +160,10 @@ class WebDatasetFormat(ShardFormat):
                 values[:] = [infos.get(k, {}).get(name) for k in keys]
             out[name] = values
         return out.take(rows)   # a tar is read whole anyway
+
+
+def _text_ids(arr: np.ndarray, member: str) -> np.ndarray:
+    """A text_tokens member's array, held to what the writer writes: 1-D unsigned ids."""
+    if arr.ndim != 1 or arr.dtype.kind != "u" or arr.dtype.itemsize > 4:
+        raise ValueError(f"member {member}: {arr.dtype}{arr.shape}, expected 1-D uint32 text token ids")
+    return arr.astype(np.uint32, copy=False)
