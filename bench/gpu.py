@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import signal
@@ -502,17 +503,25 @@ def loader_part(run: Run) -> dict:
     ds = tokshard.open(str(data))
     out: dict[str, Any] = {"samples": len(ds)}
     dev = torch.device(run.device)
+    digests = set()
     for workers in (0, 4):
         for pin in (False, True):
             dl = ds.loader(256, num_workers=workers, pin_memory=pin)
             n, t = 0, time.perf_counter()
+            digest = hashlib.sha256()
             for epoch in range(3):
                 dl.set_epoch(epoch)
                 for b in dl:
                     x = b["tokens"].to(dev, non_blocking=pin)
                     n += len(x)
+                    # (what arrived: workers hand batches over through shared memory, and
+                    # pinning copies them again; the bytes must not depend on either)
+                    digest.update(b["id"].numpy().tobytes())
+                    digest.update(b["tokens"].numpy().tobytes())
             sync()
             out[f"workers{workers}_pin{int(pin)}_samples_s"] = round(n / (time.perf_counter() - t))
+            digests.add(digest.hexdigest())
+    out["batches_identical_across_workers_and_pinning"] = len(digests) == 1
     return out
 
 
@@ -624,7 +633,8 @@ def section(res: dict) -> str:
     if ld and "error" not in ld and "skipped" not in ld:
         lines += [f"Loader to the GPU ({ld['samples']:,} samples, batch 256, 3 epochs): "
                   + ", ".join(f"{k.removesuffix('_samples_s').replace('_', ' ')} {v:,}/s"
-                              for k, v in ld.items() if k.endswith("_samples_s")) + ".", ""]
+                              for k, v in ld.items() if k.endswith("_samples_s")) + "; batches byte-identical "
+                  f"across workers and pinning: {ld.get('batches_identical_across_workers_and_pinning')}.", ""]
     elif ld:
         lines += [f"Loader: {ld.get('error') or ld.get('skipped')}", ""]
     tr = res.get("train", {})

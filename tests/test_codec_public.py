@@ -64,3 +64,24 @@ def test_bad_input_is_a_codec_error_naming_it():
     state[len(state) // 2] ^= 1
     with pytest.raises(CodecError):
         tokshard.codec_from(trained.describe(), 1000, bytes(state))
+
+
+@pytest.mark.parametrize("name", ["raw", "zstd", "rans-ctx"])
+def test_a_reader_asking_for_a_type_too_narrow_for_the_codebook_gets_a_codec_error(name):
+    """A 2^18 codebook read back as uint16 would wrap codes above 65,535 into other codes:
+    refused, naming the vocabulary and the type it needs; a wide-enough type is given."""
+    rng = np.random.default_rng(5)
+    tokens = smooth(rng, 4, 2**18)
+    assert tokens.max() > 65535
+    c = tokshard.codec(name, vocab_size=2**18).fit(smooth(rng, 32, 2**18))
+    payloads = c.encode_batch(tokens)
+    for narrow in ("uint16", np.int16, "float32"):
+        with pytest.raises(CodecError, match="cannot hold this codec's codes: a vocabulary of 262,144 needs uint32"):
+            c.decode_batch(payloads, (16, 16), dtype=narrow)
+    with pytest.raises(CodecError, match="not a numpy dtype"):
+        c.decode_batch(payloads, (16, 16), dtype="no-such-type")
+    wide = c.decode_batch(payloads, (16, 16), dtype=np.int64)
+    assert wide.dtype == np.int64 and np.array_equal(wide, tokens)
+    narrow_ok = tokshard.codec(name, vocab_size=1024).fit(smooth(rng, 32, 1024))
+    small = smooth(rng, 2, 1024)
+    assert narrow_ok.decode_batch(narrow_ok.encode_batch(small), [(16, 16)] * 2, dtype="uint16")[0].dtype == np.uint16

@@ -44,4 +44,7 @@ def __getattr__(name: str) -> Any:
     if name == "Stream":   # (imported on first use: `import tokshard` stays light)
         from tokshard.pipeline.stream.mixture import Stream
         return Stream
+    if name == "Vocab":    # the joint vocabulary of packed sequences (loader(..., pack=N))
+        from tokshard.pipeline.stream.packing import Vocab
+        return Vocab
     raise AttributeError(f"module 'tokshard' has no attribute {name!r}")

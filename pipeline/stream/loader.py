@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokshard.errors import ShardError, TokshardError, UsageError
-from tokshard.pipeline.format.shards.base import parse_meta
+from tokshard.pipeline.format.shards.base import pad_text_tokens, parse_meta
 from tokshard.pipeline.stream.order import (
     Plan,
     consumed_positions,
@@ -61,6 +61,7 @@ from tokshard.pipeline.stream.order import (
     stream_batches,
     stream_rank_slice,
 )
+from tokshard.pipeline.stream.packing import TOO_LONG, Vocab, assemble, document_lengths, pack_bounds
 from tokshard.pipeline.stream.shard_rows import ShardRows
 
 if TYPE_CHECKING:
@@ -78,8 +79,9 @@ def default_rank_world() -> tuple[int, int]:
 
 
 # What `columns=` can ask for besides the batch's own fields: stored columns, the parsed
-# metadata, a metadata field ("meta.NAME"; "split" is "meta.split"), the label's class name.
-COLUMNS = ("caption", "width", "height", "source", "meta", "split", "class_name")
+# metadata, a metadata field ("meta.NAME"; "split" is "meta.split"), the label's class name,
+# the caption's text token ids (a dataset converted with --text-tokenizer).
+COLUMNS = ("caption", "width", "height", "source", "meta", "split", "class_name", "text_tokens")
 _ALWAYS = ("tokens", "label", "key", "id", "pad", "view")
 
 
@@ -103,6 +105,11 @@ def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tupl
             if ds.label_names is None:
                 raise UsageError("column 'class_name': this dataset has no class names for its labels "
                                  f"(class names by column: {sorted(ds.class_names or {})})")
+        elif name == "text_tokens":
+            if ds.text_tokenizer is None:
+                raise UsageError("column 'text_tokens': this dataset has no text tokens (converted without "
+                                 "--text-tokenizer, or a mixture of datasets whose text tokenizers differ)")
+            stored.append(name)
         elif name in COLUMNS:
             stored.append(name)
         else:
@@ -136,8 +143,18 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
     return {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
             "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1])[slice(None) if rows is None else rows],
             "valid": np.zeros(n, bool),
-            **{c: np.full(n, -1, np.int64) if c in ("width", "height") else np.full(n, None, object)
-               for c in columns}}, True
+            **{c: _stand_in(c, n) for c in columns}}, True
+
+
+def _stand_in(column: str, n: int) -> np.ndarray:
+    """A skipped shard's `column` for its n stand-in rows (left out of batches)."""
+    if column in ("width", "height"):
+        return np.full(n, -1, np.int64)
+    out = np.full(n, None, object)
+    if column == "text_tokens":
+        for j in range(n):
+            out[j] = np.empty(0, np.uint32)
+    return out
 
 
 class _NumpyBatch(dict):
@@ -150,24 +167,113 @@ class _NumpyBatch(dict):
 
 _NARROW = (np.uint8, np.uint16, np.int16, np.int32)
 _NARROW_MIN = 4096          # elements: below this, narrowing saves less than it costs
+_RING_MIN = 16 << 10        # bytes: smaller arrays travel pickled, with the rest of the batch
+_ALIGN = 64
 
 
-def _as_numpy(item: Any) -> Any:
-    """The DataLoader's collate_fn (in the worker): a block of batches, each `_numpy`'s."""
-    return [_numpy(b) for b in item]
+class _InRing:
+    """Stands for an array a worker placed in its ring slot: where, and what it is."""
+
+    __slots__ = ("offset", "dtype", "shape")
+
+    def __init__(self, offset: int, dtype: str, shape: tuple[int, ...]):
+        self.offset, self.dtype, self.shape = offset, dtype, shape
+
+    def __reduce__(self) -> tuple:
+        return _InRing, (self.offset, self.dtype, self.shape)
 
 
-def _numpy(batch: Any) -> Any:
+class _Item(list):
+    """A worker's block of batches as the main process receives it: which worker built it
+    and its number among that worker's blocks (the ring slot it used, if any)."""
+
+    worker: int = 0
+    seq: int = 0
+    slot: int = -1
+
+    def __reduce__(self) -> tuple:
+        return _make_item, (list(self), self.worker, self.seq, self.slot)
+
+
+def _make_item(batches: list, worker: int, seq: int, slot: int) -> _Item:
+    item = _Item(batches)
+    item.worker, item.seq, item.slot = worker, seq, slot
+    return item
+
+
+class _Ring:
+    """Shared-memory slots through which the workers hand their batches' large arrays
+    (the tokens) to the main process, instead of through the DataLoader's pipe.
+
+    Through the pipe, a block of batches is pickled into bytes in the worker, written in
+    64 KiB pieces, each of which wakes the main process, and copied out again there: the
+    main process's share of a batch, which num_workers cannot spread, went mostly to that.
+    Here a worker writes each large array once, narrowed, into a slot of its own; the
+    pickled rest is small; the main process widens the array straight out of the slot.
+
+    Each worker has `slots` slots and numbers its blocks; block n goes to slot n % slots
+    if the main process has finished with block n - slots (`done`, written by the main
+    process after it copied a block out), and otherwise through the pipe as before, so
+    a worker never waits. The DataLoader keeps at most prefetch_factor blocks of a worker
+    in flight, so with prefetch_factor + 2 slots the fallback happens only at the tail of
+    an epoch, when the last busy worker gets the other workers' prefetch share.
+
+    The memory is torch's shared memory, made before the workers start: a forked worker
+    inherits it, a spawned one receives it with the dataset, and it is freed when the
+    main process and the workers have dropped it."""
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int, min_bytes: int | None = None):
+        self.slots, self.slot_bytes = slots, slot_bytes
+        self.min_bytes = _RING_MIN if min_bytes is None else min_bytes     # (travels to spawned workers)
+        self.memory = [torch.empty(slots * slot_bytes, dtype=torch.uint8).share_memory_() for _ in range(workers)]
+        self.done = torch.zeros(workers, dtype=torch.int64).share_memory_()
+        self.sent = 0                    # in a worker: the blocks it has handed over
+
+    def pack(self, item: list) -> _Item:
+        """In the worker (the DataLoader's collate_fn): the block, its large arrays in a slot."""
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        seq, self.sent = self.sent, self.sent + 1
+        slot = seq % self.slots
+        free = int(self.done[worker]) >= seq - self.slots + 1
+        memory = self.memory[worker].numpy()[slot * self.slot_bytes:(slot + 1) * self.slot_bytes] if free else None
+        used = [0]
+
+        def place(arr: np.ndarray, dtype: np.dtype) -> _InRing | None:
+            if memory is None:
+                return None
+            n = int(np.prod(arr.shape)) * dtype.itemsize
+            at = used[0]
+            if n < self.min_bytes or at + n > len(memory):
+                return None
+            np.copyto(np.ndarray(arr.shape, dtype, memory, at), arr, casting="unsafe")
+            used[0] = -(-(at + n) // _ALIGN) * _ALIGN
+            return _InRing(at, dtype.str, tuple(arr.shape))
+
+        return _make_item([_numpy(b, place) for b in item], worker, seq, slot if used[0] else -1)
+
+    def unpack(self, item: _Item, pin: bool) -> list:
+        """In the main process: the block's batches as tensors, copied out of the slot,
+        which is then the worker's again."""
+        memory = self.memory[item.worker].numpy() if item.slot >= 0 else None
+        base = item.slot * self.slot_bytes
+        out = [_from_numpy(b, pin, memory, base) for b in item]
+        self.done[item.worker] = item.seq + 1
+        return out
+
+
+def _numpy(batch: Any, place: Any = None) -> Any:
     """In the worker, a finished batch made ready to travel: its tensors travel
-    as numpy arrays, pickled through the worker's pipe, and become tensors again in the main
-    process (`_from_numpy`). Sent as tensors, each would go through its own shared-memory
-    segment and a socket handshake to pass its file descriptor: ~1.5 ms a tensor, four or
-    more a batch, most of the main process's time with workers. (The DataLoader's default,
-    default_convert, also walked every key and caption of each batch.)
+    as numpy arrays, pickled through the worker's pipe or placed in its ring slot
+    (`place(array, dtype)` -> `_InRing` or None: pickled), and become tensors again in the
+    main process (`_from_numpy`). Sent as tensors, each would go through its own
+    shared-memory segment and a socket handshake to pass its file descriptor: ~1.5 ms a
+    tensor, four or more a batch, most of the main process's time with workers. (The
+    DataLoader's default, default_convert, also walked every key and caption of each batch.)
 
     A large integer array travels in the narrowest integer type that holds its values (token
     ids in 16 bits instead of 64): the main process's share of a batch is mostly copying
-    it out of the pipe, and that share is what num_workers cannot spread."""
+    it out, and that share is what num_workers cannot spread."""
     if not isinstance(batch, dict):
         return batch                 # a _WorkerError
     out = _NumpyBatch(batch)
@@ -175,26 +281,35 @@ def _numpy(batch: Any) -> Any:
     widen = []
     for k in out.tensors:
         arr = batch[k].numpy()
+        dtype = arr.dtype
         if arr.dtype.kind in "iu" and arr.size >= _NARROW_MIN and arr.dtype.itemsize > 2:
             lo, hi = int(arr.min()), int(arr.max())
             for t in _NARROW:
                 if t().itemsize < arr.dtype.itemsize and np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
                     widen.append((k, arr.dtype))
-                    arr = arr.astype(t)
+                    dtype = np.dtype(t)
                     break
-        out[k] = arr
+        ref = place(arr, dtype) if place is not None else None
+        out[k] = ref if ref is not None else arr.astype(dtype, copy=False)
     out.widen = tuple(widen)
     return out
 
 
-def _from_numpy(batch: Any, pin: bool) -> Any:
+def _from_numpy(batch: Any, pin: bool, memory: np.ndarray | None = None, base: int = 0) -> Any:
     if not isinstance(batch, _NumpyBatch):
         return batch
     out = dict(batch)
-    for k, dtype in batch.widen:
-        out[k] = batch[k].astype(dtype)
+    wide = dict(batch.widen)
     for k in batch.tensors:
-        t = torch.from_numpy(out[k])
+        arr = out[k]
+        if isinstance(arr, _InRing):
+            assert memory is not None
+            arr = np.ndarray(arr.shape, np.dtype(arr.dtype), memory, base + arr.offset)
+            # widened, or copied out unless pinning copies it anyway: the slot is the worker's again
+            arr = arr.astype(wide[k]) if k in wide else (arr if pin else arr.copy())
+        elif k in wide:
+            arr = arr.astype(wide[k])
+        t = torch.from_numpy(arr)
         out[k] = t.pin_memory() if pin else t
     return out
 
@@ -260,7 +375,8 @@ class TokenIterable(IterableDataset):
                  prefetch_shards: int = 2,
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
                  where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None,
-                 ids: np.ndarray | None = None, batching: str = "mixed"):
+                 ids: np.ndarray | None = None, batching: str = "mixed", pack: int | None = None,
+                 vocab: Vocab | None = None, too_long: str = "split"):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -294,6 +410,9 @@ class TokenIterable(IterableDataset):
         self.batching = batching
         self.view = view
         self.columns, self.stored_columns = check_columns(ds, columns)
+        self.pack, self.vocab, self.too_long = self._check_pack(ds, pack, vocab, too_long, max_tokens, view)
+        if self.pack and ds.text_tokenizer is not None and "text_tokens" not in self.stored_columns:
+            self.stored_columns += ("text_tokens",)
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         # Padding is moot with drop_last (every rank is cut to the same full batches).
@@ -315,6 +434,47 @@ class TokenIterable(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
 
+    def pack_state(self) -> dict | None:
+        """What packing depends on, for the loader's state (None: not packed)."""
+        if self.pack is None or self.vocab is None:
+            return None
+        return {"seq_len": self.pack, "vocab": self.vocab.describe(), "too_long": self.too_long,
+                "image_tokens": self.image_tokens}
+
+    def _check_pack(self, ds: TokenDataset, pack: int | None, vocab: Vocab | None, too_long: str,
+                    max_tokens: int | None, view: int | str) -> tuple[int | None, Vocab | None, str]:
+        """(pack, its joint vocabulary, the too-long rule), checked; (None, None, ...) unpacked."""
+        if pack is None:
+            if vocab is not None:
+                raise UsageError("vocab= applies to packed sequences (pack=N)")
+            return None, None, too_long
+        if isinstance(pack, bool) or not isinstance(pack, (int, np.integer)) or pack < 1:
+            raise UsageError(f"pack must be a sequence length (a positive integer), got {pack!r}")
+        if too_long not in TOO_LONG:
+            raise UsageError(f"too_long must be one of {', '.join(TOO_LONG)}, got {too_long!r}")
+        if self.batching != "mixed":
+            raise UsageError("pack=N packs the mixture's samples in their mixed order; batching='per_stream' "
+                             "does not apply")
+        if view == "all":
+            raise UsageError("pack=N packs one view per sample; view='all' does not apply")
+        text = ds.text_tokenizer
+        if vocab is None:
+            vocab = Vocab.joint(text=0 if text is None else int(text["vocab_size"]), image=ds.vocab_size)
+        elif not isinstance(vocab, Vocab):
+            raise UsageError(f"vocab must be a tokshard.Vocab (Vocab.joint(...)), got {type(vocab).__name__}")
+        if vocab.image < ds.vocab_size:
+            raise UsageError(f"vocab: {vocab.image} image codes, but the dataset's tokenizer has {ds.vocab_size}")
+        if text is not None and vocab.text < int(text["vocab_size"]):
+            raise UsageError(f"vocab: {vocab.text} text ids, but the dataset's text tokenizer has "
+                             f"{text['vocab_size']}")
+        image = int(np.prod(ds.grid)) if max_tokens is None else int(max_tokens)
+        shortest = int(document_lengths(np.zeros(1, np.int64), image)[0])
+        if pack < shortest:
+            raise UsageError(f"pack={pack} is shorter than the shortest sample: {shortest} tokens (bos, boi, "
+                             f"{image} image codes, eoi; no text)")
+        self.image_tokens = image
+        return int(pack), vocab, too_long
+
     # -- the plan ------------------------------------------------------------------
     def _rank_key(self, segment: int, rank: int, world: int) -> int:
         return key64("buffer", self.seed, self.epoch, segment, rank, world)
@@ -329,6 +489,9 @@ class TokenIterable(IterableDataset):
 
     def _span(self, plan: Plan, rank: int, world: int) -> tuple[Plan, int]:
         """(rank's slice of `plan`, padded when even_batches; how many of it are real)."""
+        if self.pack:      # (ranks are evened out by whole batches instead: _pack_batches)
+            span = rank_slice(plan, rank, world)
+            return span, plan_length(span)
         if self.batching == "per_stream":
             positions = plan_positions(plan, 0, plan_length(plan))
             mine, real = stream_rank_slice(positions, self._streams()[positions], rank, world, self.even_batches)
@@ -361,6 +524,8 @@ class TokenIterable(IterableDataset):
         Per stream: that order regrouped into one-stream batches (`stream_batches`)."""
         n, bs = plan_length(span), self.batch_size
         emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
+        if self.pack:
+            return self._pack_batches(plan, emit, span, seg, world)
         if self.batching == "per_stream":
             streams = self._streams()[plan_lookup(span, emit)]
             flat, bounds = stream_batches(streams, bs, self._quota(plan, world))
@@ -368,13 +533,57 @@ class TokenIterable(IterableDataset):
         limit = (plan_length(plan) // world) // bs * bs if self.drop_last else n
         return emit[:limit], np.append(np.arange(0, limit, bs), limit).astype(np.int64)
 
+    def _pack_bounds(self, emit: np.ndarray, span: Plan) -> np.ndarray:
+        """Bounds of the packed batches of a rank's emission order `emit` over `span`."""
+        ids = self._epoch_ids()[plan_lookup(span, emit)]
+        lengths = document_lengths(self._text_lengths()[ids], self.image_tokens)
+        assert self.pack is not None
+        return pack_bounds(lengths, self.pack, self.batch_size, self.too_long)
+
+    def _pack_batches(self, plan: Plan, emit: np.ndarray, span: Plan, seg: int, world: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Packed batches: the emission order cut where `packing.place` closes a batch; then
+        every rank as many batches (empty ones after the short ranks' last, with even_batches;
+        the shortest rank's count, with drop_last), counted from all ranks' plans."""
+        bounds = self._pack_bounds(emit, span)
+        if world > 1 and (self.even_batches or self.drop_last):
+            counts = self._pack_counts(plan, seg, world)
+            target = max(counts) if self.even_batches else min(counts)
+            have = len(bounds) - 1
+            bounds = (np.concatenate([bounds, np.full(target - have, bounds[-1], np.int64)]) if target >= have
+                      else bounds[: target + 1])
+        return emit[: bounds[-1]], bounds
+
+    def _pack_counts(self, plan: Plan, seg: int, world: int) -> list[int]:
+        """Every rank's count of packed batches in this segment (memoized: workers and num_batches ask)."""
+        key = (self.epoch, self.history, seg, world)
+        memo = getattr(self, "_counts_memo", None)
+        if memo is None or memo[0] != key:
+            counts = []
+            for r in range(world):
+                span, _ = self._span(plan, r, world)
+                emit = emission_order(plan_length(span), self.buffer, self._rank_key(seg, r, world))
+                counts.append(len(self._pack_bounds(emit, span)) - 1)
+            memo = self._counts_memo = (key, counts)
+        return memo[1]
+
+    def _epoch_ids(self) -> np.ndarray:
+        """The sample id at each position of this epoch's stream (memoized per epoch)."""
+        memo = getattr(self, "_ids_memo", None)
+        if memo is None or memo[0] != self.epoch:
+            memo = self._ids_memo = (self.epoch, self.ds.epoch_ids(self.epoch, self.seed, self.shuffle))
+        return memo[1]
+
+    def _text_lengths(self) -> np.ndarray:
+        return self.ds.text_lengths()
+
     def _replay(self) -> Plan:
         plan: Plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
         for seg, (world, batches) in enumerate(self.history):
             pieces: list[tuple[int, int] | np.ndarray] = []
             for r in range(world):
                 span, real = self._span(plan, r, world)
-                if self.batching == "per_stream":
+                if self.batching == "per_stream" or self.pack:
                     pieces.extend(self._unconsumed(plan, span, real, seg, r, world, batches))
                     continue
                 n = plan_length(span)
@@ -413,6 +622,9 @@ class TokenIterable(IterableDataset):
     def num_batches(self) -> int:
         """Batches this rank yields in the current epoch segment (from its start)."""
         plan, bs = self._plan(), self.batch_size
+        if self.pack:
+            return len(self._batches(plan, self._span(plan, self.rank, self.world_size)[0], len(self.history),
+                                     self.rank, self.world_size)[1]) - 1
         if self.batching == "per_stream":
             quota = self._quota(plan, self.world_size)
             if quota is not None:
@@ -478,6 +690,9 @@ class TokenIterable(IterableDataset):
             while nxt < len(needed) and first_batch[nxt] <= j:
                 nxt += 1
             stream.prefetch_shards(needed[nxt: nxt + self.prefetch])
+            if lo == hi:      # an empty packed batch (a short rank's, evened out): padding only
+                yield from self._report([self._packed(b, None, {})], stream)
+                continue
             rows = stream.rows(shards[lo:hi], local[lo:hi])
             rows["pad"] = virtual[lo:hi] >= real
             yield from self._report([self._finish(b, rows)], stream)
@@ -521,12 +736,63 @@ class TokenIterable(IterableDataset):
             g = torch.Generator().manual_seed(
                 key64("augment", self.seed, self.epoch, len(self.history), self.rank, b) >> 1)
             batch = self.augment(batch, g)
+        if self.pack:
+            return self._packed(b, batch, cols)
         return batch
+
+    def _packed(self, b: int, batch: dict | None, cols: dict) -> dict:
+        """The batch's samples (decoded, augmented) packed into (batch_size, pack) sequences
+        (`packing.assemble`), with each document's id, key, label and `columns` in document
+        order (document_ids index them)."""
+        assert self.pack is not None and self.vocab is not None
+        if batch is None:
+            image = np.zeros((0, self.image_tokens), np.int64)
+            text: list = []
+            batch = {"id": torch.zeros(0, dtype=torch.int64), "key": [], "label": torch.zeros(0, dtype=torch.int64),
+                     **{c: torch.zeros(0, dtype=torch.int64) if c in ("width", "height") else
+                        torch.zeros((0, 0), dtype=torch.int64) if c == "text_tokens" else [] for c in self.columns}}
+        else:
+            image = batch["tokens"].reshape(len(batch["key"]), -1).numpy()
+            if image.shape[1] != self.image_tokens:
+                raise UsageError(f"augment made {image.shape[1]} image tokens a sample; pack=N plans with "
+                                 f"{self.image_tokens} (use augmentations that keep the grid)")
+            ids = batch["id"].numpy()
+            if self.ds.text_tokenizer is None:
+                text = [np.empty(0, np.int64)] * len(ids)
+            else:
+                text = list(cols["text_tokens"])
+                got = np.fromiter((len(t) for t in text), np.int64, count=len(text))
+                bad = np.flatnonzero(got != self._text_lengths()[ids])
+                if len(bad):
+                    j = int(bad[0])
+                    raise ShardError(self._shard_of(int(ids[j])), f"sample {batch['key'][j]!r:.60} holds {got[j]} "
+                                     f"text token ids, its sample index says {self._text_lengths()[ids][j]} "
+                                     "(a stale or tampered index)")
+        out = assemble(text, image, self.vocab, self.pack, self.batch_size, self.too_long)
+        packed: dict[str, Any] = {k: torch.from_numpy(v) for k, v in out.items() if k != "too_long"}
+        packed["too_long"] = int(out["too_long"])
+        for k in ("id", "key", "label", *self.columns):
+            packed[k] = batch[k]
+        for k in ("view", "stream", "skipped_shards"):
+            if k in batch:
+                packed[k] = batch[k]
+        return packed
+
+    def _shard_of(self, sample_id: int) -> str:
+        ds: Any = self.ds
+        if getattr(ds, "is_mixture", False):
+            s = int(np.searchsorted(ds.offsets, sample_id, side="right") - 1)
+            ds, sample_id = ds.datasets[s], sample_id - int(ds.offsets[s])
+        return str(ds.shard_names[int(np.searchsorted(ds.shard_offsets, sample_id, side="right") - 1)])
 
     def _column(self, name: str, cols: dict) -> list | torch.Tensor:
         """The batch's `name` column (see COLUMNS): numbers as tensors, everything else as lists."""
         if name in ("width", "height"):
             return torch.from_numpy(cols[name])
+        if name == "text_tokens":
+            # one (B, longest) int64 tensor, -1 after each sample's ids: it travels from a
+            # worker as one narrowed array, where B tensors would each need a shared segment
+            return torch.from_numpy(pad_text_tokens(cols[name])[0])
         if name in ("caption", "source", "meta"):
             return cols[name].tolist()
         if name == "class_name":
@@ -686,16 +952,30 @@ class TokenLoader:
 
     def blocking(self) -> int:
         """How many batches a worker hands over at once (`block`, or by default as many as
-        make ~2 MiB of tokens, at most 8). Each DataLoader item costs the main process a
-        fixed ~0.4 ms (queues, a pickle, a pipe, a feeder thread), about what a worker takes
-        to build a batch of 256 samples: the main process's share, which num_workers cannot
-        spread, shrinks with the batches per item."""
+        make ~2 MiB of tokens as they travel, narrowed, at most 8). Each DataLoader item costs
+        the main process a fixed ~0.2 ms (queues, a pickle, a pipe, a feeder thread), what a
+        worker takes to build a twentieth of a batch of 256 samples: the main process's share,
+        which num_workers cannot spread, shrinks with the batches per item."""
         if self.block is not None:
             return self.block
         it = self.iterable
         views = len(it.ds.views) if it.view == "all" else 1
-        size = it.batch_size * it.ds.tokens_per_sample * views * 8
+        size = it.batch_size * it.ds.tokens_per_sample * views * self._width()
         return max(1, min(8, (2 << 20) // max(size, 1)))
+
+    def _width(self) -> int:
+        """Bytes a token takes on its way from a worker (narrowed: `_numpy`)."""
+        return 2 if self.iterable.ds.vocab_size <= 1 << 16 else 4
+
+    def _ring(self) -> _Ring:
+        """The workers' shared-memory slots, each sized for a block's tokens narrowed to the
+        vocabulary's width, a quarter more (an augmentation may enlarge the grid), and 64 KiB
+        for other large columns; a larger block still travels, through the pipe."""
+        it = self.iterable
+        views = len(it.ds.views) if it.view == "all" else 1
+        tokens = self.blocking() * it.batch_size * it.ds.tokens_per_sample * views * self._width()
+        slot = -(-(tokens + tokens // 4 + (64 << 10)) // _ALIGN) * _ALIGN
+        return _Ring(self.num_workers, (self.prefetch_factor or 2) + 2, slot)
 
     @property
     def skipped_shards(self) -> list[str]:
@@ -715,14 +995,15 @@ class TokenLoader:
         else:
             # Pinned here, in _from_numpy: the DataLoader's pin thread sees numpy arrays.
             cores = worker_cores(self.num_workers, self.worker_affinity)
+            ring = self._ring()
             loader = DataLoader(_CarryErrors(it, self.blocking()), batch_size=None, num_workers=self.num_workers,
-                                collate_fn=_as_numpy, pin_memory=False,
+                                collate_fn=ring.pack, pin_memory=False,
                                 prefetch_factor=self.prefetch_factor,
                                 worker_init_fn=None if cores is None else functools.partial(_pin_worker, cores),
                                 multiprocessing_context=self.mp_context, persistent_workers=False)
             pin = bool(self.pin_memory) and torch.cuda.is_available()   # as DataLoader: no device, no pinning
             workers = iter(loader)
-            source = (_from_numpy(b, pin) for item in workers for b in item)
+            source = (b for item in workers for b in ring.unpack(item, pin))
         batches = iter(source)
         error: TokshardError | None = None
         try:
@@ -751,7 +1032,7 @@ class TokenLoader:
                 "history": [list(h) for h in it.history], "seed": it.seed,
                 "batch_size": it.batch_size, "shuffle": it.shuffle, "shuffle_buffer": it.buffer,
                 "drop_last": it.drop_last, "where": it.where, "even_batches": it.even_batches,
-                "subset": it.subset, "batching": it.batching}
+                "subset": it.subset, "batching": it.batching, "pack": it.pack_state()}
 
     def load_state_dict(self, state: dict) -> None:
         it = self.iterable
@@ -761,10 +1042,11 @@ class TokenLoader:
             raise UsageError("the loader state belongs to a different dataset")
         mine = {"seed": it.seed, "batch_size": it.batch_size, "shuffle": it.shuffle,
                 "shuffle_buffer": it.buffer, "drop_last": it.drop_last, "where": it.where,
-                "even_batches": it.even_batches, "subset": it.subset, "batching": it.batching}
+                "even_batches": it.even_batches, "subset": it.subset, "batching": it.batching,
+                "pack": it.pack_state()}
         # (a state saved before even_batches existed was saved without padding, one before
         # `batching` with mixed batches)
-        old = {"even_batches": False, "batching": "mixed"}
+        old = {"even_batches": False, "batching": "mixed", "pack": None}
         diff = {k: (state.get(k, old.get(k)), v) for k, v in mine.items() if state.get(k, old.get(k)) != v}
         if diff:
             raise UsageError("the loader state was saved with other settings, so its order differs: " +

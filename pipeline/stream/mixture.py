@@ -165,6 +165,19 @@ class TokenMixture:
         return names[0] if all(n == names[0] for n in names) else None
 
     @property
+    def text_tokenizer(self) -> dict[str, Any] | None:
+        """The streams' text tokenizer if they all have the same (by the sha256 of its
+        tokenizer.json), else None: their text ids do not mean the same."""
+        texts = [d.text_tokenizer for d in self.datasets]
+        if texts[0] is None or any(t is None or t["sha256"] != texts[0]["sha256"] for t in texts):
+            return None
+        return texts[0]
+
+    def text_lengths(self) -> np.ndarray:
+        """Each sample's count of text token ids, by mixture id (the streams' in turn)."""
+        return np.concatenate([d.text_lengths() for d in self.datasets])
+
+    @property
     def class_names(self) -> dict[str, list[str]] | None:
         return self.datasets[0].class_names if self.label_names is not None else None
 
@@ -221,6 +234,12 @@ class TokenMixture:
         t, st, sid = np.concatenate(times), np.concatenate(streams), np.concatenate(ids)
         order = np.lexsort((st, t))
         return st[order], sid[order]
+
+    def epoch_ids(self, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+        """The mixture id (the stream's offset + the sample's id there) at each position of the
+        epoch's stream."""
+        streams, ids = self.epoch_plan(epoch, seed, shuffle)
+        return self.offsets[streams] + ids
 
     def epoch_stream(self, epoch: int, seed: int, shuffle: bool, on_error: str, prefetch: int,
                      columns: tuple[str, ...]) -> _MixStream:

@@ -72,24 +72,41 @@ class Codec:
             raise CodecError(f"codec {self.name!r} needs fit() on sample tokens before it encodes")
         return self._codec.encode_batch([self._checked(t) for t in _samples(tokens)])
 
-    def decode_batch(self, payloads: Sequence[bytes | memoryview],
-                     shape: Shape | Sequence[Shape]) -> np.ndarray | list[np.ndarray]:
+    def decode_batch(self, payloads: Sequence[bytes | memoryview], shape: Shape | Sequence[Shape],
+                     dtype: Any = None) -> np.ndarray | list[np.ndarray]:
         """Payloads back to tokens: with one sample `shape` (an int or a tuple), a (B, *shape)
-        array; with one shape per payload (samples of different grids), a list of arrays."""
+        array; with one shape per payload (samples of different grids), a list of arrays.
+        `dtype`: the integer type to return them in (default `self.dtype`); one that cannot hold
+        every code of the vocabulary (uint16 for a 2^18 codebook) is a CodecError, not a
+        silent wrap-around."""
         if self._codec.needs_fit and self._codec.state() is None:
             raise CodecError(f"codec {self.name!r} has no state: fit() it, or rebuild it with its state")
+        want = self._dtype(dtype)
         payloads = list(payloads)
         one = _shape(shape)
         if one is not None:
             n = math.prod(one)
-            return self._codec.decode_matrix(payloads, n).reshape(len(payloads), *one)
+            out = self._codec.decode_matrix(payloads, n).reshape(len(payloads), *one)
+            return out if want is None else out.astype(want)
         shapes = [_shape(s) for s in shape]  # type: ignore[union-attr]
         if any(s is None for s in shapes) or len(shapes) != len(payloads):
             raise CodecError(f"shape must be one sample shape, or one shape per payload ({len(payloads)}); "
                              f"got {shape!r:.80}")
         counts = [math.prod(s) for s in shapes if s is not None]
         rows = self._codec.decode_batch(payloads, counts)
-        return [r.reshape(s) for r, s in zip(rows, shapes) if s is not None]
+        return [(r if want is None else r.astype(want)).reshape(s) for r, s in zip(rows, shapes) if s is not None]
+
+    def _dtype(self, dtype: Any) -> np.dtype | None:
+        if dtype is None:
+            return None
+        try:
+            want = np.dtype(dtype)
+        except TypeError:
+            raise CodecError(f"dtype {dtype!r:.40} is not a numpy dtype") from None
+        if want.kind not in "iu" or np.iinfo(want).max < self.vocab_size - 1:
+            raise CodecError(f"dtype {want} cannot hold this codec's codes: a vocabulary of {self.vocab_size:,} "
+                             f"needs {self.dtype} (or a wider integer type)")
+        return want
 
     def describe(self) -> dict:
         """The codec's versioned description (name, version, params, state checksum), as a
