@@ -162,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     ho.add_argument("--originals", action="store_true", help=ORIGINALS_HELP)
     ho.add_argument("--sources", nargs="+", metavar="URL", help=SOURCES_HELP)
 
+    t = sub.add_parser("add-tokens", help="add a second tokenizer's codes of the same samples as a token field "
+                       "(sidecar shards under DEST/fields/NAME; the dataset's shards are not rewritten)")
+    t.add_argument("dataset")
+    t.add_argument("--tokenizer", required=True)
+    t.add_argument("--tokenizer-opt", action="append", metavar="KEY=VALUE",
+                   help="tokenizer option, e.g. path=DIR (a fitted artifact) or device=cuda")
+    t.add_argument("--as", dest="field", required=True, metavar="NAME",
+                   help="the field's name: loader(..., tokens=NAME) streams it")
+    t.add_argument("--codec", default="zstd", choices=CHOICES["codec"])
+    t.add_argument("--codec-opt", action="append", metavar="KEY=VALUE", help="codec parameter, e.g. level=19")
+    t.add_argument("--resolution", type=int, help="override the tokenizer's input resolution")
+    t.add_argument("--decode-workers", type=int, default=default("decode_workers"))
+    t.add_argument("--engine", default=default("engine"), choices=CHOICES["engine"])
+    t.add_argument("--sources", nargs="+", metavar="URL",
+                   help="the dataset's own sources as you can read them (presigned anew, with credentials); "
+                        "default: those its job spec names")
+    t.add_argument("--storage-opt", action="append", metavar="KEY=VALUE")
+    t.add_argument("--quiet", action="store_true")
+
     i = sub.add_parser("info", help="print a dataset's manifest summary")
     i.add_argument("dataset")
     i.add_argument("--json", action="store_true", help="the whole dataset record as JSON")
@@ -287,6 +306,22 @@ def _cmd_lookup(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_tokens(a: argparse.Namespace) -> int:
+    from tokshard.pipeline.tools.fields import add_tokens
+    out = add_tokens(a.dataset, a.field, a.tokenizer, _kv(a.tokenizer_opt, "--tokenizer-opt"), codec=a.codec,
+                     codec_params=_codec_params(a.codec_opt), resolution=a.resolution,
+                     storage_options=_storage_options(a.storage_opt), sources=a.sources,
+                     decode_workers=a.decode_workers, engine=a.engine, quiet=a.quiet,
+                     announce=lambda sources: print("tokshard: add-tokens re-reads the sources the dataset's job "
+                                                    "spec names: " + ", ".join(sources), file=sys.stderr))
+    field = out["record"]["fields"][a.field]
+    tok = field["tokenizer"]
+    print(f"field {a.field!r}: {tok['tokenizer_id']} ({tok['vocab_size']} codes, grid {field['grid']}, codec "
+          f"{field['codec']}) for the dataset's {out['field']['dataset']['totals']['samples']:,} samples, "
+          f"at {field['path']}")
+    return 0
+
+
 def _cmd_verify(a: argparse.Namespace) -> int:
     from tokshard.pipeline.tools.verify import repair, verify
     if a.sources and not a.repair:
@@ -366,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"convert": _cmd_convert, "fit-tokenizer": _cmd_fit, "demo": _cmd_demo,
                "info": _cmd_info, "preview": _cmd_preview, "query": _cmd_query,
-               "verify": _cmd_verify, "report": _cmd_report, "lookup": _cmd_lookup}[args.command]
+               "verify": _cmd_verify, "report": _cmd_report, "lookup": _cmd_lookup,
+               "add-tokens": _cmd_add_tokens}[args.command]
     try:
         return handler(args)
     except (UsageError, TokshardError) as e:

@@ -11,6 +11,7 @@ classes existed read back unchanged, and new ones are byte-identical.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -142,6 +143,45 @@ class TextTokenizerRecord:
         return cls(**strings, **ints)
 
 
+# A token field's name (`tokshard add-tokens --as NAME`): the loader's batch key for it.
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+@dataclass(frozen=True)
+class FieldRecord:
+    """A second tokenizer's codes for the same samples (`tokshard add-tokens DEST --as NAME`):
+    a token dataset of its own under `path` (its manifest pinned in the record's `files`),
+    shard for shard and row for row aligned with this one."""
+    path: str                   # the field's dataset root, relative to this one: fields/NAME
+    tokenizer: TokenizerRecord  # its tokenizer's identity
+    grid: list[int]
+    codec: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "tokenizer": asdict(self.tokenizer), "grid": list(self.grid),
+                "codec": self.codec}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, name: str) -> FieldRecord:
+        _check(d, dict, where, f"fields.{name}")
+        return cls(path=_check(d.get("path"), str, where, f"fields.{name}.path"),
+                   tokenizer=TokenizerRecord.from_dict(d.get("tokenizer"), where),
+                   grid=_ints(d.get("grid"), where, f"fields.{name}.grid") or [],
+                   codec=_check(d.get("codec"), str, where, f"fields.{name}.codec"))
+
+
+def _fields(d: Any, where: str) -> dict[str, FieldRecord] | None:
+    if d is None:
+        return None
+    _check(d, dict, where, "fields")
+    out = {}
+    for name, value in d.items():
+        if not isinstance(name, str) or not FIELD_NAME.fullmatch(name):
+            raise ManifestError(f"{where}: field name {name!r:.40} in 'fields' is not [a-z][a-z0-9_]{{0,31}}")
+        out[name] = FieldRecord.from_dict(value, where, name)
+    return out
+
+
 @dataclass(frozen=True)
 class DatasetRecord:
     """The manifest's key-value metadata: everything a reader needs besides the shard rows."""
@@ -176,6 +216,8 @@ class DatasetRecord:
     # The text tokenizer of the `text_tokens` column; None (not written) without one, so
     # records of datasets without text tokens are unchanged.
     text_tokenizer: TextTokenizerRecord | None = None
+    # Token fields added by `tokshard add-tokens` ({name: FieldRecord}); None (not written) without any.
+    fields: dict[str, FieldRecord] | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> DatasetRecord:
@@ -215,6 +257,7 @@ class DatasetRecord:
             class_names=_class_names(d.get("class_names"), where),
             text_tokenizer=(None if d.get("text_tokenizer") is None
                             else TextTokenizerRecord.from_dict(d.get("text_tokenizer"), where)),
+            fields=_fields(d.get("fields"), where),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,9 +268,11 @@ class DatasetRecord:
         for name in ("dropped_by_reason", "ignored_inputs"):   # (absent before 1.4, or when none)
             if d[name] is None:
                 del d[name]
-        for name in ("class_names", "text_tokenizer"):
+        for name in ("class_names", "text_tokenizer", "fields"):
             if d[name] is None:
                 del d[name]
+        if self.fields is not None:
+            d["fields"] = {k: f.to_dict() for k, f in sorted(self.fields.items())}
         return d
 
     def text_summary(self) -> str:

@@ -44,6 +44,7 @@ TEXT_TOKENIZER = "text_tokenizer/tokenizer.json"
 WORK_DIR = "_work"
 JOB_SPEC = f"{WORK_DIR}/job.json"
 RECEIPTS_DIR = f"{WORK_DIR}/units"
+FIELDS_DIR = "fields"          # fields/NAME/: a token field's own dataset (tokshard add-tokens)
 
 
 # Anything `resolve` could refuse contains one of these: an empty, "." or ".." part,
@@ -71,6 +72,11 @@ class DatasetLayout:
     @staticmethod
     def shard_rel(name: str, extension: str) -> str:
         return f"{SHARDS_DIR}/{name}.{extension}"
+
+    @staticmethod
+    def field_rel(name: str) -> str:
+        """The root of token field `name`'s dataset, relative to this one."""
+        return f"{FIELDS_DIR}/{name}"
 
     @staticmethod
     def index_rel(name: str) -> str:

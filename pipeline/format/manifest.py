@@ -110,6 +110,8 @@ def check_record_paths(layout: DatasetLayout, record: DatasetRecord) -> None:
                        (record.tokenizer.path, "record.tokenizer.path"), (text, "record.text_tokenizer.path")):
         if rel is not None:
             layout.resolve(rel, field, follow_links=False)
+    for name, fld in (record.fields or {}).items():
+        layout.resolve(fld.path, f"record.fields.{name}.path", follow_links=False)
     layout.check_paths(list(record.files), lambda i: "record.files")
 
 

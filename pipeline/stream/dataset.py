@@ -20,7 +20,7 @@ from pyarrow import ArrowException
 from tokshard.errors import CodecError, ManifestError, ShardError, TokenizerError, TokshardError, UsageError
 from tokshard.pipeline.format.codecs import codec_from_description
 from tokshard.pipeline.format.integrity import check_tree, read_checked
-from tokshard.pipeline.format.layout import DatasetLayout
+from tokshard.pipeline.format.layout import MANIFEST, DatasetLayout
 from tokshard.pipeline.format.manifest import check_record_paths, check_shards, read_record
 from tokshard.pipeline.format.shards import ShardColumns, parse_keys, parse_shard
 from tokshard.pipeline.storage import read_parquet_bytes, sha256
@@ -172,6 +172,42 @@ class TokenDataset:
                               next(iter(names.values())) if len(names) == 1 else None)
             self._label_names = picked
         return self._label_names
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The token fields added by `tokshard add-tokens` (sorted names)."""
+        return tuple(sorted(self.info.fields or {}))
+
+    def field(self, name: str) -> TokenDataset:
+        """Token field `name` as a dataset of its own, row for row this one: `ds.field(name)[i]`
+        holds sample i's codes by that field's tokenizer, and `loader(..., tokens=name)`
+        streams them. Its manifest is held to the digest this record pins; its shards, views
+        and tokenizer to this dataset's record."""
+        memo: dict[str, TokenDataset] = self.__dict__.setdefault("_fields", {})
+        if name in memo:
+            return memo[name]
+        rec = (self.info.fields or {}).get(name) if isinstance(name, str) else None
+        if rec is None:
+            raise UsageError(f"{self.url} has no token field {name!r:.40} (fields: {', '.join(self.fields) or 'none'}; "
+                             "tokshard add-tokens adds one)")
+        rel = f"{rec.path}/{MANIFEST}"
+        where = f"record.fields.{name}"
+        digest = self.info.files.get(rel)
+        if digest is None:
+            raise ManifestError(f"{self.url}: {where}: the record pins no digest for the field's manifest {rel}")
+        try:
+            read_checked(self.layout, rel, where, digest, limit=digest.size)
+        except FileNotFoundError:
+            raise ManifestError(f"{self.url}: {where}: the field's manifest {rel} is missing") from None
+        sub = TokenDataset(self.url.rstrip("/") + "/" + rec.path, storage_options=self.storage_options,
+                           verify=self.verify, trust_tokenizer_code=self.trust_tokenizer_code,
+                           sample_cache_bytes=self.sample_cache_bytes)
+        if sub.shard_names != self.shard_names or not np.array_equal(sub.shard_sizes, self.shard_sizes) \
+                or sub.views != self.views or sub.info.tokenizer != rec.tokenizer:
+            raise ManifestError(f"{self.url}: {where}: the field's dataset is not the one the record names, shard "
+                                "for shard (its shards, views or tokenizer differ)")
+        memo[name] = sub
+        return sub
 
     @property
     def text_tokenizer(self) -> dict[str, Any] | None:

@@ -127,23 +127,42 @@ def load_rows(ds: TokenDataset, i: int, columns: tuple[str, ...], on_error: str,
     if rows is not None and len(rows) == ds.shard_sizes[i]:
         rows = None                   # all of them: no copy
     n = int(ds.shard_sizes[i]) if rows is None else len(rows)
+    fields = [c[len("tokens:"):] for c in columns if c.startswith("tokens:")]
+    stored = tuple(c for c in columns if not c.startswith("tokens:"))
     try:
-        cols = dict(ds.read_shard(i, columns, rows))
+        cols = dict(ds.read_shard(i, stored, rows))
         if "meta" in cols:
             cols["meta"] = _parse_meta(cols["meta"], ds.shard_names[i], rows)
+        for f in fields:
+            cols[f"tokens:{f}"] = _field_tokens(ds, f, i, rows, cols["key"])
         cols["valid"] = np.ones(n, bool)
         return cols, False
     except ShardError:
         if on_error != "skip":
             raise
-    if ds.codec.name != "raw":
-        tokens = np.empty(n, object)
-    else:
-        tokens = np.zeros((n, ds.tokens_per_sample), ds.token_dtype)
-    return {"tokens": tokens, "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
+    return {"tokens": _stand_in_tokens(ds, n), "label": np.full(n, -1, np.int64), "key": np.full(n, "", object),
             "id": np.arange(ds.shard_offsets[i], ds.shard_offsets[i + 1])[slice(None) if rows is None else rows],
             "valid": np.zeros(n, bool),
-            **{c: _stand_in(c, n) for c in columns}}, True
+            **{c: _stand_in(c, n) for c in stored},
+            **{f"tokens:{f}": _stand_in_tokens(ds.field(f), n) for f in fields}}, True
+
+
+def _field_tokens(ds: TokenDataset, name: str, i: int, rows: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
+    """Token field `name`'s coded tokens of shard i's `rows`, held to the dataset's keys there."""
+    field = ds.field(name)
+    cols = field.read_shard(i, (), rows)
+    if not np.array_equal(cols["key"], keys):
+        at = int(np.flatnonzero(cols["key"] != keys)[0]) if len(cols["key"]) == len(keys) else 0
+        raise ShardError(field.shard_names[i], f"token field {name!r}: its row holds key {cols['key'][at]!r:.60}, the "
+                         f"dataset's {keys[at]!r:.60} (the field is not aligned with the dataset)")
+    return cols["tokens"]
+
+
+def _stand_in_tokens(ds: TokenDataset, n: int) -> np.ndarray:
+    """A skipped shard's coded tokens for its n stand-in rows (left out of batches)."""
+    if ds.codec.name != "raw":
+        return np.empty(n, object)
+    return np.zeros((n, ds.tokens_per_sample), ds.token_dtype)
 
 
 def _stand_in(column: str, n: int) -> np.ndarray:
@@ -376,7 +395,7 @@ class TokenIterable(IterableDataset):
                  on_error: str = "raise", max_tokens: int | None = None, view: int | str = "random",
                  where: str | None = None, even_batches: bool = True, columns: Sequence[str] | None = None,
                  ids: np.ndarray | None = None, batching: str = "mixed", pack: int | None = None,
-                 vocab: Vocab | None = None, too_long: str = "split"):
+                 vocab: Vocab | None = None, too_long: str = "split", tokens: str | Sequence[str] = "tokens"):
         super().__init__()
         if rank is None or world_size is None:
             r, w = default_rank_world()
@@ -410,6 +429,9 @@ class TokenIterable(IterableDataset):
         self.batching = batching
         self.view = view
         self.columns, self.stored_columns = check_columns(ds, columns)
+        self.token_fields = self._check_tokens(ds, tokens, max_tokens, pack)
+        # (the fields' coded tokens ride along with the stored columns as "tokens:NAME")
+        self.stored_columns += tuple(f"tokens:{f}" for f in self.token_fields if f != "tokens")
         self.pack, self.vocab, self.too_long = self._check_pack(ds, pack, vocab, too_long, max_tokens, view)
         if self.pack and ds.text_tokenizer is not None and "text_tokens" not in self.stored_columns:
             self.stored_columns += ("text_tokens",)
@@ -433,6 +455,36 @@ class TokenIterable(IterableDataset):
             self.selection = ids if self.selection is None else np.intersect1d(self.selection, ids)
         self.epoch, self.start_batch = 0, 0
         self.history: tuple[tuple[int, int], ...] = ()   # (world size, batches) earlier in this epoch
+
+    @staticmethod
+    def _check_tokens(ds: TokenDataset, tokens: str | Sequence[str], max_tokens: int | None,
+                      pack: int | None) -> tuple[str, ...]:
+        """The token fields a batch carries, first the one delivered as "tokens" ("tokens":
+        the dataset's own codes), the others under their names."""
+        names = (tokens,) if isinstance(tokens, str) else tuple(tokens)
+        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise UsageError(f"tokens must be a token field's name or a list of distinct names, got {tokens!r:.80}")
+        if "tokens" in names[1:]:
+            raise UsageError("tokens=[...]: the first name is delivered as batch['tokens']; the dataset's own "
+                             "codes ('tokens') can only be that first one")
+        if names == ("tokens",):
+            return names
+        if getattr(ds, "is_mixture", False):
+            raise UsageError("token fields (tokens=...) apply to a dataset, not a mixture")
+        if pack is not None:
+            raise UsageError("pack=N packs the dataset's own codes; token fields (tokens=...) do not apply")
+        if max_tokens is not None and names[0] != "tokens":
+            raise UsageError("max_tokens applies to the dataset's own codes; not with another field as 'tokens'")
+        for n in names:
+            if n != "tokens":
+                ds.field(n)          # a UsageError naming the fields there are, or the field's ManifestError
+        return names
+
+    def _codes(self, name: str, cols: dict) -> np.ndarray:
+        """Field `name`'s decoded codes of the batch's samples ("tokens": the dataset's own)."""
+        if name == "tokens":
+            return self.ds.decode_tokens(cols["tokens"], cols["id"])
+        return self.ds.field(name).decode_tokens(cols[f"tokens:{name}"], cols["id"])
 
     def pack_state(self) -> dict | None:
         """What packing depends on, for the loader's state (None: not packed)."""
@@ -712,20 +764,23 @@ class TokenIterable(IterableDataset):
         valid = cols.pop("valid")
         if not valid.all():
             cols = {c: v[valid] for c, v in cols.items()}
-        tokens = self.ds.decode_tokens(cols["tokens"], cols["id"])
+        codes = {name: self._codes(name, cols) for name in self.token_fields}
         views = None
         if len(self.ds.views) > 1 and self.view != "all":
             if self.view == "random":
                 views = (mix64(key64("view", self.seed, self.epoch), cols["id"].astype(np.uint64))
                          % np.uint64(len(self.ds.views))).astype(np.int64)
             else:
-                views = np.full(len(tokens), self.view, np.int64)
-            tokens = tokens[np.arange(len(tokens)), views]
+                views = np.full(len(cols["id"]), self.view, np.int64)
+            # every field has the dataset's views: each sample gets the same view in all
+            codes = {k: v[np.arange(len(v)), views] for k, v in codes.items()}
+        tokens = codes.pop(self.token_fields[0])
         if self.max_tokens is not None:
             tokens = tokens[..., : self.max_tokens]
         batch = {"tokens": torch.from_numpy(tokens.astype(np.int64)),
                  "label": torch.from_numpy(cols["label"]), "key": cols["key"].tolist(),
-                 "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"])}
+                 "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"]),
+                 **{k: torch.from_numpy(v.astype(np.int64)) for k, v in codes.items()}}
         if views is not None:
             batch["view"] = torch.from_numpy(views)
         if "stream" in cols:           # a mixture's: which stream each sample came from
@@ -960,12 +1015,20 @@ class TokenLoader:
             return self.block
         it = self.iterable
         views = len(it.ds.views) if it.view == "all" else 1
-        size = it.batch_size * it.ds.tokens_per_sample * views * self._width()
+        size = it.batch_size * self._tokens_per_sample() * views * self._width()
         return max(1, min(8, (2 << 20) // max(size, 1)))
+
+    def _tokens_per_sample(self) -> int:
+        """Codes a batch carries per sample, over its token fields."""
+        ds = self.iterable.ds
+        return sum(ds.tokens_per_sample if f == "tokens" else ds.field(f).tokens_per_sample
+                   for f in self.iterable.token_fields)
 
     def _width(self) -> int:
         """Bytes a token takes on its way from a worker (narrowed: `_numpy`)."""
-        return 2 if self.iterable.ds.vocab_size <= 1 << 16 else 4
+        it = self.iterable
+        vocab = max([it.ds.vocab_size, *(it.ds.field(f).vocab_size for f in it.token_fields if f != "tokens")])
+        return 2 if vocab <= 1 << 16 else 4
 
     def _ring(self) -> _Ring:
         """The workers' shared-memory slots, each sized for a block's tokens narrowed to the
@@ -973,7 +1036,7 @@ class TokenLoader:
         for other large columns; a larger block still travels, through the pipe."""
         it = self.iterable
         views = len(it.ds.views) if it.view == "all" else 1
-        tokens = self.blocking() * it.batch_size * it.ds.tokens_per_sample * views * self._width()
+        tokens = self.blocking() * it.batch_size * self._tokens_per_sample() * views * self._width()
         slot = -(-(tokens + tokens // 4 + (64 << 10)) // _ALIGN) * _ALIGN
         return _Ring(self.num_workers, (self.prefetch_factor or 2) + 2, slot)
 

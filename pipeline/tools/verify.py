@@ -75,6 +75,15 @@ def verify(url: str, storage_options: dict | None = None, *, quick: bool = False
     if not quick and not any(p.path == record.codec_state for p in problems):
         # (With a codec state that fails, nothing can be decoded: its repair comes first.)
         _check_contents(url, storage_options, {row["shard"] for row in whole}, problems)
+    for name, fld in sorted((record.fields or {}).items()):
+        if any(p.path.startswith(fld.path + "/") for p in problems):
+            continue            # (its manifest is not the one the record pins: reported above)
+        # A token field is a dataset of its own: checked as one. Its shards are rebuilt by
+        # add-tokens (which redoes the units whose shards fail), not by this repair.
+        _, found = verify(url.rstrip("/") + "/" + fld.path, storage_options, quick=quick)
+        problems += [Problem(p.shard, f"{fld.path}/{p.path}", NOT_REPAIRABLE,
+                             f"token field {name!r}: {p.what} (tokshard add-tokens ... --as {name} rebuilds it)")
+                     for p in found]
     return len(rows), problems
 
 
@@ -309,22 +318,7 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
     _, record, _ = read_record(layout, url)
     check_tokenizer_trust(tokenizer_class(record.tokenizer.name), url, trust_tokenizer_code)
     tokenizer_dir = layout.resolve_tree(record.tokenizer.path, "record.tokenizer.path")
-    for p in problems:
-        # A shard's receipt goes with its files, so the job redoes the unit; a dataset-wide
-        # file (the label table) is rewritten from the receipts with the manifest. A path that
-        # leaves the root is not touched: the re-convert writes the shard where it belongs.
-        try:
-            # The manifest is never removed: the re-convert replaces it atomically.
-            path = layout.removable(p.path) if p.path != MANIFEST else None
-        except ManifestError:
-            path = None
-        if path is not None and (fs.exists(path) or os.path.islink(path)):
-            fs.rm_file(path)
-        if p.unit >= 0:
-            try:
-                forget_receipt(layout, p.shard)
-            except ManifestError:
-                pass                # a shard name that leaves the root has no receipt of ours
+    forget(layout, problems)
     with tempfile.TemporaryDirectory(prefix="tokshard-repair-") as tmp, \
             tempfile.TemporaryDirectory(prefix="tokshard-repair-text-") as text_tmp:
         # The dataset's own tokenizer copy: same weights, so the same job hash.
@@ -339,6 +333,27 @@ def repair(url: str, problems: list[Problem], storage_options: dict | None = Non
                                **({"sources": list(sources)} if sources is not None else {}),
                                "tokenizer_options": {**job.get("tokenizer_options", {}), "path": tmp}, **text})
         return convert(cfg, quiet=quiet)
+
+
+def forget(layout: DatasetLayout, problems: list[Problem]) -> None:
+    """Remove what `problems` name and their shards' receipts, so the convert job redoes those
+    units: a shard's receipt goes with its files; a dataset-wide file (the label table) is
+    rewritten from the receipts with the manifest. A path that leaves the root is not touched:
+    the re-convert writes the shard where it belongs."""
+    fs = layout.fs
+    for p in problems:
+        try:
+            # The manifest is never removed: the re-convert replaces it atomically.
+            path = layout.removable(p.path) if p.path != MANIFEST else None
+        except ManifestError:
+            path = None
+        if path is not None and (fs.exists(path) or os.path.islink(path)):
+            fs.rm_file(path)
+        if p.unit >= 0:
+            try:
+                forget_receipt(layout, p.shard)
+            except ManifestError:
+                pass                # a shard name that leaves the root has no receipt of ours
 
 
 def _text_copy_path(tmp: str, name: str) -> str:
