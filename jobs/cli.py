@@ -379,6 +379,9 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"stored per sample {list(rec.stored_shape())}",
         f"            codebook {tok.codebook_hash[:16]}  config {tok.tokenizer_config_hash[:16]}",
         *([f"text        {rec.text_summary()}"] if rec.text_tokenizer else []),
+        *[f"field       {name}: {f.tokenizer.tokenizer_id} {f.tokenizer.vocab_size} codes, grid {f.grid}, codec "
+          f"{f.codec}, codebook {f.tokenizer.codebook_hash[:16]} (at {f.path})"
+          for name, f in sorted((rec.fields or {}).items())],
         f"codec       {codec.get('name')} v{codec.get('version')} {codec.get('params') or ''}".rstrip(),
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",

@@ -161,6 +161,8 @@ def test_the_cli_adds_a_field(tmp_path, photo_tars, tokenizer_dir, second_tokeni
     assert "field 'small'" in out and "grid [4, 4]" in out
     ds = tokshard.open(dest)
     assert ds.field("small").codec.name == "raw"
+    assert main(["info", str(dest)]) == 0
+    assert "field       small: kmeans-vq/1 32 codes, grid [4, 4], codec raw" in capsys.readouterr().out
     batch = next(iter(ds.loader(3, tokens=["tokens", "small"], seed=0)))
     assert batch["small"].shape == (3, 4, 4)
     # Again: the field is complete, so nothing is converted anew; the record is the same.

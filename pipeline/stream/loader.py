@@ -575,9 +575,16 @@ class TokenIterable(IterableDataset):
         batch bounds). Mixed: the buffer shuffle's emission order cut into batch_size pieces.
         Per stream: that order regrouped into one-stream batches (`stream_batches`)."""
         n, bs = plan_length(span), self.batch_size
-        emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
         if self.pack:
-            return self._pack_batches(plan, emit, span, seg, world)
+            # (memoized: the placement is a step per document, and len(), iteration and the
+            # elastic replay each ask for it)
+            key = (self.epoch, self.history, seg, rank, world)
+            memo = getattr(self, "_pack_memo", None)
+            if memo is None or memo[0] != key:
+                emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
+                memo = self._pack_memo = (key, self._pack_batches(plan, emit, span, seg, world))
+            return memo[1]
+        emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
         if self.batching == "per_stream":
             streams = self._streams()[plan_lookup(span, emit)]
             flat, bounds = stream_batches(streams, bs, self._quota(plan, world))
