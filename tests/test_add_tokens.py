@@ -175,3 +175,20 @@ def test_the_cli_adds_a_field(tmp_path, photo_tars, tokenizer_dir, second_tokeni
                  f"path={tokenizer_dir}", "--as", "small", "--quiet"]) == 2
     assert "already has a field 'small', made with another tokenizer" in capsys.readouterr().err
     assert tokshard.open(dest).field("small").grid == (4, 4)
+
+
+def test_a_field_on_s3(tmp_path, photo_tars, tokenizer_dir, second_tokenizer, s3_bucket):
+    """Sources and dataset in a bucket (a real S3-compatible server on 127.0.0.1): the field
+    lands beside the dataset there and streams aligned."""
+    fs, bucket, options = s3_bucket
+    fs.put(str(photo_tars) + "/", f"{bucket}/src/", recursive=True)
+    src, dest = f"s3://{bucket}/src", f"s3://{bucket}/ds"
+    convert(convert_config([src], dest, tokenizer_dir, storage_options=options), quiet=True)
+    add_tokens(dest, "vq4", "kmeans-vq", {"path": str(second_tokenizer)}, storage_options=options)
+    assert fs.exists(f"{bucket}/ds/fields/vq4/manifest.parquet")
+    ds = tokshard.open(dest, storage_options=options, cache_dir=str(tmp_path / "cache"))
+    batch = next(iter(ds.loader(19, tokens=["tokens", "vq4"], seed=0)))
+    assert batch["vq4"].shape == (19, 4, 4)
+    for key, codes in zip(batch["key"], batch["vq4"].numpy()):
+        assert np.array_equal(codes, ds.field("vq4").get(key)["tokens"])
+    assert verify(dest, options) == (ds.num_shards, [])
