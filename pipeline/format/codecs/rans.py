@@ -53,8 +53,12 @@ per-symbol probability table (measured here: ~4.6k images/s for the
 constriction call alone with a (256, 1024) table). `decode_batch` instead
 runs the 256 payloads of a loader batch in lockstep, one vectorised step per
 token position for the whole batch (~40 small array operations), which is
-what reaches >20k images/s per core. rans-unigram uses the same coder so both
-share the payload format and the checksum. Everything the coder uses
+what reaches >20k images/s per core. That numpy coder is now the reference and the
+fallback: by default `rans_kernels.py` (numba, compiled on first use and cached on
+disk) encodes and decodes the same payloads one stream at a time, several times
+faster (`BACKEND` / TOKSHARD_RANS_BACKEND=numpy selects the numpy coder; tests
+check the two byte for byte). rans-unigram uses the same coder so both share the
+payload format and the checksum. Everything the coder uses
 (frequencies, classes, alphabet) is integer and stored in the state, so
 coding is bit-exact across machines; `fit` is deterministic on one machine
 (same samples -> same state bytes).
@@ -94,8 +98,11 @@ before its word buffer is allocated.
 from __future__ import annotations
 
 import math
+import os
 import struct
+import sys
 import threading
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -105,7 +112,7 @@ import numpy as np
 import zstandard
 
 from tokshard.errors import CodecError
-from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _zstd_decompress_exact
+from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _count, _zstd_decompress_exact
 from tokshard.pipeline.format.codecs.registry import register_codec
 
 __all__ = ["MAX_STATE_BODY", "MAX_VOCAB", "RansCtxCodec", "RansUnigramCodec"]
@@ -130,6 +137,51 @@ _UNI_GRID = (1.0, 32.0, 1024.0)
 _EXCHANGE_PASSES = 6
 
 _G = TypeVar("_G")   # a smoothing-grid entry
+
+# Which coder runs: "compiled" (the default: numba kernels in rans_kernels.py, loaded on
+# first use) or "numpy" (the lockstep numpy coder in this module: the reference the
+# kernels are tested against byte for byte, and the fallback when numba cannot be
+# imported or compiled). Read at every call, so a test can switch it;
+# TOKSHARD_RANS_BACKEND=numpy sets it for a process.
+BACKEND = os.environ.get("TOKSHARD_RANS_BACKEND", "compiled")
+_kernel_lock = threading.Lock()
+_kernel_module: list[Any] = []   # [] until loaded, then [module] or [None] (unavailable)
+
+
+def _kernels() -> Any:
+    """The compiled kernels module, or None for the numpy coder (by BACKEND, on a
+    big-endian host (the kernels read payload words natively), or when unavailable)."""
+    if BACKEND == "numpy" or sys.byteorder != "little":
+        return None
+    if not _kernel_module:
+        with _kernel_lock:
+            if not _kernel_module:
+                _kernel_module.append(_load_kernels())
+    return _kernel_module[0]
+
+
+def _load_kernels() -> Any:
+    try:
+        from tokshard.pipeline.format.codecs import rans_kernels as k
+    except ImportError as e:   # numba/llvmlite missing or broken on this machine
+        _warn_fallback(e)
+        return None
+    if (k.LOW, k.PE, k.PL) != (_LOW, _PE, _PL):   # a guard against the two drifting apart
+        _warn_fallback("coder constants differ from rans.py")
+        return None
+    return k
+
+
+def _warn_fallback(reason: object) -> None:
+    warnings.warn(f"tokshard: compiled rANS kernels unavailable ({reason}); "
+                  "using the slower numpy coder", RuntimeWarning, stacklevel=4)
+
+
+def _disable_kernels(reason: object) -> None:
+    """A kernel failed to compile: use the numpy coder from now on in this process."""
+    _warn_fallback(reason)
+    with _kernel_lock:
+        _kernel_module[:] = [None]
 
 
 def _crc(le_tokens: np.ndarray) -> int:
@@ -207,6 +259,7 @@ class _Model:
         vb = max(0, (vocab - 1).bit_length())
         self.esc_chunks = [vb - 16, 16] if vb > 16 else ([vb] if vb else [])
         self._tables: tuple[np.ndarray, ...] | None = None
+        self._ktables: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
     # -- symbols --------------------------------------------------------------------
@@ -238,14 +291,51 @@ class _Model:
                     self._tables = (lit, ev, code_cls, code_cls * (self.Q + 1))
         return self._tables
 
+    def kernel_tables(self) -> dict[str, Any]:
+        """What the compiled kernels take besides the payloads, built once (see
+        rans_kernels.decode_ctx for the decode tables' layout)."""
+        if self._ktables is None:
+            lut, _, code_cls, _ = self.tables()   # before taking the (non-reentrant) lock
+            with self._lock:
+                if self._ktables is None:
+                    self._ktables = self._build_kernel_tables(lut, code_cls)
+        return self._ktables
+
+    def _build_kernel_tables(self, lut: np.ndarray, code_cls: np.ndarray) -> dict[str, Any]:
+        from tokshard.pipeline.format.codecs.rans_kernels import BUCKET_BITS
+        code_sym = np.full(self.vocab, self.esc, np.int32)
+        code_sym[self.alphabet] = np.arange(self.A, dtype=np.int32)
+        t: dict[str, Any] = dict(
+            lut=lut, lf=self.lit_freq_flat, lc=self.lit_cum_flat, cls_sym=self.cls_sym,
+            alph=np.append(self.alphabet, -1) if self.has_esc else self.alphabet,
+            code_sym=code_sym, esc_sym=self.esc, chunks=np.array(self.esc_chunks, np.int64))
+        if not self.contextual:
+            return t
+        # Literal decode: cumulative frequencies per context, and per bucket of
+        # 2**(PL - BUCKET_BITS) slots the symbol whose range holds the bucket's first slot.
+        cum = np.zeros((self.nL, self.S + 1), np.int64)
+        np.cumsum(self.lit_freq, axis=1, out=cum[:, 1:])
+        starts = np.arange(0, 1 << _PL, 1 << (_PL - BUCKET_BITS))
+        first = np.stack([np.searchsorted(row, starts, side="right") - 1 for row in cum])
+        # Event decode: the cumulative frequencies c0..c4 (c4 = 2**PE) in 12-bit fields.
+        assert self.ev_freq is not None
+        ecum = np.full((self.nE, 5), 1 << _PE, np.int64)
+        ecum[:, 0] = 0
+        ecum[:, 1:self.n_ev] = np.cumsum(self.ev_freq, axis=1)[:, :-1]
+        t.update(evpack=(ecum << (12 * np.arange(5))).sum(axis=1), first=first.astype(np.int16).reshape(-1),
+                 cum=cum.astype(np.uint16).reshape(-1), ef=self.ev_freq_flat, ec=self.ev_cum_flat,
+                 code_cls=code_cls, width=self.width, plane=self.plane, classes=self.Q, n_ev=self.n_ev)
+        return t
+
     def __getstate__(self) -> dict:
         d = self.__dict__.copy()
         d["_tables"] = None
+        d["_ktables"] = None
         del d["_lock"]
         return d
 
     def __setstate__(self, d: dict) -> None:
-        self.__dict__.update(d)
+        self.__dict__.update({"_ktables": None, **d})
         self._lock = threading.Lock()
 
     # -- contexts (shared by fit and encode; decode recomputes them incrementally) ------
@@ -643,12 +733,38 @@ class _RansCodec(TokenCodec):
             groups.setdefault(a.size, []).append(i)
         m = self._model()
         for n, idx in groups.items():
-            X = np.stack([les[i] for i in idx]).astype(np.int64) if n else \
-                np.zeros((len(idx), 0), np.int64)
-            crcs = np.array([_crc(les[i]) for i in idx], np.int64)
-            for i, p in zip(idx, self._encode_group(m, X, crcs)):
+            X = np.stack([les[i] for i in idx]) if n else np.zeros((len(idx), 0), self._le)
+            payloads = self._encode_compiled(m, X)
+            if payloads is None:
+                crcs = np.array([_crc(les[i]) for i in idx], np.int64)
+                payloads = self._encode_group(m, X.astype(np.int64), crcs)
+            for i, p in zip(idx, payloads):
                 out[i] = p
         return out  # type: ignore[return-value]
+
+    def _encode_compiled(self, m: _Model, X: np.ndarray) -> list[bytes] | None:
+        """(B, n) little-endian tokens -> payloads with the compiled kernels; None when
+        they are not in use (then the numpy coder runs)."""
+        k = _kernels()
+        if k is None:
+            return None
+        B, n = X.shape
+        t = m.kernel_tables()
+        # Room per row: the 2-word state plus at most one word per coder group.
+        cap = 2 + n * (1 + len(m.esc_chunks))
+        out = np.empty(B * cap, np.uint32)
+        starts = np.empty(B, np.int64)
+        common = (X, out, starts, t["lf"], t["lc"])
+        try:
+            if m.contextual:
+                k.encode_ctx(*common, t["ef"], t["ec"], t["code_cls"], t["code_sym"], t["width"],
+                             t["plane"], t["classes"], t["n_ev"], t["esc_sym"], t["chunks"])
+            else:
+                k.encode_unigram(*common, t["code_sym"], t["esc_sym"], t["chunks"])
+        except k.CompileError as e:
+            _disable_kernels(e)
+            return None
+        return [out[int(starts[b]):(b + 1) * cap].tobytes() for b in range(B)]
 
     def _encode_group(self, m: _Model, X: np.ndarray, crcs: np.ndarray) -> list[bytes]:
         B, n = X.shape
@@ -709,17 +825,26 @@ class _RansCodec(TokenCodec):
     def decode_batch(self, payloads: Sequence[bytes | memoryview],
                      n_tokens: int | Sequence[int]) -> list[np.ndarray]:
         counts = self._counts(payloads, n_tokens)
-        views = [_bytes_view(p) for p in payloads]
+        views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
+        m = self._model()
+        if counts and counts.count(counts[0]) == len(counts):   # one length: the loader's case
+            return list(self._decode_group(m, views, counts[0]))
         out: list[np.ndarray | None] = [None] * len(views)
         groups: dict[int, list[int]] = {}
         for i, n in enumerate(counts):
             groups.setdefault(n, []).append(i)
-        m = self._model()
         for n, idx in groups.items():
             rows = self._decode_group(m, [views[i] for i in idx], n)
             for i, r in zip(idx, rows):
                 out[i] = r
         return out  # type: ignore[return-value]
+
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+        """The rows decode into one (B, n) array already: no np.stack copy."""
+        n = _count(n_tokens)
+        if not payloads:
+            return np.empty((0, n), self.dtype)
+        return self._decode_group(self._model(), [p if type(p) is bytes else _bytes_view(p) for p in payloads], n)
 
     def _fail(self, n: int, row: int | None, reason: str) -> CodecError:
         """Every integrity failure reads as a checksum mismatch, with its specific cause."""
@@ -728,9 +853,47 @@ class _RansCodec(TokenCodec):
                           f"{reason}; the payload is corrupt, truncated, or was written with "
                           "another model/vocab_size")
 
-    def _decode_group(self, m: _Model, views: list[memoryview], n: int) -> list[np.ndarray]:
+    def _decode_group(self, m: _Model, views: list[bytes | memoryview], n: int) -> np.ndarray:
+        """Payloads of n tokens each -> their (B, n) tokens."""
+        lens = self._check_lengths(m, views, n)
+        rows = self._decode_compiled(m, views, lens, n)
+        return rows if rows is not None else self._decode_numpy(m, views, lens, n)
+
+    def _decode_compiled(self, m: _Model, views: list[bytes | memoryview], lens: np.ndarray,
+                         n: int) -> np.ndarray | None:
+        """Decode with the compiled kernels; None when they are not in use."""
+        k = _kernels()
+        if k is None:
+            return None
         B = len(views)
-        lens = np.array([len(v) for v in views], np.int64)
+        # One buffer of every payload's 32-bit words (a payload is a whole number of them:
+        # _check_lengths), row b at words[starts[b]:starts[b + 1]], its state first.
+        words = np.frombuffer(b"".join(views), np.uint32)
+        starts = np.zeros(B + 1, np.int64)
+        np.cumsum(lens // 4, out=starts[1:])
+        out = np.empty((B, n), self.dtype)
+        t = m.kernel_tables()
+        try:
+            if m.contextual:
+                row, err, detail = k.decode_ctx(
+                    words, starts, out, t["evpack"], t["first"], t["cum"], t["alph"], t["cls_sym"], t["code_sym"],
+                    t["width"], t["plane"], t["classes"], t["esc_sym"], t["chunks"], self.vocab_size)
+            else:
+                row, err, detail = k.decode_unigram(words, starts, out, t["lut"], t["lf"], t["lc"], t["alph"],
+                                                    t["cls_sym"], t["code_sym"], t["esc_sym"], t["chunks"],
+                                                    self.vocab_size)
+        except k.CompileError as e:
+            _disable_kernels(e)
+            return None
+        if row >= 0:
+            raise self._fail(n, row if B > 1 else None, k.ERRORS[err].format(detail))
+        return out
+
+    def _check_lengths(self, m: _Model, views: list[bytes | memoryview], n: int) -> np.ndarray:
+        """Payload byte lengths, each a whole coder state plus 32-bit words, and no more
+        words than n tokens can take."""
+        B = len(views)
+        lens = np.fromiter(map(len, views), np.int64, B)
         bad = np.flatnonzero((lens < 8) | (lens % 4 != 0))
         if len(bad):
             i = int(bad[0])
@@ -746,6 +909,13 @@ class _RansCodec(TokenCodec):
             i = int(bad[0])
             raise self._fail(n, i if B > 1 else None, f"{int(nw[i])} coded words where {n} tokens "
                              f"take at most {max_words}")
+        return lens
+
+    def _decode_numpy(self, m: _Model, views: list[bytes | memoryview], lens: np.ndarray,
+                      n: int) -> np.ndarray:
+        """The reference decoder: every row in lockstep, one numpy step per token."""
+        B = len(views)
+        nw = lens // 4 - 2
         heads = np.frombuffer(b"".join(bytes(v[:8]) for v in views), "<u8")
         bodies = [np.frombuffer(v[8:], "<u4") for v in views]
         start = np.concatenate([[0], np.cumsum(nw)[:-1]]).astype(np.int64)
@@ -769,7 +939,7 @@ class _RansCodec(TokenCodec):
         for i in range(B):
             if int(x[i]) != _CHECK + _crc(le[i]):
                 raise self._fail(n, i if B > 1 else None, "decoded tokens do not match the crc32")
-        return list(res)
+        return res
 
     def _decode_lockstep(self, m: _Model, x: np.ndarray, ptr: np.ndarray, words: np.ndarray,
                          B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
