@@ -39,6 +39,9 @@ bench:
 	$(PYTHON) bench/sources.py
 	$(PYTHON) bench/fidelity.py
 	$(PYTHON) bench/query.py
+	$(PYTHON) bench/access.py
+	$(PYTHON) bench/mixture.py
+	$(PYTHON) bench/packing.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info
