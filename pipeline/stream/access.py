@@ -133,15 +133,21 @@ def all_keys(ds: TokenDataset) -> list[str]:
     digests): ~100 bytes a sample are read, not the shards."""
     keys: list[str] = []
     for k in range(ds.num_shards):
-        table = ds.read_index(k, columns=["row", "key"])
-        rows = table.column("row").to_numpy()
-        size = int(ds.shard_sizes[k])
-        if len(rows) != size or (size and not np.array_equal(np.sort(rows), np.arange(size))):
-            raise ShardError(ds.shard_names[k], f"its sample index does not list rows 0..{size - 1} once each")
-        part = np.empty(size, dtype=object)
-        part[rows] = table.column("key").to_pylist()
+        rows, column = _index_column(ds, k, "key")
+        part = np.empty(len(rows), dtype=object)
+        part[rows] = column.to_pylist()
         keys += part.tolist()
     return keys
+
+
+def _index_column(ds: TokenDataset, k: int, name: str) -> tuple[np.ndarray, Any]:
+    """(rows, column `name`) of shard k's sample index, held to list rows 0..n-1 once each."""
+    table = ds.read_index(k, columns=["row", name])
+    rows = table.column("row").to_numpy()
+    size = int(ds.shard_sizes[k])
+    if len(rows) != size or (size and not np.array_equal(np.sort(rows), np.arange(size))):
+        raise ShardError(ds.shard_names[k], f"its sample index does not list rows 0..{size - 1} once each")
+    return rows, table.column(name)
 
 
 def all_text_lengths(ds: TokenDataset) -> np.ndarray:
@@ -152,19 +158,14 @@ def all_text_lengths(ds: TokenDataset) -> np.ndarray:
     if ds.text_tokenizer is None:
         return out
     for k in range(ds.num_shards):
-        table = ds.read_index(k, columns=["row", "text_tokens"])
-        rows = table.column("row").to_numpy()
-        size, lo = int(ds.shard_sizes[k]), int(ds.shard_offsets[k])
-        counts = table.column("text_tokens")
-        if len(rows) != size or (size and not np.array_equal(np.sort(rows), np.arange(size))) \
-                or counts.null_count:
-            raise ShardError(ds.shard_names[k], f"its sample index does not give rows 0..{size - 1} once each "
-                             "with their text token counts")
-        counts = counts.to_numpy().astype(np.int64)
-        if size and (counts.min() < 0 or counts.max() > ds.text_tokenizer["max_tokens"]):
+        rows, column = _index_column(ds, k, "text_tokens")
+        if column.null_count:
+            raise ShardError(ds.shard_names[k], "its sample index lacks text token counts for some rows")
+        counts = column.to_numpy().astype(np.int64)
+        if len(rows) and (counts.min() < 0 or counts.max() > ds.text_tokenizer["max_tokens"]):
             raise ShardError(ds.shard_names[k], "its sample index gives text token counts outside 0.."
                              f"{ds.text_tokenizer['max_tokens']} (--max-text-tokens)")
-        out[lo + rows] = counts
+        out[int(ds.shard_offsets[k]) + rows] = counts
     return out
 
 

@@ -61,6 +61,7 @@ from tokshard.pipeline.stream.order import (
     stream_batches,
     stream_rank_slice,
 )
+from tokshard.pipeline.stream.packing import BATCH_KEYS as PACKED_KEYS
 from tokshard.pipeline.stream.packing import TOO_LONG, Vocab, assemble, document_lengths, pack_bounds
 from tokshard.pipeline.stream.shard_rows import ShardRows
 
@@ -83,6 +84,8 @@ def default_rank_world() -> tuple[int, int]:
 # the caption's text token ids (a dataset converted with --text-tokenizer).
 COLUMNS = ("caption", "width", "height", "source", "meta", "split", "class_name", "text_tokens")
 _ALWAYS = ("tokens", "label", "key", "id", "pad", "view")
+# Every key a batch can carry besides token fields (which take their names: add-tokens --as).
+BATCH_KEYS = frozenset({*_ALWAYS, "stream", *COLUMNS, *PACKED_KEYS})
 
 
 def check_columns(ds: TokenDataset, columns: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -541,7 +544,7 @@ class TokenIterable(IterableDataset):
 
     def _span(self, plan: Plan, rank: int, world: int) -> tuple[Plan, int]:
         """(rank's slice of `plan`, padded when even_batches; how many of it are real)."""
-        if self.pack:      # (ranks are evened out by whole batches instead: _pack_batches)
+        if self.pack:      # (ranks are evened out by whole batches instead: _pack_plan)
             span = rank_slice(plan, rank, world)
             return span, plan_length(span)
         if self.batching == "per_stream":
@@ -576,14 +579,7 @@ class TokenIterable(IterableDataset):
         Per stream: that order regrouped into one-stream batches (`stream_batches`)."""
         n, bs = plan_length(span), self.batch_size
         if self.pack:
-            # (memoized: the placement is a step per document, and len(), iteration and the
-            # elastic replay each ask for it)
-            key = (self.epoch, self.history, seg, rank, world)
-            memo = getattr(self, "_pack_memo", None)
-            if memo is None or memo[0] != key:
-                emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
-                memo = self._pack_memo = (key, self._pack_batches(plan, emit, span, seg, world))
-            return memo[1]
+            return self._pack_plan(plan, span, seg, rank, world)
         emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
         if self.batching == "per_stream":
             streams = self._streams()[plan_lookup(span, emit)]
@@ -592,39 +588,45 @@ class TokenIterable(IterableDataset):
         limit = (plan_length(plan) // world) // bs * bs if self.drop_last else n
         return emit[:limit], np.append(np.arange(0, limit, bs), limit).astype(np.int64)
 
-    def _pack_bounds(self, emit: np.ndarray, span: Plan) -> np.ndarray:
-        """Bounds of the packed batches of a rank's emission order `emit` over `span`."""
-        ids = self._epoch_ids()[plan_lookup(span, emit)]
-        lengths = document_lengths(self._text_lengths()[ids], self.image_tokens)
-        assert self.pack is not None
-        return pack_bounds(lengths, self.pack, self.batch_size, self.too_long)
+    def _pack_plan(self, plan: Plan, span: Plan, seg: int, rank: int, world: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Packed batches of `rank`: its emission order cut where `packing.place` closes a batch;
+        then every rank as many batches (empty ones after the short ranks' last, with
+        even_batches; the shortest rank's count, with drop_last), counted from all ranks' plans.
 
-    def _pack_batches(self, plan: Plan, emit: np.ndarray, span: Plan, seg: int, world: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Packed batches: the emission order cut where `packing.place` closes a batch; then
-        every rank as many batches (empty ones after the short ranks' last, with even_batches;
-        the shortest rank's count, with drop_last), counted from all ranks' plans."""
-        bounds = self._pack_bounds(emit, span)
+        Memoized per (epoch, history, segment, world): the placement is a step per document,
+        and len(), iteration, the elastic replay and the evening out (every rank's count) each
+        need it; a rank's placement is computed once for all of them."""
+        key = (self.epoch, self.history, seg, world)
+        memo: dict[str, Any] | None = getattr(self, "_pack_memo", None)
+        if memo is None or memo["key"] != key:
+            memo = {"key": key, "ranks": {}, "counts": None}
+            self._pack_memo: dict[str, Any] = memo
+        ranks: dict[int, tuple[np.ndarray, np.ndarray]] = memo["ranks"]
+        if rank not in ranks:
+            ranks[rank] = self._pack_rank(plan, span, seg, rank, world)
+        emit, bounds = ranks[rank]
         if world > 1 and (self.even_batches or self.drop_last):
-            counts = self._pack_counts(plan, seg, world)
+            if memo["counts"] is None:
+                memo["counts"] = [len((ranks.get(r) or self._pack_rank(plan, None, seg, r, world))[1]) - 1
+                                  for r in range(world)]
+            counts = memo["counts"]
             target = max(counts) if self.even_batches else min(counts)
             have = len(bounds) - 1
             bounds = (np.concatenate([bounds, np.full(target - have, bounds[-1], np.int64)]) if target >= have
                       else bounds[: target + 1])
         return emit[: bounds[-1]], bounds
 
-    def _pack_counts(self, plan: Plan, seg: int, world: int) -> list[int]:
-        """Every rank's count of packed batches in this segment (memoized: workers and num_batches ask)."""
-        key = (self.epoch, self.history, seg, world)
-        memo = getattr(self, "_counts_memo", None)
-        if memo is None or memo[0] != key:
-            counts = []
-            for r in range(world):
-                span, _ = self._span(plan, r, world)
-                emit = emission_order(plan_length(span), self.buffer, self._rank_key(seg, r, world))
-                counts.append(len(self._pack_bounds(emit, span)) - 1)
-            memo = self._counts_memo = (key, counts)
-        return memo[1]
+    def _pack_rank(self, plan: Plan, span: Plan | None, seg: int, rank: int, world: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(rank's emission order over its span, the bounds of its packed batches)."""
+        if span is None:
+            span, _ = self._span(plan, rank, world)
+        emit = emission_order(plan_length(span), self.buffer, self._rank_key(seg, rank, world))
+        ids = self._epoch_ids()[plan_lookup(span, emit)]
+        lengths = document_lengths(self.ds.text_lengths()[ids], self.image_tokens)
+        assert self.pack is not None
+        return emit, pack_bounds(lengths, self.pack, self.batch_size, self.too_long)
 
     def _epoch_ids(self) -> np.ndarray:
         """The sample id at each position of this epoch's stream (memoized per epoch)."""
@@ -632,9 +634,6 @@ class TokenIterable(IterableDataset):
         if memo is None or memo[0] != self.epoch:
             memo = self._ids_memo = (self.epoch, self.ds.epoch_ids(self.epoch, self.seed, self.shuffle))
         return memo[1]
-
-    def _text_lengths(self) -> np.ndarray:
-        return self.ds.text_lengths()
 
     def _replay(self) -> Plan:
         plan: Plan = ((0, len(self.ds)),) if self.selection is None else (self._selected_positions(),)
@@ -824,11 +823,11 @@ class TokenIterable(IterableDataset):
             else:
                 text = list(cols["text_tokens"])
                 got = np.fromiter((len(t) for t in text), np.int64, count=len(text))
-                bad = np.flatnonzero(got != self._text_lengths()[ids])
+                bad = np.flatnonzero(got != self.ds.text_lengths()[ids])
                 if len(bad):
                     j = int(bad[0])
                     raise ShardError(self._shard_of(int(ids[j])), f"sample {batch['key'][j]!r:.60} holds {got[j]} "
-                                     f"text token ids, its sample index says {self._text_lengths()[ids][j]} "
+                                     f"text token ids, its sample index says {self.ds.text_lengths()[ids][j]} "
                                      "(a stale or tampered index)")
         out = assemble(text, image, self.vocab, self.pack, self.batch_size, self.too_long)
         packed: dict[str, Any] = {k: torch.from_numpy(v) for k, v in out.items() if k != "too_long"}

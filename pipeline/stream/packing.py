@@ -26,6 +26,8 @@ from tokshard.errors import UsageError
 
 SPECIALS = ("bos", "boi", "eoi", "pad")
 TOO_LONG = ("split", "skip")
+# The keys of a packed batch besides the documents' own (id, key, label, columns).
+BATCH_KEYS = ("input_ids", "loss_mask", "position_ids", "document_ids", "token_type", "too_long")
 # What each position of a packed row holds (`token_type` in the batch).
 PAD, SPECIAL, TEXT, IMAGE = 0, 1, 2, 3
 

@@ -24,16 +24,14 @@ from tokshard.pipeline.format.work import read_job_spec
 from tokshard.pipeline.storage import redact_url
 from tokshard.schemas.records import FIELD_NAME, FieldRecord, FileDigest, ShardEntry
 
-# Batch keys a field may not take: the batch's own and the loader's columns.
-RESERVED = frozenset({"tokens", "text_tokens", "label", "key", "id", "pad", "view", "stream", "caption", "width",
-                      "height", "source", "meta", "split", "class_name", "input_ids", "loss_mask",
-                      "position_ids", "document_ids", "token_type", "too_long"})
-
 
 def check_field_name(name: str) -> str:
-    if not isinstance(name, str) or not FIELD_NAME.fullmatch(name) or name in RESERVED:
+    """`name`, if a token field may take it: the loader delivers a field under its name, so
+    not one of the keys a batch already carries (`loader.BATCH_KEYS`)."""
+    from tokshard.pipeline.stream.loader import BATCH_KEYS
+    if not isinstance(name, str) or not FIELD_NAME.fullmatch(name) or name in BATCH_KEYS:
         raise UsageError(f"--as {name!r:.40}: a field name is [a-z][a-z0-9_]{{0,31}} and not one of the batch's "
-                         f"own keys ({', '.join(sorted(RESERVED))})")
+                         f"own keys ({', '.join(sorted(BATCH_KEYS))})")
     return name
 
 
