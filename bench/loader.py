@@ -63,24 +63,34 @@ def build(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def repeat_manifest(src: Path, dest: Path, repeat: int = REPEAT) -> Path:
-    """A dataset whose manifest lists every shard of `src` `repeat` times."""
+    """A dataset whose manifest lists every shard of `src` `repeat` times, with each shard's
+    sample index (random access and pack=N read it) and the record's own files (codec state,
+    text tokenizer copy) beside them."""
+    from tokshard.pipeline.format.layout import DatasetLayout
     from tokshard.schemas.v1 import METADATA_KEY
     table = pq.read_table(src / "manifest.parquet")
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     rows = []
     (dest / "shards").mkdir(parents=True)
+    (dest / "samples").mkdir()
     for r in range(repeat):
         for row in table.to_pylist():
             # Hard links: a dataset's paths stay inside its root (docs/security.md), and
             # the copies cost no disk.
+            name = f"{r:03d}-{row['shard']}"
             path = f"shards/{r:03d}-{Path(row['path']).name}"
             os.link(src / row["path"], dest / path)
-            rows.append({**row, "shard": f"{r:03d}-{row['shard']}", "path": path})
+            index = src / DatasetLayout.index_rel(row["shard"])
+            if index.exists():
+                os.link(index, dest / DatasetLayout.index_rel(name))
+            rows.append({**row, "shard": name, "path": path})
     meta["shards"] = len(rows)
     meta["totals"] = {k: v * repeat for k, v in meta["totals"].items()}
     (dest / "codec").mkdir()
-    if meta.get("codec_state"):
-        (dest / meta["codec_state"]).write_bytes((src / meta["codec_state"]).read_bytes())
+    for rel in (meta.get("codec_state"), (meta.get("text_tokenizer") or {}).get("path")):
+        if rel:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((src / rel).read_bytes())
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema.with_metadata(
         {METADATA_KEY: json.dumps(meta).encode()})), dest / "manifest.parquet")
     return dest

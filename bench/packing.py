@@ -19,7 +19,6 @@ Writes its table into bench/RESULTS.md under "## Packed sequences and text token
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import shutil
@@ -27,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import loader as loader_bench  # bench/ is the script's folder, so on sys.path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -74,33 +74,6 @@ def convert_seconds(src: Path, out: Path, bpe: Path | None) -> float:
     return time.perf_counter() - t0
 
 
-def repeat_dataset(src: Path, dest: Path, repeat: int) -> Path:
-    """A dataset whose manifest lists every shard of `src` `repeat` times (hard links), with
-    each shard's sample index and the text tokenizer copy (pack=N plans from the index)."""
-    from tokshard.pipeline.format.layout import DatasetLayout
-    from tokshard.schemas.v1 import METADATA_KEY
-    table = pq.read_table(src / "manifest.parquet")
-    meta = json.loads(table.schema.metadata[METADATA_KEY])
-    rows = []
-    for sub in ("shards", "samples", "codec", "text_tokenizer"):
-        (dest / sub).mkdir(parents=True)
-    for r in range(repeat):
-        for row in table.to_pylist():
-            name = f"{r:03d}-{row['shard']}"
-            path = f"shards/{name}.parquet"
-            os.link(src / row["path"], dest / path)
-            os.link(src / DatasetLayout.index_rel(row["shard"]), dest / DatasetLayout.index_rel(name))
-            rows.append({**row, "shard": name, "path": path})
-    meta["shards"] = len(rows)
-    meta["totals"] = {k: v * repeat for k, v in meta["totals"].items()}
-    for rel in (meta.get("codec_state"), meta["text_tokenizer"]["path"]):
-        if rel:
-            shutil.copy(src / rel, dest / rel)
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema.with_metadata(
-        {METADATA_KEY: json.dumps(meta).encode()})), dest / "manifest.parquet")
-    return dest
-
-
 def rate(loader, samples: int) -> float:
     """Samples (documents) per second over at least `samples`, whole epochs."""
     n, t0 = 0, time.perf_counter()
@@ -134,7 +107,7 @@ def main() -> int:
         one = tokshard.open(tmp / "text")
         lengths = one.text_lengths()
         docs = document_lengths(lengths, int(np.prod(one.grid)))
-        big = tokshard.open(repeat_dataset(tmp / "text", tmp / "big", REPEAT))
+        big = tokshard.open(loader_bench.repeat_manifest(tmp / "text", tmp / "big", REPEAT))
         kw = dict(shuffle_buffer=10_000, rank=0, world_size=1, seed=0)
         rates: dict[str, list[float]] = {"packed": [], "unpacked": []}
         for r in range(ROUNDS):
