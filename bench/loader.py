@@ -64,8 +64,10 @@ def build(tmp: Path) -> tuple[Path, Path, Path]:
 
 def repeat_manifest(src: Path, dest: Path, repeat: int = REPEAT) -> Path:
     """A dataset whose manifest lists every shard of `src` `repeat` times, with each shard's
-    sample index (random access and pack=N read it) and the record's own files (codec state,
-    text tokenizer copy) beside them."""
+    sample index (pack=N plans from its caption lengths) and the record's own files (codec
+    state, text tokenizer copy) beside them. The copies' indexes still name the original
+    shards, so what checks an index row against its shard (`ds.get`, `where=`) refuses them:
+    ds[i] and the loader are what the benches use."""
     from tokshard.pipeline.format.layout import DatasetLayout
     from tokshard.schemas.v1 import METADATA_KEY
     table = pq.read_table(src / "manifest.parquet")
