@@ -22,7 +22,7 @@ from PIL import Image, ImageFile
 
 from tokshard.errors import SKIP_REASONS, SkipSample
 from tokshard.pipeline.convert import decode
-from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig, Decoded, decode_image
+from tokshard.pipeline.convert.decode import RESIZE_MODES, DecodeConfig, Decoded, area_grid, decode_image, resize_array
 
 SK = Path(skimage.data.__file__).parent
 CFG = DecodeConfig()
@@ -60,9 +60,23 @@ def mad(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
+def mode_cfg(mode: str, res: int = 256, **kw) -> DecodeConfig:
+    """A config of `mode` whose output is about res x res pixels ("area": res**2 pixels at most)."""
+    if mode == "area":
+        return DecodeConfig(resize_mode="area", max_area=res * res, patch=16 if res >= 64 else 8, **kw)
+    return DecodeConfig(resolution=res, resize_mode=mode, **kw)
+
+
+def out_shape(cfg: DecodeConfig, width: int, height: int) -> tuple[int, int, int]:
+    if cfg.resize_mode == "area":
+        gh, gw = area_grid(width, height, cfg.max_area, cfg.patch)
+        return gh * cfg.patch, gw * cfg.patch, 3
+    return cfg.resolution, cfg.resolution, 3
+
+
 def check_output(d: Decoded, cfg: DecodeConfig) -> None:
     assert isinstance(d, Decoded)
-    assert d.image.shape == (cfg.resolution, cfg.resolution, 3)
+    assert d.image.shape == out_shape(cfg, d.width, d.height)
     assert d.image.dtype == np.uint8
     assert d.image.flags["C_CONTIGUOUS"]
 
@@ -123,7 +137,7 @@ def test_config_validation():
     cfg = DecodeConfig(background=[1, 2, 3], resolution=np.int64(64))
     assert cfg.background == (1, 2, 3) and type(cfg.resolution) is int
     hash(cfg)
-    assert set(RESIZE_MODES) == {"center_crop", "pad", "stretch"}
+    assert set(RESIZE_MODES) == {"center_crop", "pad", "stretch", "area"}
 
 
 def test_load_truncated_images_stays_off():
@@ -159,7 +173,7 @@ def test_fast_and_pillow_paths_agree(mode):
     cases = [file_bytes("rocket.jpg"), file_bytes("retina.jpg"), enc(big, "JPEG", quality=92),
              enc(photo("chelsea"), "JPEG", quality=92, subsampling=0)]
     for res in (64, 256):
-        cfg = DecodeConfig(resolution=res, resize_mode=mode)
+        cfg = mode_cfg(mode, res)
         for data in cases:
             fast = decode_image(data, cfg)
             slow = decode._decode_pillow(data, cfg)
@@ -267,7 +281,7 @@ def test_stretch_ignores_aspect_ratio():
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
 def test_one_pixel_image_is_upscaled(mode):
-    cfg = DecodeConfig(resize_mode=mode)
+    cfg = mode_cfg(mode)
     px = np.array([[[12, 34, 56]]], np.uint8)
     d = decode_image(enc(px, "PNG"), cfg)
     check_output(d, cfg)
@@ -276,6 +290,149 @@ def test_one_pixel_image_is_upscaled(mode):
     j = decode_image(enc(px, "JPEG", quality=100), cfg).image
     assert (j == j[0, 0]).all()
     assert np.abs(j[0, 0].astype(int) - (12, 34, 56)).max() <= 4
+
+
+# ---------------------------------------------------------------- resize mode "area" (variable grids)
+
+_grid_args = dict(width=st.integers(1, 20_000), height=st.integers(1, 20_000), patch=st.integers(1, 32),
+                  cells=st.integers(1, 8192), extra=st.integers(0, 1023))
+_grids = settings(max_examples=400, deadline=None, derandomize=True, database=None)
+
+
+@_grids
+@given(**_grid_args)
+def test_area_grid_bound_aspect_and_symmetry(width, height, patch, cells, extra):
+    max_area = cells * patch * patch + extra % (patch * patch)
+    gh, gw = area_grid(width, height, max_area, patch)
+    assert type(gh) is int and type(gw) is int
+    assert gh >= 1 and gw >= 1
+    assert gh * gw * patch * patch <= max_area
+    if gh > 1 and gw > 1:
+        # The image's aspect ratio to within one cell: one more cell on either side overshoots it.
+        assert width * gh < (gw + 1) * height and height * gw < (gh + 1) * width
+        # ... and the grid is the floor of the ideal real sides (Emu3/Qwen2-VL smart_resize).
+        ideal_w = (max_area * width / height) ** 0.5 / patch
+        ideal_h = (max_area * height / width) ** 0.5 / patch
+        assert gw <= ideal_w * (1 + 1e-12) and gw + 1 > ideal_w * (1 - 1e-12)
+        assert gh <= ideal_h * (1 + 1e-12) and gh + 1 > ideal_h * (1 - 1e-12)
+    assert area_grid(height, width, max_area, patch) == (gw, gh)   # transposing transposes the grid
+
+
+@_grids
+@given(**_grid_args, more=st.integers(0, 10**7))
+def test_area_grid_is_monotone_in_max_area(width, height, patch, cells, extra, more):
+    max_area = cells * patch * patch + extra % (patch * patch)
+    gh, gw = area_grid(width, height, max_area, patch)
+    gh2, gw2 = area_grid(width, height, max_area + more, patch)
+    assert gh2 >= gh and gw2 >= gw
+
+
+def test_area_grid_values_and_bad_arguments():
+    assert area_grid(512, 512, 512 * 512, 16) == (32, 32)
+    assert area_grid(640, 427, 256 * 256, 16) == (13, 19)        # rocket.jpg
+    assert area_grid(427, 640, 256 * 256, 16) == (19, 13)
+    assert area_grid(100, 100, 256, 16) == (1, 1)                 # one cell: a square of it
+    # Thinner than one cell: the short side is one cell, the long one takes the rest of the budget.
+    assert area_grid(10_000, 1, 256 * 256, 16) == (1, 256)
+    assert area_grid(1, 10_000, 256 * 256, 16) == (256, 1)
+    for bad in ((0, 10, 256, 16), (10, 10, 255, 16), (10, 10, 256, 0), (10.0, 10, 256, 16), (10, 10, True, 1)):
+        with pytest.raises(ValueError):
+            area_grid(*bad)
+
+
+def test_area_config_validation():
+    ok = DecodeConfig(resize_mode="area", max_area=np.int64(4096), patch=np.int64(8))
+    assert (ok.max_area, ok.patch) == (4096, 8) and type(ok.max_area) is int and type(ok.patch) is int
+    hash(ok)
+    bad = {"max_area": [dict(resize_mode="area"), dict(resize_mode="area", max_area=255),
+                        dict(resize_mode="area", max_area=-1), dict(resize_mode="area", max_area=4096.0),
+                        dict(resize_mode="area", max_area="4096"), dict(max_area=4096),
+                        dict(resize_mode="pad", max_area=4096), dict(resize_mode="area", max_area=True)],
+           "patch": [dict(resize_mode="area", max_area=4096, patch=0), dict(patch=1.5), dict(patch=True)]}
+    for field, cases in bad.items():
+        for kw in cases:
+            with pytest.raises(ValueError, match=field):
+                DecodeConfig(**kw)
+    # What a record keeps: the fields of before area mode unless it is area mode.
+    plain = DecodeConfig()
+    assert set(plain.to_dict()) == {"resolution", "resize_mode", "max_pixels", "min_image_size", "background"}
+    assert DecodeConfig(**plain.to_dict()) == plain
+    assert ok.to_dict()["max_area"] == 4096 and DecodeConfig(**ok.to_dict()) == ok
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_area_decodes_real_photos_on_their_grid(fmt, monkeypatch):
+    """JPEG through the DCT-scaled fast path, PNG through Pillow: the image's own grid, and
+    the pixels of the centred aspect crop (a full-size decode + the same resize)."""
+    cfg = DecodeConfig(resize_mode="area", max_area=256 * 256, patch=16)
+    if fmt == "JPEG":
+        data = file_bytes("rocket.jpg")                 # 640 x 427
+        def no_pillow(*a, **k):
+            raise AssertionError("ordinary JPEG fell back to Pillow")
+        monkeypatch.setattr(decode, "_decode_pillow", no_pillow)
+        full = np.asarray(Image.open(SK / "rocket.jpg").convert("RGB"))
+    else:
+        full = photo("chelsea")                         # 451 x 300
+        data = enc(full, "PNG")
+    d = decode_image(data, cfg)
+    h, w = full.shape[:2]
+    gh, gw = area_grid(w, h, cfg.max_area, cfg.patch)
+    assert (d.width, d.height) == (w, h)
+    assert d.image.shape == (gh * 16, gw * 16, 3) == ((13 * 16, 19 * 16, 3))
+    assert d.image.dtype == np.uint8 and d.image.flags["C_CONTIGUOUS"]
+    ref = reference(full, cfg)
+    if fmt == "PNG":
+        assert np.array_equal(d.image, ref)
+    else:
+        assert mad(d.image, ref) < 1.5
+    # The crop is the centred one, made by hand: the width cut to h * gw / gh, then resized.
+    cw = round(h * gw / gh)
+    x0 = (w - cw) // 2
+    manual = np.asarray(Image.fromarray(np.ascontiguousarray(full[:, x0:x0 + cw])).resize(
+        (gw * 16, gh * 16), Image.BICUBIC))
+    assert mad(d.image, manual) < 2.0
+    np.testing.assert_array_equal(resize_array(full, cfg), reference(full, cfg))
+
+
+def test_area_portrait_and_exif_rotation():
+    cfg = DecodeConfig(resize_mode="area", max_area=128 * 128, patch=8)
+    portrait = np.ascontiguousarray(photo("coffee").transpose(1, 0, 2))     # 400 wide, 600 tall
+    for data in (enc(portrait, "PNG"), enc(portrait, "JPEG", quality=95)):
+        d = decode_image(data, cfg)
+        check_output(d, cfg)
+        gh, gw = d.image.shape[0] // 8, d.image.shape[1] // 8
+        assert gh > gw and (gh, gw) == area_grid(400, 600, 128 * 128, 8)
+        assert mad(d.image, reference(portrait, cfg)) < 2.0
+    # EXIF-rotated: Pillow drafts on the stored (landscape) size, then rotates; same grid and pixels.
+    stored = Image.fromarray(portrait).transpose(decode._TRANSPOSE[8])      # inverse of orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    d = decode_image(enc(stored, "JPEG", quality=95, exif=exif), cfg)
+    assert (d.width, d.height) == (400, 600)
+    check_output(d, cfg)
+    assert mad(d.image, reference(portrait, cfg)) < 2.0
+
+
+@_grids
+@given(width=st.integers(1, 9000), height=st.integers(1, 9000), patch=st.sampled_from([1, 8, 14, 16]),
+       side=st.integers(1, 1024))
+def test_area_dct_reduction_keeps_enough_pixels(width, height, patch, side):
+    """The box the output is made of, once decoded at 1/a, is never smaller than the output
+    (the resize only upscales images that were that small), and it lies on multiples of a."""
+    cfg = DecodeConfig(resize_mode="area", max_area=max(side * side, patch * patch), patch=patch)
+    gh, gw = area_grid(width, height, cfg.max_area, patch)
+    a = decode._dct_reduction(width, height, cfg)
+    x0, y0, x1, y1 = decode._source_box(width, height, cfg)
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert all(v % a == 0 for v in (x0, y0, x1, y1))
+    if a > 1:
+        assert (x1 - x0) // a >= gw * patch and (y1 - y0) // a >= gh * patch
+    # Pillow's draft picks its scale by the same rule from the same minimum size.
+    min_w, min_h = decode._min_decode_size(width, height, cfg)
+    assert a == next((s for s in (8, 4, 2) if min(width // min_w, height // min_h) >= s), 1)
+    # The crop keeps the grid's aspect ratio to within a pixel of the original (plus the snap to a).
+    cw, ch = x1 - x0, y1 - y0
+    assert abs(cw * gh - ch * gw) <= (a + 1) * max(gh, gw)
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -513,7 +670,7 @@ def test_thread_safety():
         enc(rgba, "PNG"), enc(photo("camera").astype(np.uint16) * 257, "PNG"), enc(photo("chelsea"), "WEBP"),
         enc(photo("chelsea"), "GIF"), b"", b"\xff\xd8 junk",
     ]
-    cfgs = [DecodeConfig(resolution=96, resize_mode=m) for m in RESIZE_MODES]
+    cfgs = [mode_cfg(m, 96) for m in RESIZE_MODES]
     jobs = [(data, cfg) for cfg in cfgs for data in inputs] * 3
 
     def run(job):

@@ -204,6 +204,29 @@ def test_codes_do_not_depend_on_batch_composition(ckpt_dir):
     assert np.array_equal(whole, np.concatenate([tok.encode(images[:5]), tok.encode(images[5:])]))
 
 
+def test_variable_grids_are_the_original_forward_on_that_shape(ckpt_dir, sd):
+    """patch_size = 2**levels; a non-square (H, W) on its cells encodes to (H/f, W/f) codes, exactly
+    the original's (Conv2dSame pads from the input's size), and decodes to (H, W)."""
+    tok = load(ckpt_dir, micro_batch=2)
+    f = tok.patch_size
+    assert f == 4 and tok.grid_shape == (R // f, R // f)
+    for h, w in ((2 * f * 3, 2 * f * 5), (2 * R, R)):
+        images = images_for(13, 3, h, w)
+        codes = tok.encode(images)
+        assert codes.shape == (3, h // f, w // f)
+        with torch.inference_mode():
+            ref = ref_latents(sd, CFG, to_input(images))
+            zq = sd["quantize.embedding.weight"][torch.from_numpy(codes)].permute(0, 3, 1, 2)
+            pixels = (ref_reconstruct(sd, CFG, zq).clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+        assert np.array_equal(codes, ref_codes(sd, ref).numpy())
+        assert np.array_equal(codes, np.concatenate([tok.encode(images[i:i + 1]) for i in range(3)]))
+        out = tok.decode(codes)
+        assert out.shape == (3, h, w, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - pixels.permute(0, 2, 3, 1).numpy().astype(int)).max() <= 1
+    with pytest.raises(ValueError, match=f"multiples of {f}"):
+        tok.encode(np.zeros((1, R, R + 2, 3), np.uint8))
+
+
 def test_safetensors_and_save_load_keep_the_identity(tmp_path, ckpt_dir, sd):
     tok = load(ckpt_dir)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))

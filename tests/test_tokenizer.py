@@ -150,3 +150,65 @@ def test_full_fp32_turns_tf32_off_and_restores_it():
             assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# --- variable grids (resize mode "area") ----------------------------------------------------
+
+def test_base_tokenizer_is_fixed_grid_only(tokenizer_dir):
+    from tokshard.tokenizers.base import Tokenizer
+    assert Tokenizer.patch_size.fget(object()) is None   # the default: fixed grid only
+    tok = KMeansVQ.load(tokenizer_dir)
+    assert tok.patch_size == 8
+
+
+def test_non_square_codes_are_those_of_each_patch(tokenizer_dir, photos):
+    """A (2p*3, 2p*5) image gets a (6, 10) grid; codes are per patch, so the codes of a crop on
+    patch boundaries are that crop of the whole image's codes, and of each patch alone."""
+    tok = KMeansVQ.load(tokenizer_dir, batch_size=3)
+    p = tok.patch_size
+    h, w = 2 * p * 3, 2 * p * 5
+    imgs = np.stack([np.ascontiguousarray(img[:h, :w]) for _, img, _ in photos[:5]])
+    codes = tok.encode(imgs)
+    assert codes.shape == (5, h // p, w // p) and codes.dtype == np.int64
+    assert codes.min() >= 0 and codes.max() < tok.vocab_size
+    # Each patch alone, as a (1, p, p, 3) image.
+    cells = imgs.reshape(5, h // p, p, w // p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(-1, p, p, 3)
+    np.testing.assert_array_equal(tok.encode(np.ascontiguousarray(cells)).reshape(codes.shape), codes)
+    # A crop on patch boundaries, and the square crop at the tokenizer's resolution.
+    np.testing.assert_array_equal(tok.encode(np.ascontiguousarray(imgs[:, p:4 * p, 2 * p:9 * p])),
+                                  codes[:, 1:4, 2:9])
+    np.testing.assert_array_equal(tok.encode(np.ascontiguousarray(imgs[:, :, :p])), codes[:, :, :1])   # one column
+    # Batch composition still does not matter.
+    np.testing.assert_array_equal(np.concatenate([tok.encode(imgs[i:i + 1]) for i in range(5)]), codes)
+    recon = tok.decode(codes)
+    assert recon.shape == imgs.shape and recon.dtype == np.uint8
+    np.testing.assert_array_equal(recon[:, :p, :p], tok.decode(codes[:, :1, :1]))
+
+
+def test_square_codes_are_unchanged_by_variable_grids(tokenizer_dir, images):
+    """The square input at the tokenizer's resolution: the grid_shape codes, equal to the
+    codes of its patches encoded as one wide strip (a different shape through the same path)."""
+    tok = KMeansVQ.load(tokenizer_dir)
+    codes = tok.encode(images)
+    assert codes.shape == (len(images), *tok.grid_shape)
+    strip = np.ascontiguousarray(np.concatenate(list(images), axis=1)[None])   # (1, R, N*R, 3)
+    g = tok.grid_shape[1]
+    got = tok.encode(strip)[0]
+    np.testing.assert_array_equal(np.stack([got[:, i * g:(i + 1) * g] for i in range(len(images))]), codes)
+
+
+def test_variable_grid_shapes_are_checked(tokenizer_dir):
+    tok = KMeansVQ.load(tokenizer_dir)
+    p = tok.patch_size
+    assert tok.encode(np.zeros((2, p, 3 * p, 3), np.uint8)).shape == (2, 1, 3)
+    assert tok.encode(np.zeros((0, 2 * p, p, 3), np.uint8)).shape == (0, 2, 1)
+    for bad in (np.zeros((1, p + 1, p, 3), np.uint8), np.zeros((1, p, 0, 3), np.uint8),
+                np.zeros((1, p, p, 4), np.uint8), np.zeros((p, p, 3), np.uint8), np.zeros((1, p, p, 3), np.float32)):
+        with pytest.raises(ValueError, match=f"multiples of {p}"):
+            tok.encode(bad)
+    assert tok.decode(np.zeros((1, 2, 5), np.int64)).shape == (1, 2 * p, 5 * p, 3)
+    for bad_codes in (np.zeros((1, 0, 5), np.int64), np.zeros((1, 5), np.int64), np.zeros((1, 2, 2, 2), np.int64)):
+        with pytest.raises(ValueError, match="shape"):
+            tok.decode(bad_codes)
+    with pytest.raises(ValueError, match="shape"):   # an explicit shape is still held to
+        tok.check_codes(np.zeros((1, 2, 5), np.int64), tok.grid_shape)

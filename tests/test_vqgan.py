@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from tokshard.errors import TokenizerError, UsageError
+from tokshard.tokenizers.vq_layers import nearest_code
 from tokshard.tokenizers.vqgan import LlamaGenVQ, TamingVQGAN
 
 R = 32                      # input resolution of the tiny models (grid 16x16)
@@ -207,11 +208,12 @@ def ref_reconstruct(sd, family, cfg, zq):
 
 # --- random public checkpoints ----------------------------------------------------------------
 
-def images_for(seed: int, n: int) -> np.ndarray:
-    """Smooth random colour fields plus noise: varied enough to spread codes over the codebook."""
+def images_for(seed: int, n: int, height: int = R, width: int = R) -> np.ndarray:
+    """Smooth random colour fields plus noise: varied enough to spread codes over the codebook.
+    (height, width: multiples of 4; the default R x R draws what it always drew.)"""
     g = np.random.default_rng(seed)
     coarse = g.uniform(0, 255, (n, 4, 4, 3))
-    smooth = np.repeat(np.repeat(coarse, R // 4, axis=1), R // 4, axis=2)
+    smooth = np.repeat(np.repeat(coarse, height // 4, axis=1), width // 4, axis=2)
     return np.clip(smooth + g.normal(0, 40, smooth.shape), 0, 255).astype(np.uint8)
 
 
@@ -431,16 +433,54 @@ def test_decode_reconstructs_images(family, taming_ckpt, llama_ckpt, taming_sd, 
     assert np.abs(recon.astype(np.float64) - expect).max() <= 1.0
     with pytest.raises(ValueError, match="out of range"):
         tok.decode(np.full((1, 16, 16), tok.vocab_size))
-    with pytest.raises(ValueError, match="shape"):
-        tok.decode(np.zeros((1, 8, 8), np.int64))
+    for bad in (np.zeros((1, 8), np.int64), np.zeros((1, 0, 8), np.int64), np.zeros((1, 2, 8, 8), np.int64)):
+        with pytest.raises(ValueError, match="shape"):
+            tok.decode(bad)
 
 
 def test_bad_images_are_refused(taming_ckpt):
     tok = load_taming(taming_ckpt)
     with pytest.raises(ValueError, match="uint8"):
         tok.encode(np.zeros((1, R, R, 3), np.float32))
-    with pytest.raises(ValueError):
-        tok.encode(np.zeros((1, 2 * R, 2 * R, 3), np.uint8))
+    # Any size on the downsampling factor's cells (variable grids), and nothing else.
+    f = tok.patch_size
+    for shape in ((1, R + 1, R, 3), (1, R, R - 1, 3), (1, 0, R, 3), (1, R, R, 4), (R, R, 3)):
+        with pytest.raises(ValueError, match=f"multiples of {f}"):
+            tok.encode(np.zeros(shape, np.uint8))
+
+
+# --- variable grids (resize mode "area") ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["taming", "llamagen"])
+def test_variable_grids_encode_and_decode(family, taming_ckpt, llama_ckpt, taming_sd, llama_sd):
+    """patch_size is the downsampling factor f; an (H, W) multiple of f gives an (H/f, W/f) grid
+    whose codes are those of the public model's forward on that shape (the attention is global,
+    nothing is sized by the square grid), and decode gives (H, W) back."""
+    load = load_taming if family == "taming" else load_llama
+    tok = load(taming_ckpt if family == "taming" else llama_ckpt, batch_size=3, micro_batch=2)
+    sd, cfg = (taming_sd, TAMING_CFG) if family == "taming" else (llama_sd, LLAMA_CFG)
+    f = tok.patch_size
+    assert f == 2 and tok.grid_shape == (R // f, R // f)
+    for h, w in ((2 * f * 3, 2 * f * 5), (R, 2 * R), (2 * R, R // 2)):
+        imgs = images_for(12, 5, h, w)
+        codes = tok.encode(imgs)
+        assert codes.shape == (5, h // f, w // f) and codes.dtype == np.int64
+        with torch.inference_mode():
+            z = tok.latents(torch.from_numpy(imgs))
+            torch.testing.assert_close(z, ref_latents(sd, family, cfg, to_input(imgs)), rtol=1e-4, atol=1e-4)
+        assert_nearest(codes, nearest_reference(z, sd["quantize.embedding.weight"], l2=family == "llamagen"))
+        # Chunk and micro-batch tails (zero-padded to the same shape) do not change an image's codes.
+        np.testing.assert_array_equal(np.concatenate([tok.encode(imgs[i:i + 1]) for i in range(5)]), codes)
+        recon = tok.decode(codes)
+        assert recon.shape == (5, h, w, 3) and recon.dtype == np.uint8
+        assert tok.decode(codes[:0]).shape == (0, h, w, 3)
+        assert tok.encode(imgs[:0]).shape == (0, h // f, w // f)
+    # The square input keeps the fixed grid's codes: nearest codes of the square latents.
+    square = images_for(4, 3)
+    with torch.inference_mode():
+        z = tok.latents(torch.from_numpy(square))
+        want = nearest_code(z, tok.model.quantize.embedding.weight, tok.l2_norm).numpy()
+    np.testing.assert_array_equal(tok.encode(square), want)
 
 
 # --- checkpoint hygiene ---------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The tokenizer interface every plugin implements.
 
 A tokenizer maps a batch of square uint8 RGB images to integer codes on a
-fixed grid, and (optionally) back. A `ClipTokenizer` also takes whole video
-clips (T frames -> one 3-D grid of codes); the convert job tells the two
-apart by type. Its identity is three hashes: the id of the
+fixed grid, and (optionally) back; one that declares a `patch_size` also takes
+images of any size in whole cells (variable grids, `--resize-mode area`). A
+`ClipTokenizer` also takes whole video clips (T frames -> one 3-D grid of
+codes); the convert job tells the two apart by type. Its identity is three hashes: the id of the
 family and version, the hash of its config, and the hash of its codebook/
 weights. The manifest records all three so a dataset says exactly which
 tokenizer wrote it, and an append with a different one can be refused.
@@ -56,6 +57,16 @@ class Tokenizer(abc.ABC):
     implement the abstract members; `load`/`from_options` (how an artifact and
     CLI options become an instance), `decode`, `codebook` and `save` have
     defaults that say the tokenizer cannot do it.
+
+    Variable grids: `patch_size` is None by default, "fixed grid only": `encode`
+    takes (N, R, R, 3) and nothing else. A tokenizer whose `patch_size` is an int p
+    (one code per p x p cell, e.g. a convolutional encoder downsampling by p, or a
+    per-patch quantiser) also takes, in one `encode` call, any batch (N, H, W, 3)
+    uint8 with H and W positive multiples of p (one shape per call), and returns
+    (N, H // p, W // p) codes; the square (N, R, R, 3) still gives exactly the codes
+    of the fixed grid. Its `decode`, if it has one, takes (N, h, w) codes of any
+    h, w >= 1 and returns (N, h * p, w * p, 3). `check_images` and `check_codes`
+    accept those shapes for it.
     """
 
     name: ClassVar[str]
@@ -93,6 +104,13 @@ class Tokenizer(abc.ABC):
         """Shape of one sample's codes, e.g. (16, 16)."""
 
     @property
+    def patch_size(self) -> int | None:
+        """Pixels per code along each side when the tokenizer takes any (H, W) multiple of
+        it (variable grids: (N, H, W, 3) -> (N, H // p, W // p)); None: the fixed
+        (resolution, resolution) input and grid_shape only."""
+        return None
+
+    @property
     @abc.abstractmethod
     def vocab_size(self) -> int:
         """Number of distinct codes."""
@@ -107,10 +125,12 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, images: np.ndarray) -> np.ndarray:
-        """(N, R, R, 3) uint8 -> (N, *grid_shape) integer codes."""
+        """(N, R, R, 3) uint8 -> (N, *grid_shape) integer codes; with a `patch_size` p also
+        (N, H, W, 3) -> (N, H // p, W // p)."""
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """(N, *grid_shape) codes -> (N, R, R, 3) uint8 reconstructions."""
+        """(N, *grid_shape) codes -> (N, R, R, 3) uint8 reconstructions; with a `patch_size` p
+        also (N, h, w) -> (N, h * p, w * p, 3)."""
         raise NotImplementedError(f"tokenizer {self.name!r} has no decoder")
 
     def codebook(self) -> np.ndarray | None:
@@ -129,20 +149,36 @@ class Tokenizer(abc.ABC):
         )
 
     def check_images(self, images: np.ndarray) -> None:
-        r = self.resolution
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (r, r, 3):
+        """A ValueError unless `images` is (N, R, R, 3) uint8, or, with a `patch_size` p,
+        (N, H, W, 3) uint8 with H and W positive multiples of p."""
+        p = self.patch_size
+        if p is None:
+            r = self.resolution
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (r, r, 3):
+                raise ValueError(
+                    f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
+                )
+            return
+        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3
+                or not all(s >= 1 and s % p == 0 for s in images.shape[1:3])):
             raise ValueError(
-                f"{self.name} expects (N, {r}, {r}, 3) uint8 images, got {images.shape} {images.dtype}"
+                f"{self.name} expects (N, H, W, 3) uint8 images with H and W positive multiples of {p}, "
+                f"got {images.shape} {images.dtype}"
             )
 
     def check_codes(self, codes: ArrayLike, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """`codes` as an array of (N, *shape) integers in [0, vocab_size) (shape: the grid),
-        for `decode`; a ValueError otherwise."""
-        shape = tuple(self.grid_shape if shape is None else shape)
+        """`codes` as an array of (N, *shape) integers in [0, vocab_size) (shape: the grid;
+        with a `patch_size` and no `shape`, any (N, h, w) with h, w >= 1), for `decode`; a
+        ValueError otherwise."""
         codes = np.asarray(codes)
-        if codes.ndim != len(shape) + 1 or tuple(codes.shape[1:]) != shape:
-            raise ValueError(f"{self.name} expects codes of shape (N, {', '.join(map(str, shape))}), "
-                             f"got {codes.shape}")
+        if shape is None and self.patch_size is not None:
+            if codes.ndim != 3 or min(codes.shape[1:]) < 1:
+                raise ValueError(f"{self.name} expects codes of shape (N, h, w) with h, w >= 1, got {codes.shape}")
+        else:
+            shape = tuple(self.grid_shape if shape is None else shape)
+            if codes.ndim != len(shape) + 1 or tuple(codes.shape[1:]) != shape:
+                raise ValueError(f"{self.name} expects codes of shape (N, {', '.join(map(str, shape))}), "
+                                 f"got {codes.shape}")
         if not np.issubdtype(codes.dtype, np.integer):
             raise ValueError(f"{self.name} expects integer codes, got {codes.dtype}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.vocab_size):

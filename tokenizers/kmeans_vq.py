@@ -5,6 +5,9 @@ of the fitting data and replaced by the index of the nearest of K centroids.
 It needs no download and no GPU, fits in seconds on a few hundred images, and
 decodes (code -> mean patch of its cluster) so stored tokens can be looked at.
 It stands in for learned VQ/FSQ tokenizers with the same interface.
+
+Codes are per patch, so it takes images of any size on its patches (variable grids,
+`patch_size`): an (H, W) image gets an (H/p, W/p) grid, each code that of its patch alone.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class KMeansVQ(Tokenizer):
 
     @property
     def patch_size(self) -> int:
+        """Any (H, W) multiple of it encodes (variable grids): the codes are per patch."""
         return self._cfg["patch_size"]
 
     @property
@@ -125,7 +129,9 @@ class KMeansVQ(Tokenizer):
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
         self.check_images(images)
-        out = np.empty((len(images), *self.grid_shape), dtype=np.int64)
+        p = self.patch_size
+        grid = (images.shape[1] // p, images.shape[2] // p)   # grid_shape for the square input
+        out = np.empty((len(images), *grid), dtype=np.int64)
         # Fixed-size chunks: the codes of an image must not depend on which
         # other images share its batch (BLAS may pick kernels by batch size),
         # so callers that batch the same way get bit-identical codes.
@@ -137,7 +143,7 @@ class KMeansVQ(Tokenizer):
                 rows = torch.cat([near for _, near in blocks]).nonzero().squeeze(1)
                 if len(rows):
                     codes[rows.to(codes.device)] = self._exact(chunk, rows.to(chunk.device)).to(codes.device)
-                out[start:start + len(chunk)] = codes.view(len(chunk), *self.grid_shape).cpu().numpy()
+                out[start:start + len(chunk)] = codes.view(len(chunk), *grid).cpu().numpy()
         return out
 
     def _nearest(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +176,8 @@ class KMeansVQ(Tokenizer):
         """The nearest centroid of the patches `rows` (flat patch indices of `images`) in
         float64 from the uint8 pixels: rounding errors ~1e-16 of the scale, so only
         distances equal to ~13 digits could still be ordered differently by two machines."""
-        (h, w), p = self.grid_shape, self.patch_size
+        p = self.patch_size
+        h, w = images.shape[1] // p, images.shape[2] // p
         x = images.view(len(images), h, p, w, p, 3)
         img, cell = rows // (h * w), rows % (h * w)
         patches = x[img, cell // w, :, cell % w].reshape(len(rows), p * p * 3)   # as _patches lays them out
@@ -181,14 +188,15 @@ class KMeansVQ(Tokenizer):
     def decode(self, codes: np.ndarray) -> np.ndarray:
         codes = self.check_codes(codes)
         idx = torch.from_numpy(codes.astype(np.int64)).to(self.device)
-        n, (h, w), p = len(codes), self.grid_shape, self.patch_size
+        n, (h, w), p = len(codes), codes.shape[1:], self.patch_size
         patches = self._decoder[idx.view(-1)].view(n, h, w, p, p, 3)
         img = patches.permute(0, 1, 3, 2, 4, 5).reshape(n, h * p, w * p, 3)
         return (img * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
     def _patches(self, images: torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 -> (n*h*w, p*p*3) float32 pixel values, patch-major, in one copy."""
-        n, (h, w), p = len(images), self.grid_shape, self.patch_size
+        n, p = len(images), self.patch_size
+        h, w = images.shape[1] // p, images.shape[2] // p
         x = images.view(n, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5)
         return x.to(torch.float32, memory_format=torch.contiguous_format).view(n * h * w, p * p * 3)
 

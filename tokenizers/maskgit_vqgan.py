@@ -18,6 +18,9 @@ Parameter names are those of `modeling/modules/maskgit_vqgan.py`
 quantize.embedding.weight), so its state dict loads as it is. Convolutions pad
 as its `Conv2dSame` does (explicit F.pad, then an unpadded conv): the same
 arithmetic as the reference, so near-tie argmins resolve the same way.
+
+Fully convolutional (no attention, no positional anything): it takes any (H, W) multiple
+of f = 2**levels (`patch_size`, variable grids) and gives an (H/f, W/f) grid.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class MaskGitAutoencoder(nn.Module):
         self.quantize = Codebook(num_embeddings, z_channels)
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, R, R) in [0, 1] -> (N, z_channels, h, w)."""
+        """(N, 3, H, W) in [0, 1] -> (N, z_channels, H/f, W/f): any H, W multiples of f = 2**levels."""
         # Children set in __init__ under the reference's names; nn.Module.__getattr__ is typed
         # Tensor | Module, so reading them through a plain nn.Module does not type-check.
         e: Any = self.encoder
@@ -130,7 +133,7 @@ class MaskGitAutoencoder(nn.Module):
         return e.conv_out(F.silu(e.norm_out(h)))
 
     def reconstruct(self, zq: torch.Tensor) -> torch.Tensor:
-        """(N, z_channels, h, w) code vectors -> (N, 3, R, R), nominally in [0, 1]."""
+        """(N, z_channels, h, w) code vectors -> (N, 3, h*f, w*f), nominally in [0, 1]."""
         d: Any = self.decoder   # as in latents()
         h = d.conv_in(zq)
         for block in d.mid:

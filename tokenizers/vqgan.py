@@ -223,7 +223,8 @@ class VQGANTokenizer(Tokenizer):
         if self._resolution % (2 ** levels):
             raise TokenizerError(f"resolution {self._resolution} is not a multiple of the downsampling factor "
                                  f"{2 ** levels}")
-        self._grid = (self._resolution // 2 ** levels,) * 2
+        self._factor = 2 ** levels
+        self._grid = (self._resolution // self._factor,) * 2
         self.source = source or {}
 
         # Built on the meta device, then the checked weights are assigned: no time is
@@ -273,6 +274,16 @@ class VQGANTokenizer(Tokenizer):
         return self._grid
 
     @property
+    def patch_size(self) -> int:
+        """The downsampling factor 2**levels: any (H, W) multiple of it encodes (variable grids).
+
+        The networks are fully convolutional plus global self-attention over all positions
+        (taming's and LlamaGen's AttnBlock, placed by the *architecture's* resolution, not the
+        input's), with no positional embedding and no reshape by a fixed grid, so an (H, W)
+        input gives an (H/f, W/f) latent grid; MaskGIT's Conv2dSame pads from the input's size."""
+        return self._factor
+
+    @property
     def vocab_size(self) -> int:
         return int(self._book.shape[0])
 
@@ -300,7 +311,7 @@ class VQGANTokenizer(Tokenizer):
                               enabled=self.precision == "bf16")
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, R, R, 3) uint8 on the device -> latents (n, D, h, w), as the quantiser sees them."""
+        """(n, H, W, 3) uint8 on the device -> latents (n, D, H/f, W/f), as the quantiser sees them."""
         # x / 255 in float32 (torchvision's ToTensor), then onto the model's range: the
         # projects' `2 * x - 1` for [-1, 1] (x + (-1) is x - 1 exactly).
         x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
@@ -313,7 +324,8 @@ class VQGANTokenizer(Tokenizer):
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:
         self.check_images(images)
-        out = np.empty((len(images), *self._grid), dtype=np.int64)
+        f = self._factor
+        out = np.empty((len(images), images.shape[1] // f, images.shape[2] // f), dtype=np.int64)
         m = self.micro_batch
         # "fp32" means float32 on a GPU too (TF32 convolutions change codes).
         with full_fp32(self.precision == "fp32"):
@@ -343,8 +355,8 @@ class VQGANTokenizer(Tokenizer):
             lo, hi = self.input_range
             img = ((img.float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
-        r = self._resolution
-        return np.concatenate(out) if out else np.empty((0, r, r, 3), np.uint8)
+        f = self._factor
+        return np.concatenate(out) if out else np.empty((0, codes.shape[1] * f, codes.shape[2] * f, 3), np.uint8)
 
     # --- artifact ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:

@@ -1,4 +1,6 @@
-"""Decode encoded image bytes into the tokenizer's square uint8 RGB input.
+"""Decode encoded image bytes into the tokenizer's uint8 RGB input: a square
+(center_crop, pad, stretch), or for resize mode "area" an image of its own
+aspect ratio on a grid of patch-sized cells (variable token grids, `area_grid`).
 
 Two paths. Ordinary JPEGs (most of a web corpus) go through simplejpeg, whose
 libjpeg-turbo does most of the downscale in the DCT domain, so a 4000x3000
@@ -13,9 +15,10 @@ between calls and changes no global at call time, so worker threads can share it
 from __future__ import annotations
 
 import io
+import math
 import warnings
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
 import simplejpeg
@@ -23,7 +26,7 @@ from PIL import Image
 
 from tokshard.errors import SkipSample
 
-RESIZE_MODES = ("center_crop", "pad", "stretch")
+RESIZE_MODES = ("center_crop", "pad", "stretch", "area")
 
 # Bicubic instead of Lanczos: it is what tokenizer training code feeds its
 # models (ADM/MaskGIT/LlamaGen `center_crop_arr`: box reductions, then
@@ -76,11 +79,15 @@ def _is_int(x: object) -> bool:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    resolution: int = 256
+    resolution: int = 256              # side of the square output (every mode but "area")
     resize_mode: str = "center_crop"
-    max_pixels: int = 89_478_485
+    max_pixels: int = 89_478_485       # decompression-bomb bound on the *input* (--max-image-pixels)
     min_image_size: int = 0
     background: tuple[int, int, int] = (255, 255, 255)
+    # resize_mode "area" only: the output's pixel area at most (> 0 exactly in that mode) and the
+    # side of the cells its sides are multiples of (the tokenizer's patch); see area_grid.
+    max_area: int = 0
+    patch: int = 16
 
     def __post_init__(self):
         if not _is_int(self.resolution) or self.resolution < 1:
@@ -91,19 +98,80 @@ class DecodeConfig:
             raise ValueError(f"max_pixels must be an int >= 1, got {self.max_pixels!r}")
         if not _is_int(self.min_image_size) or self.min_image_size < 0:
             raise ValueError(f"min_image_size must be an int >= 0, got {self.min_image_size!r}")
+        if not _is_int(self.patch) or self.patch < 1:
+            raise ValueError(f"patch must be an int >= 1, got {self.patch!r}")
+        if not _is_int(self.max_area):
+            raise ValueError(f"max_area must be an int, got {self.max_area!r}")
+        if self.resize_mode == "area" and self.max_area < self.patch * self.patch:
+            raise ValueError(f"max_area must be an int >= patch * patch = {self.patch * self.patch} "
+                             f"with resize_mode 'area', got {self.max_area!r}")
+        if self.resize_mode != "area" and self.max_area != 0:
+            raise ValueError(f"max_area is for resize_mode 'area' only (0 otherwise), got {self.max_area!r} "
+                             f"with resize_mode {self.resize_mode!r}")
         bg = tuple(self.background) if isinstance(self.background, (tuple, list)) else ()
         if len(bg) != 3 or not all(_is_int(c) and 0 <= c <= 255 for c in bg):
             raise ValueError(f"background must be three ints in 0..255, got {self.background!r}")
         # A list would make the frozen config unhashable; ints from numpy would
         # leak into Pillow calls.
         object.__setattr__(self, "background", tuple(int(c) for c in bg))
-        for name in ("resolution", "max_pixels", "min_image_size"):
+        for name in ("resolution", "max_pixels", "min_image_size", "max_area", "patch"):
             object.__setattr__(self, name, int(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict for a record, without max_area and patch unless resize_mode is
+        "area": what a dataset written before area mode existed recorded, byte for byte.
+        `DecodeConfig(**cfg.to_dict()) == cfg`."""
+        d = asdict(self)
+        if self.resize_mode != "area":
+            del d["max_area"], d["patch"]
+        return d
+
+
+def area_grid(width: int, height: int, max_area: int, patch: int) -> tuple[int, int]:
+    """(grid_h, grid_w): the cells of `patch` x `patch` pixels a `width` x `height` image
+    is resized to in resize mode "area".
+
+    The largest grid whose pixel area is at most `max_area` and whose aspect ratio is the
+    image's to within one cell, as Emu3 / Qwen2-VL's `smart_resize` size an image for a
+    pixel budget (rounding down, never above the area): the ideal real sides are
+    sqrt(max_area * width / height) and sqrt(max_area * height / width) pixels, and each is
+    floored to whole cells. In integers only, so every machine gets the same grid:
+
+        T  = max_area // patch**2                          (cells at most)
+        gw = max(1, isqrt(max_area * width // (height * patch**2)))
+        gh = max(1, isqrt(max_area * height // (width * patch**2)))
+
+    The two floors never exceed T cells together (their product is an integer at most
+    sqrt(max_area * w / (h * patch**2)) * sqrt(max_area * h / (w * patch**2)) = max_area / patch**2).
+    Only an image thinner than one cell, whose short side was raised to 1, can exceed
+    it; then its long side is cut to T cells. Transposing the image
+    transposes the grid. Always gh, gw >= 1 and gh * gw * patch**2 <= max_area; adding
+    one cell to either side would overshoot the image's aspect ratio
+    (w * gh < (gw + 1) * h and h * gw < (gh + 1) * w).
+    """
+    for name, v in (("width", width), ("height", height), ("patch", patch)):
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not _is_int(max_area) or max_area < patch * patch:
+        raise ValueError(f"max_area must be an int >= patch * patch = {patch * patch}, got {max_area!r}")
+    width, height, max_area, patch = int(width), int(height), int(max_area), int(patch)
+    cell = patch * patch
+    cells = max_area // cell
+    gw = max(1, math.isqrt(max_area * width // (height * cell)))
+    gh = max(1, math.isqrt(max_area * height // (width * cell)))
+    # Cap the longer side first: the shorter one is then 1, and the cap keeps it.
+    if gw >= gh:
+        gw = min(gw, cells // gh)
+        gh = min(gh, cells // gw)
+    else:
+        gh = min(gh, cells // gw)
+        gw = min(gw, cells // gh)
+    return gh, gw
 
 
 @dataclass(frozen=True)
 class Decoded:
-    image: np.ndarray  # (resolution, resolution, 3) uint8, C-contiguous
+    image: np.ndarray  # (resolution, resolution, 3) uint8, C-contiguous; "area": (gh*patch, gw*patch, 3)
     width: int         # original width, after EXIF orientation
     height: int        # original height, after EXIF orientation
 
@@ -143,12 +211,27 @@ def _fit(w: int, h: int, r: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
+def _area_crop(w: int, h: int, cfg: DecodeConfig) -> tuple[int, int, int, int]:
+    """Resize mode "area": (gh, gw, crop_w, crop_h), the grid and the size of the centred
+    crop of the w x h image to the grid's aspect ratio gw:gh. Only the longer dimension
+    (relative to gw:gh) is cut, to the nearest pixel, so the crop is as large as possible."""
+    gh, gw = area_grid(w, h, cfg.max_area, cfg.patch)
+    if w * gh > h * gw:   # wider than the grid: the whole height, the width cut
+        return gh, gw, max(1, min(w, (2 * h * gw + gh) // (2 * gh))), h
+    return gh, gw, w, max(1, min(h, (2 * w * gh + gw) // (2 * gw)))
+
+
 def _min_decode_size(w: int, h: int, cfg: DecodeConfig) -> tuple[int, int]:
     """(min_width, min_height) the decoder may reduce to without the resize
     having to upscale what was a larger image."""
     if cfg.resize_mode == "pad":
         # Only the letterboxed content needs pixels: longer side -> resolution.
         return _fit(w, h, cfg.resolution)
+    if cfg.resize_mode == "area":
+        # The crop, reduced by a, must keep >= the output's pixels on each axis:
+        # w // a >= ceil(out_w * w / crop_w) gives crop_w >= a * out_w, so crop_w // a >= out_w.
+        gh, gw, cw, ch = _area_crop(w, h, cfg)
+        return -(-gw * cfg.patch * w // cw), -(-gh * cfg.patch * h // ch)
     # center_crop: the shorter side must stay >= resolution, i.e. both sides.
     # stretch: each axis independently maps to resolution.
     return cfg.resolution, cfg.resolution
@@ -254,7 +337,8 @@ def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 def _source_box(w: int, h: int, cfg: DecodeConfig) -> tuple[int, int, int, int]:
     """The pixels of the original w x h image the output is made of: the
-    centred square (center_crop) or the whole image (stretch, pad), shrunk to
+    centred square (center_crop), the centred crop to the grid's aspect ratio
+    (area, `_area_crop`) or the whole image (stretch, pad), shrunk to
     corners on multiples of the DCT reduction. Every decode of it (full size,
     Pillow's draft, libjpeg-turbo's scaled IDCT, whose pixel j averages the
     original pixels [j*a, (j+1)*a)) then cuts the same box at whole pixels, so
@@ -267,6 +351,11 @@ def _source_box(w: int, h: int, cfg: DecodeConfig) -> tuple[int, int, int, int]:
         side = min(w, h) // a * a
         x0, y0 = (w - side) // (2 * a) * a, (h - side) // (2 * a) * a
         return x0, y0, x0 + side, y0 + side
+    if cfg.resize_mode == "area":
+        _, _, cw, ch = _area_crop(w, h, cfg)
+        cw, ch = cw // a * a, ch // a * a
+        x0, y0 = (w - cw) // (2 * a) * a, (h - ch) // (2 * a) * a
+        return x0, y0, x0 + cw, y0 + ch
     return 0, 0, w // a * a, h // a * a
 
 
@@ -284,6 +373,9 @@ def _resize(im: Image.Image | np.ndarray, w: int, h: int, reduction: int, cfg: D
         arr = np.asarray(pil.reduce(a // reduction, box=box))
     else:
         arr = np.asarray(im)[box[1]:box[3], box[0]:box[2]]
+    if cfg.resize_mode == "area":
+        gh, gw = area_grid(w, h, cfg.max_area, cfg.patch)
+        return _resample(arr, gw * cfg.patch, gh * cfg.patch)
     r = cfg.resolution
     if cfg.resize_mode != "pad":
         return _resample(arr, r, r)
@@ -360,7 +452,8 @@ def _tiff_orientation(t: bytes) -> int | None:
 
 
 def resize_array(image: np.ndarray, cfg: DecodeConfig) -> np.ndarray:
-    """An (H, W, 3) or (H, W) uint8 array already in memory -> (R, R, 3), as decode_image resizes."""
+    """An (H, W, 3) or (H, W) uint8 array already in memory -> (R, R, 3) (area mode: the
+    image's own grid, (gh*patch, gw*patch, 3)), as decode_image resizes."""
     image = np.asarray(image, dtype=np.uint8)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
