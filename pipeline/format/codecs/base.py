@@ -29,7 +29,9 @@ the field. Decoding a sample allocates O(n_tokens) memory, never more.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import inspect
 import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -40,6 +42,8 @@ import zstandard
 from tokshard.errors import CodecError
 
 MAX_SAMPLE_TOKENS = 1 << 26       # tokens in one sample (see the module doc)
+# Row widths for decode_batch: one per payload (None: the codec's own), one for all, or none.
+Widths = int | Sequence[int | None] | None
 ZSTD_BLOCK_MAX = 128 * 1024       # the zstd format's largest block content
 _ZSTD_MIN_BLOCK = 3               # a block header; every block is at least this long
 
@@ -111,6 +115,26 @@ def _zstd_decompress_exact(dctx: zstandard.ZstdDecompressor, data: bytes | memor
     return raw
 
 
+def _taking_widths(fn: Any) -> Any:
+    """`fn` (an encode_batch, decode_batch or decode_matrix without `widths`) as one that
+    takes and checks them."""
+    if fn.__name__ == "encode_batch":
+        @functools.wraps(fn)
+        def encode(self: TokenCodec, batch: Sequence[np.ndarray], *, widths: Widths = None) -> Any:
+            if widths is not None:
+                self._widths([np.size(t) for t in batch], widths)
+            return fn(self, batch)
+        return encode
+
+    @functools.wraps(fn)
+    def decode(self: TokenCodec, payloads: Sequence[bytes | memoryview], n_tokens: Any, *,
+               widths: Widths = None) -> Any:
+        if widths is not None:
+            self._widths(self._counts(payloads, n_tokens), widths)
+        return fn(self, payloads, n_tokens)
+    return decode
+
+
 def _bytes_view(payload: Any) -> memoryview:
     try:
         mv = memoryview(payload)
@@ -169,17 +193,41 @@ class TokenCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray: ...
 
-    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
+    def encode_batch(self, batch: Sequence[np.ndarray], *, widths: Widths = None) -> list[bytes]:
+        """One payload per sample. `widths`: each sample's row width (its grid's w), for
+        codecs whose coding depends on it (rans-ctx: decode with the same widths); None (or
+        a None entry): the codec's own width, whatever the sample's shape. Checked as in
+        `decode_batch`, and ignored by codecs that code the same bytes whatever the grid."""
+        self._widths([np.size(t) for t in batch], widths)
         return [self.encode(t) for t in batch]
 
-    def decode_batch(self, payloads: Sequence[bytes | memoryview],
-                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
-        return [self.decode(p, n) for p, n in zip(payloads, self._counts(payloads, n_tokens))]
+    def decode_batch(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int], *,
+                     widths: Widths = None) -> list[np.ndarray]:
+        """Decode each payload of its token count. `widths`: each sample's row width (its
+        grid's w), for codecs whose coding depends on it (rans-ctx); None (or a None entry):
+        the codec's own width. Validated here (a positive int dividing the row's token
+        count, else a CodecError naming the row) and otherwise ignored: this default, and
+        every codec that does not override `decode_batch` with a `widths` of its own,
+        codes the same bytes whatever the grid (rans-ctx: the widths `encode_batch` was given)."""
+        counts = self._counts(payloads, n_tokens)
+        self._widths(counts, widths)
+        return [self.decode(p, n) for p, n in zip(payloads, counts)]
 
-    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int, *,
+                      widths: Widths = None) -> np.ndarray:
         """`decode_batch` of samples that all hold `n_tokens`, as one (len(payloads), n_tokens) array."""
-        rows = self.decode_batch(payloads, n_tokens)
+        rows = self.decode_batch(payloads, n_tokens, widths=widths)
         return np.stack(rows) if rows else np.empty((0, _count(n_tokens)), self.dtype)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's `encode_batch`/`decode_batch`/`decode_matrix` written without `widths`
+        (before the keyword existed, or because its coding ignores the grid) still takes it:
+        the widths are validated, then the override runs without them."""
+        super().__init_subclass__(**kwargs)
+        for name in ("encode_batch", "decode_batch", "decode_matrix"):
+            fn = cls.__dict__.get(name)
+            if callable(fn) and "widths" not in inspect.signature(fn).parameters:
+                setattr(cls, name, _taking_widths(fn))
 
     # -- helpers for subclasses ---------------------------------------------------
     def _counts(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int]) -> list[int]:
@@ -196,6 +244,42 @@ class TokenCodec(abc.ABC):
         if len(counts) != len(payloads):
             raise CodecError(f"{len(payloads)} payloads but {len(counts)} token counts")
         return counts
+
+    def _widths(self, counts: list[int], widths: Widths) -> list[int | None] | None:
+        """`widths` checked against the rows' token counts: None, or one entry per row
+        (None: the codec's own width; else an int >= 1 that divides the row's count)."""
+        if widths is None:
+            return None
+        if isinstance(widths, (int, np.integer)) or (isinstance(widths, np.ndarray) and widths.ndim == 0):
+            w = self._width(0, widths)
+            bad = [i for i, n in enumerate(counts) if n % w] if w is not None else []
+            if bad:
+                self._width(bad[0], w, counts[bad[0]])
+            return [w] * len(counts)
+        try:
+            items: list[Any] = list(widths)
+        except TypeError:
+            raise CodecError(f"{self.name}: widths must be an int or a sequence of ints, "
+                             f"got {type(widths).__name__}") from None
+        if len(items) != len(counts):
+            raise CodecError(f"{self.name}: {len(counts)} payloads but {len(items)} row widths")
+        return [self._width(i, w, n) for i, (n, w) in enumerate(zip(counts, items))]
+
+    def _width(self, row: int, w: Any, n: int = 0) -> int | None:
+        """One row's width: None, or an int >= 1 dividing its n tokens."""
+        if w is None:
+            return None
+        if isinstance(w, (bool, np.bool_)):
+            raise CodecError(f"{self.name}: row width of batch row {row} must be an integer, got {w!r}")
+        try:
+            w = operator.index(w)
+        except TypeError:
+            raise CodecError(f"{self.name}: row width of batch row {row} must be an integer, "
+                             f"got {type(w).__name__}") from None
+        if not 1 <= w <= MAX_SAMPLE_TOKENS or n % w:
+            raise CodecError(f"{self.name}: row width {w} of batch row {row} does not divide its "
+                             f"{n} tokens into rows")
+        return w
 
     def _to_le(self, tokens: np.ndarray) -> np.ndarray:
         """Validated, flattened (C order) little-endian copy/view of `tokens`."""

@@ -14,6 +14,7 @@ from tokshard.errors import CodecError
 from tokshard.pipeline.format.codecs.base import (
     ZSTD_BLOCK_MAX,
     TokenCodec,
+    Widths,
     _bytes_view,
     _count,
     _zstd_check_frame,
@@ -106,15 +107,17 @@ class BitpackCodec(TokenCodec):
                              f"need {self.payload_size(n)}")
         return self._unpack(np.frombuffer(mv, np.uint8)[None, :], n)[0]
 
-    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
+    def encode_batch(self, batch: Sequence[np.ndarray], *, widths: Widths = None) -> list[bytes]:
+        self._widths([np.size(t) for t in batch], widths)     # (checked; bit packing ignores the grid)
         les = [self._to_le(t) for t in batch]   # per sample: np.stack would promote mixed dtypes
         if len({a.size for a in les}) != 1:
             return [self._pack(a[None, :]).tobytes() for a in les]
         return [row.tobytes() for row in self._pack(np.stack(les))]
 
     def decode_batch(self, payloads: Sequence[bytes | memoryview],
-                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+                     n_tokens: int | Sequence[int], *, widths: Widths = None) -> list[np.ndarray]:
         counts = self._counts(payloads, n_tokens)
+        self._widths(counts, widths)
         if not payloads or len(set(counts)) != 1:
             return [self.decode(p, n) for p, n in zip(payloads, counts)]
         n = counts[0]
@@ -204,7 +207,7 @@ class ZstdCodec(TokenCodec):
         return self._from_raw(raw, n)
 
     def decode_batch(self, payloads: Sequence[bytes | memoryview],
-                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+                     n_tokens: int | Sequence[int], *, widths: Widths = None) -> list[np.ndarray]:
         """`[decode(p, n) for ...]`, every check included, at a fraction of the per-sample cost.
 
         The checks of `decode`, hoisted out of the per-sample loop: first every frame
@@ -217,6 +220,7 @@ class ZstdCodec(TokenCodec):
         raises the CodecError that names the sample and what is wrong.
         """
         counts = self._counts(payloads, n_tokens)
+        self._widths(counts, widths)     # (checked; zstd ignores the grid)
         if not counts:
             return []
         views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
@@ -225,8 +229,10 @@ class ZstdCodec(TokenCodec):
             return [self.decode(v, n) for v, n in zip(views, counts)]
         return list(rows) if isinstance(rows, np.ndarray) else rows
 
-    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int, *,
+                      widths: Widths = None) -> np.ndarray:
         counts = self._counts(payloads, n_tokens)
+        self._widths(counts, widths)
         if not counts:
             return np.empty((0, _count(n_tokens)), self.dtype)
         views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]

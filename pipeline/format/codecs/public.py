@@ -9,7 +9,11 @@ batches in, whole batches out, shapes kept, every problem a `CodecError`.
     c.fit(train_tokens)                     # (N, 16, 16) ints; a no-op for untrained codecs
     payloads = c.encode_batch(tokens)       # list of bytes, one per sample
     back = c.decode_batch(payloads, (16, 16))   # (B, 16, 16), uint16 or uint32 as V needs
+    back = c.decode_batch(payloads, [(12, 21), (16, 16)])   # samples of different grids: a list
     state = c.state(); desc = c.describe()  # to rebuild it: tokshard.codec_from(desc, V, state)
+
+A 2-D sample (h, w) is coded as h rows of w tokens (rans-ctx's context is the token to the
+left and the row above), so a batch may mix grids; `decode_batch` takes the same shapes.
 
 Vocabularies up to 2**32 codes work through every codec; tokens come back as the narrowest
 unsigned dtype that holds the vocabulary (uint16 up to 65,536, else uint32).
@@ -67,10 +71,14 @@ class Codec:
         return self
 
     def encode_batch(self, tokens: np.ndarray | Sequence[np.ndarray]) -> list[bytes]:
-        """One payload per sample of `tokens` (a (B, ...) array, or B arrays of any shapes)."""
+        """One payload per sample of `tokens` (a (B, ...) array, or B arrays of any shapes). A
+        2-D (h, w) sample is coded as a grid of rows of w (rans-ctx), so decode it with its
+        shape: `decode_batch(payloads, [(h, w), ...])`."""
         if self._codec.needs_fit and self._codec.state() is None:
             raise CodecError(f"codec {self.name!r} needs fit() on sample tokens before it encodes")
-        return self._codec.encode_batch([self._checked(t) for t in _samples(tokens)])
+        samples = [self._checked(t) for t in _samples(tokens)]
+        widths = [_width(s.shape) if s.size else None for s in samples]
+        return self._codec.encode_batch(samples, widths=None if all(w is None for w in widths) else widths)
 
     def decode_batch(self, payloads: Sequence[bytes | memoryview], shape: Shape | Sequence[Shape],
                      dtype: Any = None) -> np.ndarray | list[np.ndarray]:
@@ -86,14 +94,16 @@ class Codec:
         one = _shape(shape)
         if one is not None:
             n = math.prod(one)
-            out = self._codec.decode_matrix(payloads, n).reshape(len(payloads), *one)
+            out = self._codec.decode_matrix(payloads, n, widths=_width(one)).reshape(len(payloads), *one)
             return out if want is None else out.astype(want)
         shapes = [_shape(s) for s in shape]  # type: ignore[union-attr]
         if any(s is None for s in shapes) or len(shapes) != len(payloads):
             raise CodecError(f"shape must be one sample shape, or one shape per payload ({len(payloads)}); "
                              f"got {shape!r:.80}")
         counts = [math.prod(s) for s in shapes if s is not None]
-        rows = self._codec.decode_batch(payloads, counts)
+        widths = [_width(s) for s in shapes if s is not None]
+        rows = self._codec.decode_batch(payloads, counts,
+                                        widths=None if all(w is None for w in widths) else widths)
         return [(r if want is None else r.astype(want)).reshape(s) for r, s in zip(rows, shapes) if s is not None]
 
     def _dtype(self, dtype: Any) -> np.dtype | None:
@@ -147,6 +157,12 @@ def _shape(shape: Any) -> tuple[int, ...] | None:
     if not dims or any(d < 1 for d in dims):
         raise CodecError(f"a sample shape needs positive sizes, got {shape!r}")
     return dims
+
+
+def _width(shape: tuple[int, ...]) -> int | None:
+    """The row width a sample of `shape` is coded in: a 2-D (h, w) grid's w (rans-ctx codes
+    each grid in its own rows); None (the codec's own width) for other shapes."""
+    return shape[1] if len(shape) == 2 else None
 
 
 def codec(name: str, vocab_size: int, **params: Any) -> Codec:

@@ -112,7 +112,7 @@ import numpy as np
 import zstandard
 
 from tokshard.errors import CodecError
-from tokshard.pipeline.format.codecs.base import TokenCodec, _bytes_view, _count, _zstd_decompress_exact
+from tokshard.pipeline.format.codecs.base import TokenCodec, Widths, _bytes_view, _count, _zstd_decompress_exact
 from tokshard.pipeline.format.codecs.registry import register_codec
 
 __all__ = ["MAX_STATE_BODY", "MAX_VOCAB", "RansCtxCodec", "RansUnigramCodec"]
@@ -339,10 +339,11 @@ class _Model:
         self._lock = threading.Lock()
 
     # -- contexts (shared by fit and encode; decode recomputes them incrementally) ------
-    def neighbours(self, X: np.ndarray, fill: int) -> dict[str, np.ndarray]:
-        """(B, n) -> arrays of the L/U/UL/UR/P neighbour values, `fill` where absent."""
+    def neighbours(self, X: np.ndarray, fill: int, width: int | None = None) -> dict[str, np.ndarray]:
+        """(B, n) -> arrays of the L/U/UL/UR/P neighbour values, `fill` where absent, for
+        rows of `width` tokens (default: the model's width)."""
         B, n = X.shape
-        W, plane = self.width, self.plane
+        W, plane = width or self.width, self.plane
         j = np.arange(n) % W
         out = {}
         for name, lag, col_ok in (("L", 1, j > 0), ("U", W, None), ("UL", W + 1, j > 0),
@@ -366,16 +367,18 @@ class _Model:
             out[name] = a
         return out
 
-    def contexts(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(B, n) codes -> (events, event ctx, literal ctx, literal symbols), all (B, n)."""
+    def contexts(self, X: np.ndarray,
+                 width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(B, n) codes in rows of `width` (default: the model's) -> (events, event ctx,
+        literal ctx, literal symbols), all (B, n)."""
         sym = self.syms(X)
         if not self.contextual:
             z = np.zeros(X.shape, np.int64)
             return z, z, z, sym
         Q = self.Q
-        nb = self.neighbours(X, -1)
+        nb = self.neighbours(X, -1, width)
         cls = self.cls_sym[sym]
-        cn = self.neighbours(cls, Q)
+        cn = self.neighbours(cls, Q, width)
         L, U, UL, UR, P = nb["L"], nb["U"], nb["UL"], nb["UR"], nb["P"]
         ctxL = cn["L"] * (Q + 1) + cn["U"]
         flags = (((L == U) & (L >= 0)).astype(np.int64) + 2 * (L == UL) + 4 * (U == UL)
@@ -512,10 +515,20 @@ class _RansCodec(TokenCodec):
             elif plane % width:
                 raise CodecError(f"{self.name}: plane {plane} is not a multiple of width {width}")
         flat = [a.reshape(-1) for a in arrays]
-        model = self._build(flat, width, plane)
+        model = self._build(flat, width, plane, [self._grid_width(a.shape, width, plane) for a in arrays])
         self._install(self._serialize(model), model)
 
-    def _build(self, flat: list[np.ndarray], width: int, plane: int) -> _Model:
+    def _grid_width(self, shape: tuple[int, ...], width: int, plane: int) -> int:
+        """The row width a fit sample of `shape` is modelled with: a 2-D (h, w) grid's own w
+        (rans-ctx without a plane), else the model's `width` (flattened samples; frames and
+        views (T, h, w) too)."""
+        if not self.contextual or plane or len(shape) != 2 or shape[0] * shape[1] == 0:
+            return width
+        return int(shape[1])
+
+    def _build(self, flat: list[np.ndarray], width: int, plane: int,
+               widths: Sequence[int] | None = None) -> _Model:
+        """The model fitted on `flat` samples, sample i in rows of widths[i] (default: `width`)."""
         V, Q = self.vocab_size, (self.params["classes"] if self.contextual else 0)
         allx = np.concatenate(flat) if flat else np.zeros(0, np.int64)
         codes, counts = np.unique(allx, return_counts=True)
@@ -535,9 +548,9 @@ class _RansCodec(TokenCodec):
         tmp = model(cls0, None if not self.contextual else
                     np.full((16 * (4 if plane else 1) * (Q + 1) ** 2, 4 if plane else 3), 1),
                     np.ones(((Q + 1) ** 2 if self.contextual else 1, S), np.int64))
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for i, f in enumerate(flat):
-            groups.setdefault(f.size, []).append(i)
+            groups.setdefault((f.size, widths[i] if widths else width), []).append(i)
         sym_of = [tmp.syms(f) for f in flat]
         n_esc_pseudo = max(1, int(np.sum(counts == 1))) if A < V else 0
 
@@ -547,9 +560,9 @@ class _RansCodec(TokenCodec):
             order = np.lexsort((np.arange(S), -np.bincount(
                 np.concatenate(sym_of) if sym_of else np.zeros(0, np.int64), minlength=S)))
             preds, xs = [], []
-            for idx in groups.values():
+            for (_, w), idx in groups.items():
                 Sy = np.stack([sym_of[i] for i in idx])
-                nb = tmp.neighbours(Sy, -1)
+                nb = tmp.neighbours(Sy, -1, w)
                 for k in ("L", "U"):
                     m = nb[k] >= 0
                     preds.append(nb[k][m])
@@ -561,9 +574,9 @@ class _RansCodec(TokenCodec):
 
         # Per-token events and contexts, with a fold id (even/odd sample) for tuning.
         cols: dict[str, list[np.ndarray]] = {k: [] for k in ("ev", "ctxE", "ctxL", "sym", "fold")}
-        for n, idx in groups.items():
+        for (n, w), idx in groups.items():
             X = np.stack([flat[i] for i in idx])
-            ev, ctxE, ctxL, sym = tmp.contexts(X)
+            ev, ctxE, ctxL, sym = tmp.contexts(X, w)
             for k, v in (("ev", ev), ("ctxE", ctxE), ("ctxL", ctxL), ("sym", sym),
                          ("fold", np.repeat(np.array(idx) % 2, n).reshape(len(idx), n))):
                 cols[k].append(v.reshape(-1))
@@ -725,25 +738,29 @@ class _RansCodec(TokenCodec):
     def encode(self, tokens: np.ndarray) -> bytes:
         return self.encode_batch([tokens])[0]
 
-    def encode_batch(self, batch: Sequence[np.ndarray]) -> list[bytes]:
+    def encode_batch(self, batch: Sequence[np.ndarray], *, widths: Widths = None) -> list[bytes]:
+        """One payload per sample; rans-ctx codes sample i in rows of widths[i] tokens (its
+        grid's w; None: the model's width), and decoding takes the same widths. Samples are
+        coded in groups of one length and width; payloads come back in the batch's order."""
         les = [self._to_le(t) for t in batch]
         out: list[bytes | None] = [None] * len(les)
-        groups: dict[int, list[int]] = {}
-        for i, a in enumerate(les):
-            groups.setdefault(a.size, []).append(i)
         m = self._model()
-        for n, idx in groups.items():
+        ws = self._row_widths(m, [a.size for a in les], widths)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip((a.size for a in les), ws)):
+            groups.setdefault(key, []).append(i)
+        for (n, w), idx in groups.items():
             X = np.stack([les[i] for i in idx]) if n else np.zeros((len(idx), 0), self._le)
-            payloads = self._encode_compiled(m, X)
+            payloads = self._encode_compiled(m, X, w)
             if payloads is None:
                 crcs = np.array([_crc(les[i]) for i in idx], np.int64)
-                payloads = self._encode_group(m, X.astype(np.int64), crcs)
+                payloads = self._encode_group(m, X.astype(np.int64), crcs, w)
             for i, p in zip(idx, payloads):
                 out[i] = p
         return out  # type: ignore[return-value]
 
-    def _encode_compiled(self, m: _Model, X: np.ndarray) -> list[bytes] | None:
-        """(B, n) little-endian tokens -> payloads with the compiled kernels; None when
+    def _encode_compiled(self, m: _Model, X: np.ndarray, width: int) -> list[bytes] | None:
+        """(B, n) little-endian tokens in rows of `width` -> payloads with the compiled kernels; None when
         they are not in use (then the numpy coder runs)."""
         k = _kernels()
         if k is None:
@@ -757,7 +774,7 @@ class _RansCodec(TokenCodec):
         common = (X, out, starts, t["lf"], t["lc"])
         try:
             if m.contextual:
-                k.encode_ctx(*common, t["ef"], t["ec"], t["code_cls"], t["code_sym"], t["width"],
+                k.encode_ctx(*common, t["ef"], t["ec"], t["code_cls"], t["code_sym"], width,
                              t["plane"], t["classes"], t["n_ev"], t["esc_sym"], t["chunks"])
             else:
                 k.encode_unigram(*common, t["code_sym"], t["esc_sym"], t["chunks"])
@@ -766,9 +783,9 @@ class _RansCodec(TokenCodec):
             return None
         return [out[int(starts[b]):(b + 1) * cap].tobytes() for b in range(B)]
 
-    def _encode_group(self, m: _Model, X: np.ndarray, crcs: np.ndarray) -> list[bytes]:
+    def _encode_group(self, m: _Model, X: np.ndarray, crcs: np.ndarray, width: int) -> list[bytes]:
         B, n = X.shape
-        ev, ctxE, ctxL, sym = m.contexts(X)
+        ev, ctxE, ctxL, sym = m.contexts(X, width)
         lit_ev = m.n_ev - 1
         x = _CHECK + crcs
         words: list[np.ndarray] = []
@@ -822,29 +839,48 @@ class _RansCodec(TokenCodec):
     def decode(self, payload: bytes | memoryview, n_tokens: int) -> np.ndarray:
         return self.decode_batch([payload], [n_tokens])[0]
 
-    def decode_batch(self, payloads: Sequence[bytes | memoryview],
-                     n_tokens: int | Sequence[int]) -> list[np.ndarray]:
+    def decode_batch(self, payloads: Sequence[bytes | memoryview], n_tokens: int | Sequence[int], *,
+                     widths: Widths = None) -> list[np.ndarray]:
+        """rans-ctx decodes row i in rows of widths[i] tokens (None: the model's width), the
+        width its 2-D sample was encoded with; rans-unigram checks and ignores them."""
         counts = self._counts(payloads, n_tokens)
         views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
         m = self._model()
-        if counts and counts.count(counts[0]) == len(counts):   # one length: the loader's case
-            return list(self._decode_group(m, views, counts[0]))
-        out: list[np.ndarray | None] = [None] * len(views)
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(counts):
-            groups.setdefault(n, []).append(i)
-        for n, idx in groups.items():
-            rows = self._decode_group(m, [views[i] for i in idx], n)
+        ws = self._row_widths(m, counts, widths)
+        B = len(views)
+        if counts and counts.count(counts[0]) == B and ws.count(ws[0]) == B:   # the loader's case
+            return list(self._decode_group(m, views, counts[0], ws[0]))
+        out: list[np.ndarray | None] = [None] * B
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, key in enumerate(zip(counts, ws)):
+            groups.setdefault(key, []).append(i)
+        for (n, w), idx in groups.items():
+            rows = self._decode_group(m, [views[i] for i in idx], n, w, idx)
             for i, r in zip(idx, rows):
                 out[i] = r
         return out  # type: ignore[return-value]
 
-    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int) -> np.ndarray:
+    def decode_matrix(self, payloads: Sequence[bytes | memoryview], n_tokens: int, *,
+                      widths: Widths = None) -> np.ndarray:
         """The rows decode into one (B, n) array already: no np.stack copy."""
         n = _count(n_tokens)
         if not payloads:
+            self._widths([], widths)
             return np.empty((0, n), self.dtype)
-        return self._decode_group(self._model(), [p if type(p) is bytes else _bytes_view(p) for p in payloads], n)
+        m = self._model()
+        ws = self._row_widths(m, [n] * len(payloads), widths)
+        if ws.count(ws[0]) != len(ws):
+            return np.stack(self.decode_batch(payloads, n, widths=ws))
+        return self._decode_group(m, [p if type(p) is bytes else _bytes_view(p) for p in payloads], n, ws[0])
+
+    def _row_widths(self, m: _Model, counts: list[int], widths: Widths) -> list[int]:
+        """Each row's width, checked (base._widths). The model's where none is given, for
+        rans-unigram, for empty rows (no width changes them) and for a model with a plane
+        (a video model's frame geometry is its own: widths are checked, then ignored)."""
+        ws = self._widths(counts, widths)
+        if ws is None or not self.contextual or m.plane:
+            return [m.width] * len(counts)
+        return [m.width if w is None or n == 0 else w for n, w in zip(counts, ws)]
 
     def _fail(self, n: int, row: int | None, reason: str) -> CodecError:
         """Every integrity failure reads as a checksum mismatch, with its specific cause."""
@@ -853,14 +889,20 @@ class _RansCodec(TokenCodec):
                           f"{reason}; the payload is corrupt, truncated, or was written with "
                           "another model/vocab_size")
 
-    def _decode_group(self, m: _Model, views: list[bytes | memoryview], n: int) -> np.ndarray:
-        """Payloads of n tokens each -> their (B, n) tokens."""
-        lens = self._check_lengths(m, views, n)
-        rows = self._decode_compiled(m, views, lens, n)
-        return rows if rows is not None else self._decode_numpy(m, views, lens, n)
+    def _decode_group(self, m: _Model, views: list[bytes | memoryview], n: int, width: int,
+                      rows: list[int] | None = None) -> np.ndarray:
+        """Payloads of n tokens each, in rows of `width` -> their (B, n) tokens. `rows`: their
+        rows in the caller's batch (for errors; default: the batch is `views`)."""
+        if rows is None:
+            at = (lambda i: None) if len(views) == 1 else (lambda i: i)
+        else:
+            at = rows.__getitem__
+        lens = self._check_lengths(m, views, n, at)
+        out = self._decode_compiled(m, views, lens, n, width, at)
+        return out if out is not None else self._decode_numpy(m, views, lens, n, width, at)
 
     def _decode_compiled(self, m: _Model, views: list[bytes | memoryview], lens: np.ndarray,
-                         n: int) -> np.ndarray | None:
+                         n: int, width: int, at: Callable[[int], int | None]) -> np.ndarray | None:
         """Decode with the compiled kernels; None when they are not in use."""
         k = _kernels()
         if k is None:
@@ -877,7 +919,7 @@ class _RansCodec(TokenCodec):
             if m.contextual:
                 row, err, detail = k.decode_ctx(
                     words, starts, out, t["evpack"], t["first"], t["cum"], t["alph"], t["cls_sym"], t["code_sym"],
-                    t["width"], t["plane"], t["classes"], t["esc_sym"], t["chunks"], self.vocab_size)
+                    width, t["plane"], t["classes"], t["esc_sym"], t["chunks"], self.vocab_size)
             else:
                 row, err, detail = k.decode_unigram(words, starts, out, t["lut"], t["lf"], t["lc"], t["alph"],
                                                     t["cls_sym"], t["code_sym"], t["esc_sym"], t["chunks"],
@@ -886,10 +928,11 @@ class _RansCodec(TokenCodec):
             _disable_kernels(e)
             return None
         if row >= 0:
-            raise self._fail(n, row if B > 1 else None, k.ERRORS[err].format(detail))
+            raise self._fail(n, at(row), k.ERRORS[err].format(detail))
         return out
 
-    def _check_lengths(self, m: _Model, views: list[bytes | memoryview], n: int) -> np.ndarray:
+    def _check_lengths(self, m: _Model, views: list[bytes | memoryview], n: int,
+                       at: Callable[[int], int | None]) -> np.ndarray:
         """Payload byte lengths, each a whole coder state plus 32-bit words, and no more
         words than n tokens can take."""
         B = len(views)
@@ -897,7 +940,7 @@ class _RansCodec(TokenCodec):
         bad = np.flatnonzero((lens < 8) | (lens % 4 != 0))
         if len(bad):
             i = int(bad[0])
-            raise self._fail(n, i if B > 1 else None, f"{lens[i]} bytes is not a whole coder state "
+            raise self._fail(n, at(i), f"{lens[i]} bytes is not a whole coder state "
                              "plus 32-bit words")
         nw = lens // 4 - 2
         # Each token renormalises at most once, plus once per escape chunk, and each
@@ -907,12 +950,12 @@ class _RansCodec(TokenCodec):
         bad = np.flatnonzero(nw > max_words)
         if len(bad):
             i = int(bad[0])
-            raise self._fail(n, i if B > 1 else None, f"{int(nw[i])} coded words where {n} tokens "
+            raise self._fail(n, at(i), f"{int(nw[i])} coded words where {n} tokens "
                              f"take at most {max_words}")
         return lens
 
     def _decode_numpy(self, m: _Model, views: list[bytes | memoryview], lens: np.ndarray,
-                      n: int) -> np.ndarray:
+                      n: int, width: int, at: Callable[[int], int | None]) -> np.ndarray:
         """The reference decoder: every row in lockstep, one numpy step per token."""
         B = len(views)
         nw = lens // 4 - 2
@@ -927,23 +970,24 @@ class _RansCodec(TokenCodec):
         bad = np.flatnonzero((heads < _LOW) | (heads >= 1 << 63))
         if len(bad):
             i = int(bad[0])
-            raise self._fail(n, i if B > 1 else None, "coder state out of range")
+            raise self._fail(n, at(i), "coder state out of range")
         x = heads.astype(np.int64)
         ptr = start.copy()
-        res, x = self._decode_lockstep(m, x, ptr, words, B, n)
+        res, x = self._decode_lockstep(m, x, ptr, words, B, n, width)
         if (ptr != end).any():
             i = int(np.flatnonzero(ptr != end)[0])
             what = "ran past the end" if ptr[i] > end[i] else f"{int(end[i] - ptr[i])} words left over"
-            raise self._fail(n, i if B > 1 else None, f"coded data {what}")
+            raise self._fail(n, at(i), f"coded data {what}")
         le = res.astype(self._le, copy=False)
         for i in range(B):
             if int(x[i]) != _CHECK + _crc(le[i]):
-                raise self._fail(n, i if B > 1 else None, "decoded tokens do not match the crc32")
+                raise self._fail(n, at(i), "decoded tokens do not match the crc32")
         return res
 
     def _decode_lockstep(self, m: _Model, x: np.ndarray, ptr: np.ndarray, words: np.ndarray,
-                         B: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decode B streams of n tokens in lockstep -> ((B, n) tokens, final states).
+                         B: int, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decode B streams of n tokens in rows of `width` in lockstep -> ((B, n) tokens,
+        final states).
 
         `ptr` (each lane's next word) is advanced in place.
 
@@ -1008,7 +1052,7 @@ class _RansCodec(TokenCodec):
                 raise self._fail(n, None, esc_errors[0])
             return out.T.astype(self.dtype), x
 
-        W, Q1, nL, n_ev, plane = m.width, m.Q + 1, m.nL, m.n_ev, m.plane
+        W, Q1, nL, n_ev, plane = width, m.Q + 1, m.nL, m.n_ev, m.plane
         nL2, p16 = 2 * nL, 16 * nL
         lit_ev = n_ev - 1
         ef, ec = m.ev_freq_flat, m.ev_cum_flat
