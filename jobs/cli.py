@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per output shard for folder and Parquet inputs (a tar maps to one shard)")
     c.add_argument("--resolution", type=int, help="override the tokenizer's input resolution")
     c.add_argument("--resize-mode", default=default("resize_mode"), choices=CHOICES["resize_mode"])
+    c.add_argument("--max-pixels", type=int, metavar="P",
+                   help="with --resize-mode area: resize each image to at most P pixels keeping its aspect "
+                        "ratio, in whole patches; each sample keeps its own token grid (variable grids)")
+    c.add_argument("--patch", type=int, metavar="N",
+                   help="with --resize-mode area: pixels per token side (default: the tokenizer's patch size)")
     c.add_argument("--input-format", default=default("input_format"), choices=CHOICES["input_format"])
     c.add_argument("--split", metavar="NAME", help="convert only this split of a layout with splits "
                    "(data/train-*.parquet, test/...); without it, each sample's metadata gets its split")
@@ -230,6 +235,7 @@ def _cmd_convert(a: argparse.Namespace) -> int:
         tokenizer_options=_kv(a.tokenizer_opt, "--tokenizer-opt"), shard_size=a.shard_size,
         resolution=a.resolution, resize_mode=a.resize_mode, input_format=a.input_format, split=a.split,
         max_pixels=a.max_image_pixels, min_image_size=a.min_image_size,
+        max_area=default("max_area") if a.max_pixels is None else a.max_pixels, patch=a.patch,
         decode_workers=a.decode_workers, columns=cols, views=a.views, engine=a.engine, address=a.address,
         where=a.where, clip_frames=a.clip_frames, clip_fps=a.clip_fps, clip_stride=a.clip_stride, max_clips=a.max_clips,
         encoders=a.encoders, gpus_per_encoder=a.gpus_per_encoder, retries=a.retries,
@@ -375,8 +381,10 @@ def _cmd_info(a: argparse.Namespace) -> int:
     lines = [
         f"dataset     {a.dataset}  (schema {rec.schema_version}, tokshard {rec.tokshard_version})",
         f"samples     {t.get('samples', 0):,} in {table.num_rows:,} {rec.format} shards",
-        f"tokenizer   {tok.tokenizer_id}  {tok.vocab_size} codes, grid {rec.grid}, "
-        f"stored per sample {list(rec.stored_shape())}",
+        f"tokenizer   {tok.tokenizer_id}  {tok.vocab_size} codes, " + (
+            f"grid {rec.grid}, stored per sample {list(rec.stored_shape())}" if rec.variable_grid is None else
+            f"variable grids (each image resized to at most {rec.variable_grid['max_pixels']:,} pixels in "
+            f"{rec.variable_grid['patch']}-pixel patches: at most {rec.variable_grid['max_tokens']:,} tokens)"),
         f"            codebook {tok.codebook_hash[:16]}  config {tok.tokenizer_config_hash[:16]}",
         *([f"text        {rec.text_summary()}"] if rec.text_tokenizer else []),
         *[f"field       {name}: {f.tokenizer.tokenizer_id} {f.tokenizer.vocab_size} codes, grid {f.grid}, codec "

@@ -182,6 +182,32 @@ def _fields(d: Any, where: str) -> dict[str, FieldRecord] | None:
     return out
 
 
+def _variable_grid(d: Any, where: str) -> dict[str, Any] | None:
+    """The record's variable_grid, held to its keys and bounds (it bounds what a reader allocates
+    per sample: max_tokens ids)."""
+    if d is None:
+        return None
+    _check(d, dict, where, "variable_grid")
+    if d.get("resize_mode") != "area":
+        raise ManifestError(f"{where}: field 'variable_grid.resize_mode' is {d.get('resize_mode')!r:.40}, "
+                            "expected 'area'")
+    out: dict[str, Any] = {"resize_mode": "area"}
+    for k in ("max_pixels", "patch", "max_tokens"):
+        v = _check(d.get(k), int, where, f"variable_grid.{k}")
+        if not 1 <= v <= 2**31:
+            raise ManifestError(f"{where}: field 'variable_grid.{k}' is {v}, outside 1..2^31")
+        out[k] = v
+    if out["max_tokens"] > MAX_GRID_TOKENS:
+        raise ManifestError(f"{where}: field 'variable_grid.max_tokens' is {out['max_tokens']}, above the "
+                            f"{MAX_GRID_TOKENS} tokens a sample may hold")
+    return out
+
+
+# The most tokens one sample of a variable-grid dataset may hold (what a reader allocates for it):
+# 2^20 is a 16,384 x 16,384-pixel image in 16-pixel patches.
+MAX_GRID_TOKENS = 1 << 20
+
+
 @dataclass(frozen=True)
 class DatasetRecord:
     """The manifest's key-value metadata: everything a reader needs besides the shard rows."""
@@ -218,6 +244,10 @@ class DatasetRecord:
     text_tokenizer: TextTokenizerRecord | None = None
     # Token fields added by `tokshard add-tokens` ({name: FieldRecord}); None (not written) without any.
     fields: dict[str, FieldRecord] | None = None
+    # Variable grids (--resize-mode area): {"resize_mode": "area", "max_pixels", "patch", "max_tokens"};
+    # each sample holds its own (h, w) grid (shards and sample index), `grid` and `sample_shape` are
+    # then empty. None (not written) for a dataset of one grid, so those records are unchanged.
+    variable_grid: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> DatasetRecord:
@@ -258,6 +288,7 @@ class DatasetRecord:
             text_tokenizer=(None if d.get("text_tokenizer") is None
                             else TextTokenizerRecord.from_dict(d.get("text_tokenizer"), where)),
             fields=_fields(d.get("fields"), where),
+            variable_grid=_variable_grid(d.get("variable_grid"), where),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +299,7 @@ class DatasetRecord:
         for name in ("dropped_by_reason", "ignored_inputs"):   # (absent before 1.4, or when none)
             if d[name] is None:
                 del d[name]
-        for name in ("class_names", "text_tokenizer", "fields"):
+        for name in ("class_names", "text_tokenizer", "fields", "variable_grid"):
             if d[name] is None:
                 del d[name]
         if self.fields is not None:
@@ -289,7 +320,9 @@ class DatasetRecord:
                 f"{text.max_tokens} ids, {int(self.totals.get('no_caption', 0)):,} sample(s) without a caption")
 
     def stored_shape(self) -> tuple[int, ...]:
-        """Codes per sample: the grid, with a leading view or time axis."""
+        """Codes per sample: the grid, with a leading view or time axis; () with variable grids."""
+        if self.variable_grid is not None:
+            return ()
         if self.sample_shape:
             return tuple(self.sample_shape)
         return tuple(self.grid) if len(self.views) == 1 else (len(self.views), *self.grid)

@@ -18,9 +18,10 @@ METADATA_KEY = b"tokshard"   # Parquet key-value metadata holding the dataset JS
 TEXT_TOKENS_TYPE = pa.list_(pa.uint32())
 
 
-def shard_schema(token_type: pa.DataType, text_tokens: bool = False) -> pa.Schema:
+def shard_schema(token_type: pa.DataType, text_tokens: bool = False, variable_grid: bool = False) -> pa.Schema:
     """One row per sample in a Parquet token shard; `text_tokens`: with the text_tokens
-    column last (only then: shards without text tokens are unchanged)."""
+    column; `variable_grid`: with each sample's grid (grid_h, grid_w) last (only then: the
+    shards of other datasets are unchanged)."""
     schema = pa.schema([
         ("key", pa.string()),
         ("tokens", token_type),             # fixed_size_list<uint16|uint32> (raw) or binary (coded)
@@ -31,7 +32,11 @@ def shard_schema(token_type: pa.DataType, text_tokens: bool = False) -> pa.Schem
         ("source", pa.string()),            # source shard URL
         ("meta", pa.string()),              # source JSON metadata, as text
     ])
-    return schema.append(pa.field("text_tokens", TEXT_TOKENS_TYPE)) if text_tokens else schema
+    if text_tokens:
+        schema = schema.append(pa.field("text_tokens", TEXT_TOKENS_TYPE))
+    if variable_grid:
+        schema = schema.append(pa.field("grid_h", pa.int32())).append(pa.field("grid_w", pa.int32()))
+    return schema
 
 
 SAMPLES = pa.schema([
@@ -48,6 +53,18 @@ SAMPLES = pa.schema([
 # The sample index of a dataset with text tokens (--text-tokenizer) also holds each sample's
 # count of text token ids: the loader packs sequences (pack=N) from it without reading shards.
 SAMPLES_TEXT = SAMPLES.append(pa.field("text_tokens", pa.int32()))
+# A variable-grid dataset's (--resize-mode area) index also holds each sample's grid: the
+# loader groups samples by grid (and packs them) without reading shards.
+GRID_COLUMNS = ("grid_h", "grid_w")
+
+
+def samples_schema(text_tokens: bool = False, variable_grid: bool = False) -> pa.Schema:
+    """The sample index's schema: SAMPLES, then the text token count and the grid columns
+    where the dataset has them (only then: the indexes of other datasets are unchanged)."""
+    schema = SAMPLES_TEXT if text_tokens else SAMPLES
+    for name in GRID_COLUMNS if variable_grid else ():
+        schema = schema.append(pa.field(name, pa.int32()))
+    return schema
 
 SKIP = pa.struct([("reason", pa.string()), ("count", pa.int64())])
 

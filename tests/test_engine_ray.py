@@ -41,24 +41,30 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "timings.parquet" and "units" not in p.parts}
 
 
-@pytest.mark.parametrize("fmt,codec,encoders", [("parquet", "zstd", 2), ("wds", "zstd-dict", 2),
-                                                ("parquet", "zstd", 0), ("wds", "zstd-dict", 0)])
+AREA = {"resize_mode": "area", "max_area": 4096}     # variable grids: the photos' own aspect ratios
+
+
+@pytest.mark.parametrize("fmt,codec,encoders,extra", [("parquet", "zstd", 2, {}), ("wds", "zstd-dict", 2, {}),
+                                                      ("parquet", "zstd", 0, {}), ("wds", "zstd-dict", 0, {}),
+                                                      ("parquet", "rans-ctx", 2, AREA)])
 def test_ray_and_local_engines_write_identical_datasets(ray_cluster, tmp_path, photo_tars, tokenizer_dir,
-                                                        fmt, codec, encoders):
+                                                        fmt, codec, encoders, extra):
     """encoders=2: decode tasks + tokenizer actors + commit tasks; 0 on a cluster
     without GPUs: whole-unit tasks."""
     import tempfile
     copies = set(Path(tempfile.gettempdir()).glob("tokshard-tok-*"))
     local, distributed = tmp_path / "local", tmp_path / "ray"
-    convert(convert_config([photo_tars], local, tokenizer_dir, format=fmt, codec=codec), quiet=True)
+    convert(convert_config([photo_tars], local, tokenizer_dir, format=fmt, codec=codec, **extra), quiet=True)
     result = convert(convert_config([photo_tars], distributed, tokenizer_dir, format=fmt, codec=codec,
-                                    engine="ray", encoders=encoders), quiet=True)
+                                    engine="ray", encoders=encoders, **extra), quiet=True)
     # Workers rebuild the tokenizer from a temporary copy of the artifact and remove it.
     assert set(Path(tempfile.gettempdir()).glob("tokshard-tok-*")) <= copies
     assert result["dataset"]["shards"] == 3 and result["units_reused"] == 0
     a, b = tree(local), tree(distributed)
     assert a.keys() == b.keys() and "manifest.parquet" in a
     assert [k for k in a if a[k] != b[k]] == []
+    if extra:     # the photos' aspect ratios made grids of their own
+        assert len({tuple(g) for g in tokshard.open(str(local)).grids().tolist()}) > 1
 
 
 def test_a_failing_shard_is_retried_reported_and_redone_on_rerun(ray_cluster, tmp_path, photo_tars,

@@ -44,7 +44,11 @@ class ConvertConfig:
     # Keep only this split's files (Hugging Face layouts: data/train-*.parquet, test/...). None:
     # every file; if more than one split is found, each record's meta gets its `split`.
     split: str | None = None
-    max_pixels: int = _DECODE.max_pixels
+    max_pixels: int = _DECODE.max_pixels          # the decompression-bomb bound (--max-image-pixels)
+    # resize_mode "area" (variable grids, --max-pixels / --patch): each image resized to at most
+    # max_area pixels in cells of patch x patch, keeping its aspect ratio; patch None: the tokenizer's.
+    max_area: int = 0
+    patch: int | None = None
     min_image_size: int = _DECODE.min_image_size
     codec_fit_samples: int = 2048
     decode_workers: int = 2
@@ -74,6 +78,9 @@ class ConvertConfig:
         for k in ("out", "decode_workers", "storage_options", "engine", "address", "encoders",
                   "gpus_per_encoder", "retries"):
             d.pop(k)
+        if self.resize_mode != "area":   # (absent unless area: the other jobs keep their hash)
+            d.pop("max_area")
+            d.pop("patch")
         if d["split"] is None:   # (absent unless set: jobs planned before it existed keep their hash)
             d.pop("split")
         # The text tokenizer is a path: its identity, the file's sha256, is the job spec's. The

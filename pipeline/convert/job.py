@@ -121,9 +121,11 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
     clip = _clip_config(cfg)
     if cfg.where:
         check_predicate(cfg.where)
+    max_area, patch = _area_options(cfg, tok, clip)
     try:
         decode = DecodeConfig(resolution=decode_resolution(cfg.views, tok.resolution), resize_mode=cfg.resize_mode,
-                              max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size)
+                              max_pixels=cfg.max_pixels, min_image_size=cfg.min_image_size, max_area=max_area,
+                              patch=patch)
     except ValueError as e:
         raise UsageError(str(e)) from None
     codec = get_codec(cfg.codec, tok.vocab_size, **cfg.codec_params)
@@ -220,10 +222,14 @@ def convert(cfg: ConvertConfig, quiet: bool = False) -> dict:
         tokenizer=TokenizerRecord(name=tok.name, tokenizer_id=identity.tokenizer_id,
                                   tokenizer_config_hash=identity.config_hash, codebook_hash=identity.codebook_hash,
                                   config=tok.config(), vocab_size=tok.vocab_size, path=TOKENIZER_DIR),
-        grid=list(tok.grid_shape), views=list(views), sample_shape=list(ctx.sample_shape),
+        grid=[] if ctx.variable_grid else list(tok.grid_shape), views=list(views),
+        sample_shape=list(ctx.sample_shape),
+        variable_grid=None if not ctx.variable_grid else {
+            "resize_mode": "area", "max_pixels": decode.max_area, "patch": decode.patch,
+            "max_tokens": decode.max_area // decode.patch ** 2},
         video=None if clip is None else {**asdict(clip), "tokenized": "per_clip" if ctx.clip_shape else "per_frame"},
         token_dtype=token_dtype(tok.vocab_size).name,
-        decode=asdict(decode), sources=[redact_url(s) for s in cfg.sources], job_hash=job_hash,
+        decode=decode.to_dict(), sources=[redact_url(s) for s in cfg.sources], job_hash=job_hash,
         shards=len(rows), totals=totals, skipped_by_reason=dict(sorted(skips.items())),
         dropped_by_reason=_sum_reasons(row.dropped_by_reason or [] for row in rows),
         codec_state=CODEC_STATE if state is not None else None,
@@ -361,6 +367,33 @@ def _clip_config(cfg: ConvertConfig) -> ClipConfig | None:
                           max_clips=cfg.max_clips)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def _area_options(cfg: ConvertConfig, tok: Tokenizer, clip: ClipConfig | None) -> tuple[int, int]:
+    """DecodeConfig's (max_area, patch) for --resize-mode area (variable grids), checked against
+    the tokenizer and the other options; DecodeConfig's defaults for the other modes."""
+    if cfg.resize_mode != "area":
+        if cfg.max_area or cfg.patch is not None:
+            raise UsageError("--max-pixels and --patch go with --resize-mode area (variable grids)")
+        return _NO_AREA.max_area, _NO_AREA.patch
+    if not cfg.max_area:
+        raise UsageError("--resize-mode area needs --max-pixels P: the most pixels an image is resized to")
+    patch = getattr(tok, "patch_size", None)
+    if patch is None:
+        raise UsageError(f"--resize-mode area: tokenizer {tok.name!r} encodes fixed {tuple(tok.grid_shape)} grids "
+                         "only (it declares no patch_size; docs/tokenizers.md, variable grids)")
+    if cfg.patch is not None and cfg.patch != patch:
+        raise UsageError(f"--patch {cfg.patch}: tokenizer {tok.name!r} makes one token per {patch}x{patch} pixels")
+    if cfg.resolution:
+        raise UsageError("--resolution does not apply to --resize-mode area (--max-pixels sets the size)")
+    if cfg.views != "none":
+        raise UsageError("--views applies to fixed grids; --resize-mode area stores one view per image")
+    if clip is not None:
+        raise UsageError("--resize-mode area applies to images; a video job stores clips of one grid")
+    return int(cfg.max_area), int(patch)
+
+
+_NO_AREA = DecodeConfig()
 
 
 def _clip_shape(tok: Tokenizer, clip: ClipConfig | None) -> tuple[int, ...] | None:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokshard.errors import SkipSample
+from tokshard.errors import SkipSample, TokenizerError
 from tokshard.pipeline.convert.decode import DecodeConfig, decode_image
 from tokshard.pipeline.convert.select import select_records
 from tokshard.pipeline.convert.sources import Record, WorkUnit, read_unit
@@ -39,7 +39,7 @@ from tokshard.pipeline.format.shards import EncodedSample, get_format
 from tokshard.pipeline.format.work import read_receipt, write_receipt
 from tokshard.pipeline.storage import atomic_write, redact_url, sha256
 from tokshard.schemas.records import Receipt, ShardEntry
-from tokshard.schemas.v1 import SAMPLES, SAMPLES_TEXT
+from tokshard.schemas.v1 import samples_schema
 from tokshard.tokenizers.base import ClipTokenizer, Tokenizer, TokenizerIdentity, canonical_json, sha256_hex
 from tokshard.tokenizers.text import TextTokenizer
 
@@ -79,9 +79,16 @@ class UnitContext:
     text: TextTokenizer | None = None           # set: captions become the text_tokens column
 
     @property
+    def variable_grid(self) -> bool:
+        """Each sample has its own grid (--resize-mode area): images of their own sizes."""
+        return self.decode.resize_mode == "area"
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """Stored codes per sample: the grid, with a leading view axis for multi-view
-        and a leading time axis for video clips."""
+        and a leading time axis for video clips; () with variable grids (each sample's own)."""
+        if self.variable_grid:
+            return ()
         if self.clip is not None:
             return self.clip_shape or (self.clip.frames, *self.tokenizer.grid_shape)
         n = len(view_names(self.views))
@@ -91,13 +98,14 @@ class UnitContext:
 @dataclass
 class DecodedBatch:
     kept: list            # (record without image bytes, width, height)
-    images: np.ndarray    # (len(kept) * views, R, R, 3) uint8
+    # (len(kept) * views, R, R, 3) uint8; with variable grids a list of (H, W, 3) images of their own sizes
+    images: np.ndarray | list[np.ndarray]
 
 
 @dataclass
 class EncodedBatch:
     kept: list
-    codes: np.ndarray     # (len(kept), *sample_shape)
+    codes: np.ndarray | list[np.ndarray]    # (len(kept), *sample_shape); variable grids: one (h, w) array each
     encode_s: float
 
 
@@ -185,7 +193,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
             n_kept += 1
             if len(images) >= tok.batch_size or n_kept == limit:
                 tail.decode_s += time.perf_counter() - t0
-                yield DecodedBatch(kept, np.stack(images))
+                yield DecodedBatch(kept, images if ctx.variable_grid else np.stack(images))
                 kept, images = [], []
                 t0 = time.perf_counter()
             if n_kept == limit:
@@ -194,7 +202,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
             break
     if images:
         tail.decode_s += time.perf_counter() - t0
-        yield DecodedBatch(kept, np.stack(images))
+        yield DecodedBatch(kept, images if ctx.variable_grid else np.stack(images))
     yield tail
 
 
@@ -221,11 +229,36 @@ def encode_batch(tok: Tokenizer, item: DecodedBatch | UnitTail, shape: tuple[int
         return item
     t0 = time.perf_counter()
     images = item.images
+    if isinstance(images, list):     # variable grids
+        return EncodedBatch(item.kept, encode_by_size(tok, images), time.perf_counter() - t0)
     if clip_frames is not None and isinstance(tok, ClipTokenizer):
         codes = tok.encode_clips(images.reshape(-1, clip_frames, *images.shape[1:]))
     else:
         codes = tok.encode(images)
     return EncodedBatch(item.kept, codes.reshape(-1, *shape), time.perf_counter() - t0)
+
+
+def encode_by_size(tok: Tokenizer, images: list[np.ndarray]) -> list[np.ndarray]:
+    """Images of their own sizes (multiples of the tokenizer's patch) -> each one's (h, w) codes,
+    in input order: one tokenizer call per size, sizes in the order they first appear (so the
+    calls, and any batch-dependent rounding in them, are the same on every engine)."""
+    p = tok.patch_size
+    if p is None:
+        raise TokenizerError(f"tokenizer {tok.name!r} takes fixed {tuple(tok.grid_shape)} grids only "
+                             "(no patch_size): it cannot encode images of their own sizes")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.shape, []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(images)
+    for shape, idx in groups.items():
+        want = (len(idx), shape[0] // p, shape[1] // p)
+        codes = np.asarray(tok.encode(np.stack([images[i] for i in idx])))
+        if codes.shape != want:
+            raise TokenizerError(f"tokenizer {tok.name!r} encoded {len(idx)} images of {shape[1]}x{shape[0]} "
+                                 f"pixels to codes of shape {codes.shape}, expected {want}")
+        for j, i in enumerate(idx):
+            out[i] = codes[j]
+    return out
 
 
 def tokenize_unit(unit: WorkUnit, ctx: UnitContext, tok: Tokenizer,
@@ -255,9 +288,15 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     info, codec = ctx.tokenizer, ctx.codec
     kept = [k for b in batches for k in b.kept]
     dtype = token_dtype(info.vocab_size)
-    codes = (np.concatenate([b.codes for b in batches]) if batches
-             else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
-    payloads = codec.encode_batch(list(codes)) if len(codes) else []
+    codes: np.ndarray | list[np.ndarray]
+    if ctx.variable_grid:   # one (h, w) array per sample; the codec codes each with its own row width
+        codes = [c.astype(dtype) for b in batches for c in b.codes]
+    else:
+        codes = (np.concatenate([np.asarray(b.codes) for b in batches]) if batches
+                 else np.empty((0, *ctx.sample_shape), np.int64)).astype(dtype)
+    # (variable grids: each coded with its own row width, which a context codec models by)
+    widths = [int(c.shape[1]) for c in codes] if ctx.variable_grid else None
+    payloads = codec.encode_batch(list(codes), widths=widths) if len(codes) else []
     text = _text_tokens(ctx.text, [rec.caption for rec, _, _ in kept])
     # rec.source is already redacted: the source readers (sources.py) are the one place that does it.
     samples = [EncodedSample(rec.key, p, c, rec.caption, rec.label, w, h, rec.source, rec.meta, ids)
@@ -270,7 +309,7 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
     if ctx.text is not None:   # (only then: the shards of jobs without text tokens are unchanged)
         file_meta["text_tokenizer_sha256"] = ctx.text.sha256
     data, offsets = shard_format.write(samples, codec.name, ctx.sample_shape, dtype, file_meta,
-                                       text_tokens=ctx.text is not None)
+                                       text_tokens=ctx.text is not None, variable_grid=ctx.variable_grid)
     atomic_write(ctx.layout.fs, ctx.layout.resolve(rel), data)
     index_columns = {
         "key": [s.key for s in samples], "shard": [name] * len(samples),
@@ -280,24 +319,28 @@ def commit_unit(unit: WorkUnit, ctx: UnitContext, batches: list[EncodedBatch], t
         "source": [s.source for s in samples]}
     if ctx.text is not None:
         index_columns["text_tokens"] = [len(ids) for ids in text.ids]
-    index = pa.Table.from_pydict(index_columns, schema=SAMPLES if ctx.text is None else SAMPLES_TEXT)
+    if ctx.variable_grid:   # each sample's grid: the loader buckets by it before reading any shard
+        index_columns["grid_h"] = [s.tokens.shape[0] for s in samples]
+        index_columns["grid_w"] = [s.tokens.shape[1] for s in samples]
+    index = pa.Table.from_pydict(index_columns, schema=samples_schema(ctx.text is not None, ctx.variable_grid))
     buf = io.BytesIO()
     pq.write_table(index, buf, compression="zstd")
     index_data = buf.getvalue()
     atomic_write(ctx.layout.fs, ctx.layout.index(name), index_data)
     timings = {"decode_s": tail.decode_s, "encode_s": sum(b.encode_s for b in batches),
                "write_s": time.perf_counter() - t0}  # coding, serialising and writing
-    n_tokens = int(np.prod(ctx.sample_shape))
+    n_tokens = sum(int(c.size) for c in codes)
     skips = tail.skips
     # A caption cut at --max-text-tokens is a part of a kept sample dropped, counted as the others are.
     dropped = tail.dropped + Counter({"text_truncated": text.truncated})
     entry = ShardEntry(
         shard=name, path=rel, format=ctx.format, codec=codec.name,
-        codec_version=codec.version, samples=len(samples), tokens=len(samples) * n_tokens,
-        raw_bytes=len(samples) * n_tokens * dtype.itemsize,
+        codec_version=codec.version, samples=len(samples), tokens=n_tokens,
+        raw_bytes=n_tokens * dtype.itemsize,
         payload_bytes=sum(len(p) for p in payloads), stored_bytes=len(data),
         source_bytes=sum(rec.source_bytes for rec, _, _ in kept), sha256=sha256(data),
-        **identity.as_dict(), grid=list(info.grid_shape), source_shards=[redact_url(unit.url)],
+        **identity.as_dict(), grid=[] if ctx.variable_grid else list(info.grid_shape),
+        source_shards=[redact_url(unit.url)],
         unit=unit.index, skipped=sum(skips.values()),
         skipped_by_reason=[{"reason": r, "count": c} for r, c in sorted(skips.items())],
         dropped_by_reason=[{"reason": r, "count": c} for r, c in sorted(dropped.items())],

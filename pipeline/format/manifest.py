@@ -165,8 +165,18 @@ def check_shards(layout: DatasetLayout, table: pa.Table, record: DatasetRecord, 
             tokens = np.asarray(table.column("tokens").to_numpy(), dtype=np.int64)
         except (KeyError, TypeError, ValueError, pa.ArrowException) as e:
             raise ManifestError(f"{url}: the manifest's tokens column is damaged ({type(e).__name__})") from None
-        # Divided, not multiplied: samples x tokens per sample could wrap int64.
-        wrong = np.flatnonzero((tokens // max(per_sample, 1) != sizes) | (tokens % max(per_sample, 1) != 0))
+        if record.variable_grid is not None:
+            # Each sample 1..max_tokens tokens (its own grid); divided, not multiplied, as below.
+            most = int(record.variable_grid["max_tokens"])
+            wrong = np.flatnonzero((tokens < sizes) | (-(-tokens // most) > sizes))
+            if len(wrong):
+                k = int(wrong[0])
+                raise ManifestError(f"{url}: manifest shard {names[k]!r:.40}: {int(sizes[k])} samples of 1.."
+                                    f"{most} tokens, but the tokens column says {int(tokens[k])}")
+            wrong = np.empty(0, np.int64)
+        else:
+            # Divided, not multiplied: samples x tokens per sample could wrap int64.
+            wrong = np.flatnonzero((tokens // max(per_sample, 1) != sizes) | (tokens % max(per_sample, 1) != 0))
         if len(wrong):
             k = int(wrong[0])
             raise ManifestError(f"{url}: manifest shard {names[k]!r:.40}: {int(sizes[k])} samples of {per_sample} "

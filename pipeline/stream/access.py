@@ -70,11 +70,13 @@ class SampleCache:
         ds = self.ds
         text = ds.info.text_tokenizer is not None
         cols = dict(ds.read_shard(k, EXTRA_COLUMNS + (("text_tokens",) if text else ())))
-        cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"])
+        cols["tokens"] = ds.decode_tokens(cols["tokens"], cols["id"], cols.get("grid"))
         # (metadata stays JSON text, parsed per lookup: each caller gets a dict of its own)
         for name in ("key", "caption", "source", "label", "width", "height", "meta"):
             cols[name] = cols[name].tolist()
-        weight = int(cols["tokens"].nbytes) + int(ds.shard_bytes[k])
+        tokens = cols["tokens"]
+        weight = (sum(int(a.nbytes) for a in tokens) if tokens.dtype == object else int(tokens.nbytes)) \
+            + int(ds.shard_bytes[k])
         if text:
             weight += sum(int(a.nbytes) for a in cols["text_tokens"])
         self.shards[k] = (cols, weight)
@@ -166,6 +168,22 @@ def all_text_lengths(ds: TokenDataset) -> np.ndarray:
             raise ShardError(ds.shard_names[k], "its sample index gives text token counts outside 0.."
                              f"{ds.text_tokenizer['max_tokens']} (--max-text-tokens)")
         out[int(ds.shard_offsets[k]) + rows] = counts
+    return out
+
+
+def all_grids(ds: TokenDataset) -> np.ndarray:
+    """A variable-grid dataset's grid (h, w) of every sample in id order, from the sample index,
+    each held to the record's bound: what the loader groups and packs by before any shard is
+    read. The loader holds each shard's grids to these when it reads them."""
+    out = np.zeros((len(ds), 2), np.int64)
+    for k in range(ds.num_shards):
+        rows, h = _index_column(ds, k, "grid_h")
+        _, w = _index_column(ds, k, "grid_w")
+        if h.null_count or w.null_count:
+            raise ShardError(ds.shard_names[k], "its sample index lacks the grids of some rows")
+        grid = np.stack([h.to_numpy().astype(np.int64), w.to_numpy().astype(np.int64)], axis=1)
+        ds._check_grids(grid, k, "sample index")
+        out[int(ds.shard_offsets[k]) + rows] = grid
     return out
 
 

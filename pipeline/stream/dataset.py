@@ -107,9 +107,11 @@ class TokenDataset:
         self.codec = codec_from_description(info.codec, self.vocab_size, state)
         self.views = tuple(info.views)
         self.video = info.video
-        # Stored codes per sample: the grid, with a leading view or time axis.
+        # Stored codes per sample: the grid, with a leading view or time axis. A variable-grid
+        # dataset (--resize-mode area): () and 0; each sample's grid is in `grids()`.
+        self.variable_grid = info.variable_grid
         self.sample_shape = info.stored_shape()
-        self.tokens_per_sample = int(np.prod(self.sample_shape))
+        self.tokens_per_sample = 0 if self.variable_grid else int(np.prod(self.sample_shape))
         shards = check_shards(self._layout, self.manifest, info, url)
         self.shard_names, self.shard_paths, self.shard_sha256 = shards.names, shards.paths, shards.sha256
         self.shard_sizes, self.shard_bytes = shards.samples, shards.stored_bytes
@@ -293,6 +295,8 @@ class TokenDataset:
         cols = parse_shard(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
                            codec=self.codec.name, n_tokens=self.tokens_per_sample,
                            dtype=self.token_dtype, samples=int(self.shard_sizes[i]), columns=columns, rows=rows)
+        if self.variable_grid is not None:
+            self._check_grids(cols["grid"], i, "shard")
         ids = np.arange(self.shard_offsets[i], self.shard_offsets[i + 1], dtype=np.int64)
         cols["id"] = ids if rows is None else ids[rows]
         return cols
@@ -331,8 +335,43 @@ class TokenDataset:
         return parse_keys(self._shard_bytes(i), shard=self.shard_names[i], fmt=self.format,
                           codec=self.codec.name, samples=int(self.shard_sizes[i]))
 
-    def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
-        """A tokens column (raw rows or coded payloads) -> (n, *sample_shape) token ids."""
+    @property
+    def max_sample_tokens(self) -> int:
+        """The most tokens a sample holds: tokens_per_sample, or a variable-grid dataset's bound."""
+        return int(self.variable_grid["max_tokens"]) if self.variable_grid else self.tokens_per_sample
+
+    def grids(self) -> np.ndarray:
+        """Each sample's token grid (h, w) by sample id, an (n, 2) int64 array: a variable-grid
+        dataset's from its sample index (read once; the loader groups and packs by it before any
+        shard is read), else the one grid repeated."""
+        if getattr(self, "_grids", None) is None:
+            if self.variable_grid is None:
+                if len(self.grid) != 2:
+                    raise UsageError(f"{self.url}: samples of grid {self.grid} are not 2-D grids")
+                self._grids = np.broadcast_to(np.asarray(self.grid, np.int64), (len(self), 2))
+            else:
+                from tokshard.pipeline.stream.access import all_grids
+                self._grids = all_grids(self)
+        return self._grids
+
+    def _check_grids(self, grid: np.ndarray, shard: int, where: str) -> None:
+        """Grids read from a shard or its index, held to the record's bound: a hostile grid would
+        size what a reader allocates."""
+        assert self.variable_grid is not None
+        limit = int(self.variable_grid["max_tokens"])
+        if len(grid) and (grid.min() < 1 or (grid[:, 0] * grid[:, 1]).max() > limit):
+            raise ShardError(self.shard_names[shard], f"its {where} gives a sample a grid outside 1..{limit} "
+                             "tokens (the record's variable_grid.max_tokens)")
+
+    def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None,
+                      grids: np.ndarray | None = None, *, stack: bool = False) -> np.ndarray:
+        """A tokens column (raw rows or coded payloads) -> (n, *sample_shape) token ids; with
+        variable grids (`grids`: the samples' (h, w), as read_shard gives them) an object array
+        of one (h, w) array per sample, or with `stack` (samples of one grid) one (n, h, w) array."""
+        if self.variable_grid is not None:
+            if stack:
+                return self._decode_one_grid(tokens, ids, grids)
+            return self._decode_grids(tokens, ids, grids)
         if tokens.dtype != object:
             return tokens.reshape(len(tokens), *self.sample_shape)
         try:
@@ -347,6 +386,45 @@ class TokenDataset:
             raise
         return rows.reshape(len(tokens), *self.sample_shape)
 
+    def _decode_one_grid(self, tokens: np.ndarray, ids: np.ndarray | None, grids: np.ndarray | None) -> np.ndarray:
+        """Samples of one grid (a loader batch grouped by grid) in one (n, h, w) array, decoded as
+        one matrix: no array per sample."""
+        if grids is None or len(grids) != len(tokens) or (len(grids) and (grids != grids[0]).any()):
+            raise UsageError("stack=True decodes samples of one grid, given as `grids`")
+        if not len(tokens):
+            return np.empty((0, 1, 1), self.token_dtype)
+        h, w = (int(v) for v in grids[0])
+        if self.codec.name == "raw":
+            return np.stack(list(tokens)).reshape(len(tokens), h, w)
+        try:
+            rows = self.codec.decode_matrix(list(tokens), h * w, widths=w)
+        except CodecError:
+            return np.stack(list(self._decode_grids(tokens, ids, grids)))   # (which names the culprit)
+        return rows.reshape(len(tokens), h, w)
+
+    def _decode_grids(self, tokens: np.ndarray, ids: np.ndarray | None, grids: np.ndarray | None) -> np.ndarray:
+        if grids is None or len(grids) != len(tokens):
+            raise UsageError("a variable-grid dataset's tokens decode with their grids (read_shard's 'grid')")
+        out = np.empty(len(tokens), dtype=object)
+        if self.codec.name == "raw":
+            for j, (row, (h, w)) in enumerate(zip(tokens, grids.tolist())):
+                out[j] = np.asarray(row).reshape(h, w)
+            return out
+        counts = (grids[:, 0] * grids[:, 1]).tolist()
+        widths = grids[:, 1].tolist()
+        try:
+            rows = self.codec.decode_batch(list(tokens), counts, widths=widths)
+        except CodecError:
+            for j, payload in enumerate(tokens):
+                try:
+                    self.codec.decode_batch([payload], counts[j:j + 1], widths=widths[j:j + 1])
+                except CodecError as e:
+                    raise self._sample_error(None if ids is None else int(ids[j]), e) from None
+            raise
+        for j, (row, (h, w)) in enumerate(zip(rows, grids.tolist())):
+            out[j] = row.reshape(h, w)
+        return out
+
     def _sample_error(self, sample_id: int | None, err: Exception) -> ShardError:
         if sample_id is None:
             return ShardError("?", str(err))
@@ -356,7 +434,7 @@ class TokenDataset:
     def shard(self, i: int) -> dict:
         """Shard `i` decoded: {"tokens": (n, *sample_shape), "label", "key", "id"}."""
         cols = self.read_shard(i)
-        return {"tokens": self.decode_tokens(cols["tokens"], cols["id"]), "label": cols["label"],
+        return {"tokens": self.decode_tokens(cols["tokens"], cols["id"], cols.get("grid")), "label": cols["label"],
                 "key": list(cols["key"]), "id": cols["id"]}
 
     def __iter__(self) -> Iterator[tuple[int, str, np.ndarray, int]]:

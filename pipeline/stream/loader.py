@@ -436,6 +436,13 @@ class TokenIterable(IterableDataset):
         # (the fields' coded tokens ride along with the stored columns as "tokens:NAME")
         self.stored_columns += tuple(f"tokens:{f}" for f in self.token_fields if f != "tokens")
         self.pack, self.vocab, self.too_long = self._check_pack(ds, pack, vocab, too_long, max_tokens, view)
+        # A variable-grid dataset's batches (unpacked) are each of one grid: grouped by grid as
+        # per-stream batching groups by stream (`order.stream_batches`), both at once in a mixture.
+        self.by_grid = ds.variable_grid is not None and not self.pack
+        self.grouped = self.batching == "per_stream" or self.by_grid
+        if ds.variable_grid is not None and self.pack and augment is not None:
+            raise UsageError("augment= with pack=N on a variable-grid dataset: a packed batch's samples have "
+                             "grids of their own, which the grid augmentations cannot take together")
         if self.pack and ds.text_tokenizer is not None and "text_tokens" not in self.stored_columns:
             self.stored_columns += ("text_tokens",)
         self.ds, self.batch_size, self.shuffle, self.seed = ds, batch_size, shuffle, seed
@@ -474,6 +481,8 @@ class TokenIterable(IterableDataset):
             return names
         if getattr(ds, "is_mixture", False):
             raise UsageError("token fields (tokens=...) apply to a dataset, not a mixture")
+        if ds.variable_grid is not None:
+            raise UsageError("token fields (tokens=...) apply to datasets of one grid; this one has variable grids")
         if pack is not None:
             raise UsageError("pack=N packs the dataset's own codes; token fields (tokens=...) do not apply")
         if max_tokens is not None and names[0] != "tokens":
@@ -486,8 +495,23 @@ class TokenIterable(IterableDataset):
     def _codes(self, name: str, cols: dict) -> np.ndarray:
         """Field `name`'s decoded codes of the batch's samples ("tokens": the dataset's own)."""
         if name == "tokens":
+            if self.ds.variable_grid is not None:
+                return self._grid_codes(cols)
             return self.ds.decode_tokens(cols["tokens"], cols["id"])
         return self.ds.field(name).decode_tokens(cols[f"tokens:{name}"], cols["id"])
+
+    def _grid_codes(self, cols: dict) -> np.ndarray:
+        """A variable-grid batch's codes, each sample held to the grid the sample index gave it
+        (what its batch was planned with): one (B, h, w) array when they share one (grouped by
+        grid), else an object array of (h, w) arrays (packed)."""
+        ids, grid = cols["id"], cols["grid"]
+        planned = self.ds.grids()[ids]
+        if not np.array_equal(grid, planned):
+            j = int(np.flatnonzero((grid != planned).any(axis=1))[0])
+            raise ShardError(self._shard_of(int(ids[j])), f"sample {cols['key'][j]!r:.60} has grid "
+                             f"{grid[j].tolist()}, its sample index says {planned[j].tolist()} (a stale or "
+                             "tampered index)")
+        return self.ds.decode_tokens(cols["tokens"], ids, grid, stack=self.by_grid)
 
     def pack_state(self) -> dict | None:
         """What packing depends on, for the loader's state (None: not packed)."""
@@ -522,11 +546,17 @@ class TokenIterable(IterableDataset):
         if text is not None and vocab.text < int(text["vocab_size"]):
             raise UsageError(f"vocab: {vocab.text} text ids, but the dataset's text tokenizer has "
                              f"{text['vocab_size']}")
-        image = int(np.prod(ds.grid)) if max_tokens is None else int(max_tokens)
-        shortest = int(document_lengths(np.zeros(1, np.int64), image)[0])
+        image: int | None
+        if ds.variable_grid is not None:      # each sample's own grid: planned from the sample index
+            image = None
+            grids = ds.grids()
+            fewest = int((grids[:, 0] * grids[:, 1]).min(initial=0)) if len(grids) else 0
+        else:
+            image = fewest = int(np.prod(ds.grid)) if max_tokens is None else int(max_tokens)
+        shortest = int(document_lengths(np.zeros(1, np.int64), fewest)[0])
         if pack < shortest:
             raise UsageError(f"pack={pack} is shorter than the shortest sample: {shortest} tokens (bos, boi, "
-                             f"{image} image codes, eoi; no text)")
+                             f"{fewest} image codes, eoi; no text)")
         self.image_tokens = image
         return int(pack), vocab, too_long
 
@@ -547,9 +577,9 @@ class TokenIterable(IterableDataset):
         if self.pack:      # (ranks are evened out by whole batches instead: _pack_plan)
             span = rank_slice(plan, rank, world)
             return span, plan_length(span)
-        if self.batching == "per_stream":
+        if self.grouped:
             positions = plan_positions(plan, 0, plan_length(plan))
-            mine, real = stream_rank_slice(positions, self._streams()[positions], rank, world, self.even_batches)
+            mine, real = stream_rank_slice(positions, self._groups()[positions], rank, world, self.even_batches)
             return (mine,), real
         if self.even_batches:
             return even_rank_slice(plan, rank, world)
@@ -564,12 +594,28 @@ class TokenIterable(IterableDataset):
             memo = self._streams_memo = (self.epoch, mixture.epoch_plan(self.epoch, self.seed, self.shuffle)[0])
         return memo[1]
 
+    def _groups(self) -> np.ndarray:
+        """The batch group of each global position of this epoch (grouped batching): its stream
+        (batching="per_stream"), its grid (a variable-grid dataset), or both."""
+        memo = getattr(self, "_groups_memo", None)
+        if memo is None or memo[0] != self.epoch:
+            groups = self._streams().astype(np.int64) if self.batching == "per_stream" else None
+            if self.by_grid:
+                grid = self.ds.grids()[self._epoch_ids()]
+                # (h, w) as one integer; grids are at most 2^20 tokens (MAX_GRID_TOKENS), so it stays
+                # below 2^41, and a stream number on top of it below 2^63
+                key = grid[:, 0] << 21 | grid[:, 1]
+                groups = key if groups is None else groups << 42 | key
+            assert groups is not None    # (grouped: per_stream or by_grid)
+            memo = self._groups_memo = (self.epoch, groups)
+        return memo[1]
+
     def _quota(self, plan: Plan, world: int) -> dict[int, int] | None:
         """With per-stream batching and drop_last: the full batches each stream gives every
         rank (what its shortest rank can fill), so every rank has as many."""
         if not self.drop_last:
             return None
-        streams = self._streams()[plan_positions(plan, 0, plan_length(plan))]
+        streams = self._groups()[plan_positions(plan, 0, plan_length(plan))]
         s, n = np.unique(streams, return_counts=True)
         return {int(k): int(c) // world // self.batch_size for k, c in zip(s, n)}
 
@@ -581,8 +627,8 @@ class TokenIterable(IterableDataset):
         if self.pack:
             return self._pack_plan(plan, span, seg, rank, world)
         emit = emission_order(n, self.buffer, self._rank_key(seg, rank, world))
-        if self.batching == "per_stream":
-            streams = self._streams()[plan_lookup(span, emit)]
+        if self.grouped:
+            streams = self._groups()[plan_lookup(span, emit)]
             flat, bounds = stream_batches(streams, bs, self._quota(plan, world))
             return emit[flat], bounds
         limit = (plan_length(plan) // world) // bs * bs if self.drop_last else n
@@ -624,7 +670,11 @@ class TokenIterable(IterableDataset):
             span, _ = self._span(plan, rank, world)
         emit = emission_order(plan_length(span), self.buffer, self._rank_key(seg, rank, world))
         ids = self._epoch_ids()[plan_lookup(span, emit)]
-        lengths = document_lengths(self.ds.text_lengths()[ids], self.image_tokens)
+        if self.image_tokens is None:       # variable grids: each sample's own count
+            grid = self.ds.grids()[ids]
+            lengths = document_lengths(self.ds.text_lengths()[ids], grid[:, 0] * grid[:, 1])
+        else:
+            lengths = document_lengths(self.ds.text_lengths()[ids], self.image_tokens)
         assert self.pack is not None
         return emit, pack_bounds(lengths, self.pack, self.batch_size, self.too_long)
 
@@ -641,7 +691,7 @@ class TokenIterable(IterableDataset):
             pieces: list[tuple[int, int] | np.ndarray] = []
             for r in range(world):
                 span, real = self._span(plan, r, world)
-                if self.batching == "per_stream" or self.pack:
+                if self.grouped or self.pack:
                     pieces.extend(self._unconsumed(plan, span, real, seg, r, world, batches))
                     continue
                 n = plan_length(span)
@@ -683,12 +733,12 @@ class TokenIterable(IterableDataset):
         if self.pack:
             return len(self._batches(plan, self._span(plan, self.rank, self.world_size)[0], len(self.history),
                                      self.rank, self.world_size)[1]) - 1
-        if self.batching == "per_stream":
+        if self.grouped:
             quota = self._quota(plan, self.world_size)
             if quota is not None:
                 return sum(quota.values())
             span, _ = self._span(plan, self.rank, self.world_size)
-            counts = np.unique(self._streams()[plan_positions(span, 0, plan_length(span))], return_counts=True)[1]
+            counts = np.unique(self._groups()[plan_positions(span, 0, plan_length(span))], return_counts=True)[1]
             return int(sum(-(-int(c) // bs) for c in counts))
         if self.drop_last:
             return (plan_length(plan) // self.world_size) // bs
@@ -783,7 +833,8 @@ class TokenIterable(IterableDataset):
         tokens = codes.pop(self.token_fields[0])
         if self.max_tokens is not None:
             tokens = tokens[..., : self.max_tokens]
-        batch = {"tokens": torch.from_numpy(tokens.astype(np.int64)),
+        batch = {"tokens": (torch.from_numpy(tokens.astype(np.int64)) if tokens.dtype != object   # else packed grids
+                            else [torch.from_numpy(t.astype(np.int64)) for t in tokens]),
                  "label": torch.from_numpy(cols["label"]), "key": cols["key"].tolist(),
                  "id": torch.from_numpy(cols["id"]), "pad": torch.from_numpy(cols["pad"]),
                  **{k: torch.from_numpy(v.astype(np.int64)) for k, v in codes.items()}}
@@ -791,6 +842,8 @@ class TokenIterable(IterableDataset):
             batch["view"] = torch.from_numpy(views)
         if "stream" in cols:           # a mixture's: which stream each sample came from
             batch["stream"] = torch.from_numpy(cols["stream"])
+        if "grid" in cols:             # a variable-grid dataset's: each sample's (h, w)
+            batch["grid"] = torch.from_numpy(cols["grid"])
         for name in self.columns:
             batch[name] = self._column(name, cols)
         if self.augment is not None:
@@ -806,17 +859,23 @@ class TokenIterable(IterableDataset):
         (`packing.assemble`), with each document's id, key, label and `columns` in document
         order (document_ids index them)."""
         assert self.pack is not None and self.vocab is not None
+        image: np.ndarray | list[np.ndarray]
         if batch is None:
-            image = np.zeros((0, self.image_tokens), np.int64)
+            image = np.zeros((0, self.image_tokens or 0), np.int64)
             text: list = []
             batch = {"id": torch.zeros(0, dtype=torch.int64), "key": [], "label": torch.zeros(0, dtype=torch.int64),
+                     **({"grid": torch.zeros((0, 2), dtype=torch.int64)} if self.image_tokens is None else {}),
                      **{c: torch.zeros(0, dtype=torch.int64) if c in ("width", "height") else
                         torch.zeros((0, 0), dtype=torch.int64) if c == "text_tokens" else [] for c in self.columns}}
         else:
-            image = batch["tokens"].reshape(len(batch["key"]), -1).numpy()
-            if image.shape[1] != self.image_tokens:
-                raise UsageError(f"augment made {image.shape[1]} image tokens a sample; pack=N plans with "
-                                 f"{self.image_tokens} (use augmentations that keep the grid)")
+            if isinstance(batch["tokens"], list):     # variable grids: each sample's own codes
+                image = [t.numpy() for t in batch["tokens"]]
+            else:
+                flat = batch["tokens"].reshape(len(batch["key"]), -1).numpy()
+                if flat.shape[1] != self.image_tokens:
+                    raise UsageError(f"augment made {flat.shape[1]} image tokens a sample; pack=N plans with "
+                                     f"{self.image_tokens} (use augmentations that keep the grid)")
+                image = flat
             ids = batch["id"].numpy()
             if self.ds.text_tokenizer is None:
                 text = [np.empty(0, np.int64)] * len(ids)
@@ -834,7 +893,7 @@ class TokenIterable(IterableDataset):
         packed["too_long"] = int(out["too_long"])
         for k in ("id", "key", "label", *self.columns):
             packed[k] = batch[k]
-        for k in ("view", "stream", "skipped_shards"):
+        for k in ("view", "stream", "grid", "skipped_shards"):
             if k in batch:
                 packed[k] = batch[k]
         return packed
@@ -1027,7 +1086,7 @@ class TokenLoader:
     def _tokens_per_sample(self) -> int:
         """Codes a batch carries per sample, over its token fields."""
         ds = self.iterable.ds
-        return sum(ds.tokens_per_sample if f == "tokens" else ds.field(f).tokens_per_sample
+        return sum(ds.max_sample_tokens if f == "tokens" else ds.field(f).max_sample_tokens
                    for f in self.iterable.token_fields)
 
     def _width(self) -> int:

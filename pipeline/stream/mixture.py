@@ -134,6 +134,8 @@ class TokenMixture:
         first = self.datasets[0]
         self.grid, self.views, self.sample_shape = first.grid, first.views, first.sample_shape
         self.tokens_per_sample, self.vocab_size = first.tokens_per_sample, first.vocab_size
+        self.variable_grid = first.variable_grid       # (streams of one grid, or all variable: sample_shape ())
+        self.max_sample_tokens = max(d.max_sample_tokens for d in self.datasets)
         self.token_dtype = np.result_type(*[d.token_dtype for d in self.datasets])
         self.url = "mix(" + ", ".join(d.url for d in self.datasets) + ")"
         self.job_hash = hashlib.sha256(json.dumps(
@@ -181,9 +183,29 @@ class TokenMixture:
     def class_names(self) -> dict[str, list[str]] | None:
         return self.datasets[0].class_names if self.label_names is not None else None
 
-    def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    def grids(self) -> np.ndarray:
+        """Each sample's token grid (h, w), by mixture id (the streams' in turn)."""
+        return np.concatenate([d.grids() for d in self.datasets])
+
+    def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None,
+                      grids: np.ndarray | None = None, *, stack: bool = False) -> np.ndarray:
         """A batch's coded tokens (from any streams; `ids` say which) -> (n, *sample_shape)
-        token ids, each stream's decoded by its own codec."""
+        token ids, each stream's decoded by its own codec (variable grids: an object array of
+        (h, w) arrays, `grids` giving each sample's)."""
+        if self.variable_grid is not None:
+            if ids is None or grids is None:
+                raise ValueError("a mixture decodes variable grids by the ids that say their streams, and the grids")
+            streams = np.searchsorted(self.offsets, ids, side="right") - 1
+            parts = {s: self.datasets[s].decode_tokens(tokens[sel], ids[sel] - self.offsets[s], grids[sel],
+                                                       stack=stack)
+                     for s in np.unique(streams).tolist() for sel in [np.flatnonzero(streams == s)]}
+            if stack and len(tokens):
+                out: np.ndarray = np.empty((len(tokens), *next(iter(parts.values())).shape[1:]), self.token_dtype)
+            else:
+                out = np.empty(len(tokens), dtype=object)
+            for s, part in parts.items():
+                out[np.flatnonzero(streams == s)] = part
+            return out
         if tokens.dtype != object:
             return tokens.reshape(len(tokens), *self.sample_shape)
         if ids is None:

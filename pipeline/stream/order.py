@@ -139,8 +139,7 @@ def stream_rank_slice(positions: np.ndarray, streams: np.ndarray, rank: int, wor
     stream gets one of that stream's positions from its start (the j-th short rank its j-th),
     so every rank holds as many samples of each stream, and so as many one-stream batches."""
     mine, pads = [], []
-    for s in np.unique(streams).tolist():
-        idx = np.flatnonzero(streams == s)
+    for idx in _members(streams):
         n = len(idx)
         lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         mine.append(idx[lo:hi])
@@ -153,6 +152,14 @@ def stream_rank_slice(positions: np.ndarray, streams: np.ndarray, rank: int, wor
     return np.asarray(positions, np.int64)[np.concatenate([real, *pads]).astype(np.int64)], len(real)
 
 
+def _members(groups: np.ndarray) -> list[np.ndarray]:
+    """The indices of each group's members, ascending, groups in ascending order: one stable
+    sort, not a scan per group (a variable-grid mixture has streams x grids groups)."""
+    order = np.argsort(groups, kind="stable")
+    cuts = np.flatnonzero(np.diff(groups[order])) + 1
+    return np.split(order, cuts) if len(order) else []
+
+
 def stream_batches(streams: np.ndarray, batch_size: int,
                    quota: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An emission order (`streams`: the stream of each emitted sample) regrouped into batches
@@ -163,8 +170,7 @@ def stream_batches(streams: np.ndarray, batch_size: int,
     streams do), and each stream's partial last batch comes at the end, in stream order. With
     `quota` (drop_last) stream s gives its first quota[s] full batches and no partial one."""
     full, partial = [], []
-    for s in np.unique(streams).tolist():
-        idx = np.flatnonzero(streams == s)
+    for s, idx in zip(np.unique(streams).tolist(), _members(streams)):
         k = len(idx) // batch_size if quota is None else min(len(idx) // batch_size, quota.get(s, 0))
         full.append(idx[: k * batch_size].reshape(k, batch_size))
         if quota is None and len(idx) > k * batch_size:

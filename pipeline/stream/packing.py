@@ -92,9 +92,10 @@ class Vocab:
         return json.dumps(self.describe(), sort_keys=True)
 
 
-def document_lengths(text_lengths: np.ndarray, image_tokens: int) -> np.ndarray:
-    """Tokens of each document: bos, its text, boi, its image codes, eoi."""
-    return np.asarray(text_lengths, np.int64) + int(image_tokens) + 3
+def document_lengths(text_lengths: np.ndarray, image_tokens: int | np.ndarray) -> np.ndarray:
+    """Tokens of each document: bos, its text, boi, its image codes, eoi (`image_tokens`: one
+    count for all, or each document's: variable grids)."""
+    return np.asarray(text_lengths, np.int64) + np.asarray(image_tokens, np.int64) + 3
 
 
 def place(lengths: np.ndarray, seq_len: int, rows: int, too_long: str = "split"
@@ -138,15 +139,22 @@ def pack_bounds(lengths: np.ndarray, seq_len: int, rows: int, too_long: str = "s
     return np.searchsorted(batch, np.arange(int(batch[-1]) + 2)).astype(np.int64)
 
 
-def assemble(text: Sequence[np.ndarray], image: np.ndarray, vocab: Vocab, seq_len: int, rows: int,
-             too_long: str = "split") -> dict[str, np.ndarray]:
-    """One packed batch from its documents' text ids and (n, tokens) image codes: input_ids
+def assemble(text: Sequence[np.ndarray], image: np.ndarray | Sequence[np.ndarray], vocab: Vocab, seq_len: int,
+             rows: int, too_long: str = "split") -> dict[str, np.ndarray]:
+    """One packed batch from its documents' text ids and (n, tokens) image codes (or one array of
+    codes per document, of its own length: variable grids): input_ids
     (rows, seq_len) int64 (pad id where no document is), loss_mask (True on document tokens),
     position_ids (position in its document, 0 on padding), document_ids (the document's index
     in the batch, -1 on padding: block-diagonal attention), token_type (PAD, SPECIAL, TEXT,
     IMAGE), and too_long: how many of the documents were skipped."""
     ids = vocab.ids
-    n, width = image.shape[0], int(np.prod(image.shape[1:]))
+    if isinstance(image, np.ndarray):
+        n = image.shape[0]
+        width = np.full(n, int(np.prod(image.shape[1:])), np.int64)
+        codes = np.asarray(image, np.int64).reshape(n, int(width[0]) if n else 0)
+    else:
+        n = len(image)
+        width = np.fromiter((np.size(a) for a in image), np.int64, count=n)
     lengths = np.fromiter((len(t) for t in text), np.int64, count=n) + width + 3
     batch, row, col = place(lengths, seq_len, rows, too_long)
     if n and batch[-1] != 0:
@@ -164,16 +172,23 @@ def assemble(text: Sequence[np.ndarray], image: np.ndarray, vocab: Vocab, seq_le
         doc = np.repeat(kept, size)
         first = np.cumsum(size) - size
         pos = np.arange(int(size.sum()), dtype=np.int64) - np.repeat(first, size)
-        n_text = (size - width - 3)[np.repeat(np.arange(len(kept)), size)]
+        each = np.repeat(np.arange(len(kept)), size)
+        n_text = (size - width[kept] - 3)[each]
+        n_image = width[kept][each]
         kind = np.where(pos == 0, SPECIAL, np.where(pos <= n_text, TEXT, np.where(pos == n_text + 1, SPECIAL,
-                        np.where(pos < n_text + 2 + width, IMAGE, SPECIAL)))).astype(np.int8)
+                        np.where(pos < n_text + 2 + n_image, IMAGE, SPECIAL)))).astype(np.int8)
         values = np.full(len(pos), ids["eoi"], np.int64)
         values[pos == 0] = ids["bos"]
         values[(pos == n_text + 1)] = ids["boi"]
         if (kind == TEXT).any():
             values[kind == TEXT] = np.concatenate([np.asarray(text[d], np.int64) for d in kept.tolist()])
-        if width:
-            values[kind == IMAGE] = (np.asarray(image, np.int64).reshape(n, width)[kept] + vocab.text).ravel()
+        if not width[kept].any():
+            pass
+        elif isinstance(image, np.ndarray):     # one grid: one gather
+            values[kind == IMAGE] = (codes[kept] + vocab.text).ravel()
+        else:
+            values[kind == IMAGE] = np.concatenate([np.asarray(image[d], np.int64).ravel()
+                                                    for d in kept.tolist()]) + vocab.text
         at = (row * seq_len + col)[doc] + pos
         flat_ids[at], flat_type[at], flat_doc[at], flat_pos[at] = values, kind, doc, pos
     shape = (rows, seq_len)

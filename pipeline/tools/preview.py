@@ -142,7 +142,7 @@ def _originals(ds: TokenDataset, wanted: dict[int, list[str]], side: int, origin
                         image = decode_image(rec.image, decode).image
                     except SkipSample:
                         continue
-                    if image.shape[0] != side:  # multi-view datasets decode larger; show the centre
+                    if image.shape[0] != side and decode.resize_mode != "area":  # multi-view: show the centre
                         o = (image.shape[0] - side) // 2
                         image = image[o:o + side, o:o + side]
                     out[rec.key] = image
@@ -181,7 +181,11 @@ def reconstruct(ds: TokenDataset, n: int = PREVIEW_SAMPLES, seed: int = 0, origi
             tokens = shard["tokens"][row]
             codes.append(tokens[0] if len(ds.views) > 1 else tokens)
             units.setdefault(unit_of_shard[ds.shard_names[k]], []).append(shard["key"][row])
-    recon = tok.decode(np.stack(codes)) if codes else np.empty((0, tok.resolution, tok.resolution, 3), np.uint8)
+    recon: list[np.ndarray] | np.ndarray
+    if ds.variable_grid is not None:    # each sample its own grid: decoded one by one
+        recon = [tok.decode(c[None])[0] for c in codes]
+    else:
+        recon = tok.decode(np.stack(codes)) if codes else np.empty((0, tok.resolution, tok.resolution, 3), np.uint8)
     found, sources, note = _originals(ds, units, tok.resolution, originals, announce)
     pairs = [(found.get(k), r) for k, r in zip(keys, recon)]
     scores = [psnr(o, r) if o is not None else None for o, r in pairs]

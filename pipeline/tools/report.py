@@ -138,7 +138,9 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
     summary = [
         ("samples", f"{totals.get('samples', 0):,}"), ("shards", f"{ds.num_shards:,}"),
         ("tokenizer", f"{rec.tokenizer.tokenizer_id} ({ds.vocab_size} codes, grid {list(ds.grid)})"),
-        ("sample shape", str(list(ds.sample_shape))), ("codec", ds.codec.name), ("format", rec.format),
+        ("sample shape", str(list(ds.sample_shape)) if ds.variable_grid is None else
+         f"variable grids, at most {ds.variable_grid['max_tokens']:,} tokens"), ("codec", ds.codec.name),
+        ("format", rec.format),
         ("stored", f"{totals.get('stored_bytes', 0):,} B ({totals.get('stored_bytes', 0) / n:,.1f} B/sample)"),
         ("source", f"{totals.get('source_bytes', 0):,} B"),
         ("order-0 entropy", f"{h0:.2f} bits/token (codes used: {int((counts > 0).sum())} of {ds.vocab_size})"),

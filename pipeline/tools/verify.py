@@ -219,17 +219,19 @@ def _check_contents(url: str, storage_options: dict | None, whole: set[str], pro
 
 def _check_shard(ds: TokenDataset, i: int, counts: dict[str, Counter[int]]) -> str | None:
     """What is wrong with shard `i`'s contents or its index, or None; counts its labels."""
-    from tokshard.schemas.v1 import SAMPLES
+    from tokshard.schemas.v1 import GRID_COLUMNS, SAMPLES
     name = ds.shard_names[i]
     try:
         cols = ds.read_shard(i)
-        ds.decode_tokens(cols["tokens"], cols["id"])
+        ds.decode_tokens(cols["tokens"], cols["id"], cols.get("grid"))
         index = ds.read_index(i)
     except TokshardError as e:
         return str(e)
     missing = [c for c in ("key", "shard", "row", "label") if c not in index.column_names]
     if missing:
         return f"sample index lacks columns {missing}"
+    index_columns = index.column_names
+    index_grid = {c: index.column(c) for c in GRID_COLUMNS if c in index_columns}
     try:
         index = index.select(SAMPLES.names).cast(SAMPLES)
     except Exception as e:
@@ -253,6 +255,14 @@ def _check_shard(ds: TokenDataset, i: int, counts: dict[str, Counter[int]]) -> s
     bad = next((r for r in range(n) if (-1 if labels[r] is None else labels[r]) != int(cols["label"][r])), None)
     if bad is not None:
         return f"sample index row {bad} says label {labels[bad]}, the shard holds {int(cols['label'][bad])}"
+    if "grid" in cols:     # a variable-grid dataset: the index's grids are what the loader plans with
+        if not all(c in index_columns for c in GRID_COLUMNS):
+            return "sample index lacks the grid columns"
+        grid = np.stack([index_grid[c].fill_null(0).to_numpy() for c in GRID_COLUMNS], axis=1)
+        bad = next((r for r in range(n) if tuple(grid[r]) != tuple(cols["grid"][r])), None)
+        if bad is not None:
+            return (f"sample index row {bad} says grid {grid[bad].tolist()}, the shard holds "
+                    f"{cols['grid'][bad].tolist()}")
     counts[name] = Counter(v for v in labels if v is not None)
     return None
 

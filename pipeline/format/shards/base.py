@@ -113,15 +113,20 @@ class ShardFormat(abc.ABC):
 
     @abc.abstractmethod
     def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
-              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False) -> tuple[bytes, list[int]]:
+              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False,
+              variable_grid: bool = False) -> tuple[bytes, list[int]]:
         """(file bytes, per-sample byte offset of the tokens in the file; -1 where rows are
         addressed by index). `text_tokens`: store each sample's text_tokens too (the dataset
-        has a text tokenizer; said once, so a shard of no samples has the column as well)."""
+        has a text tokenizer; said once, so a shard of no samples has the column as well).
+        `variable_grid`: each sample's tokens are its own (h, w) grid (`grid` is then ()),
+        stored with the sample."""
 
     @abc.abstractmethod
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
               columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
-        """The shard's key, label and tokens columns, and the EXTRA_COLUMNS and OPTIONAL_COLUMNS named in `columns`;
+        """The shard's key, label and tokens columns (`n_tokens` 0: a variable-grid dataset's, whose
+        samples hold their own grids: "grid" is then an (n, 2) int64 column of them, and raw tokens an
+        object array of 1-D arrays), and the EXTRA_COLUMNS and OPTIONAL_COLUMNS named in `columns`;
         with `rows` (sorted, unique row numbers), only those rows, `total` set to the shard's
         row count (a loader worker converts only the rows it delivers); any exception means a
         damaged file."""

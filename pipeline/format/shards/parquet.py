@@ -24,10 +24,16 @@ class ParquetFormat(ShardFormat):
     extension: ClassVar[str] = "parquet"
 
     def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
-              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False) -> tuple[bytes, list[int]]:
+              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False,
+              variable_grid: bool = False) -> tuple[bytes, list[int]]:
         """Returns (file bytes, per-sample offsets (-1: rows are addressed by index))."""
         n_tokens = int(np.prod(grid))
-        if codec_name == "raw":
+        if codec_name == "raw" and variable_grid:
+            # A list per sample (its own grid's length), still natively readable.
+            value_type = pa.uint16() if token_dtype == np.uint16 else pa.uint32()
+            token_type = pa.list_(value_type)
+            tokens = _id_lists([s.tokens.reshape(-1) for s in samples], token_dtype, value_type)
+        elif codec_name == "raw":
             # Natively readable by any Arrow/Parquet tool, no tokshard needed.
             value_type = pa.uint16() if token_dtype == np.uint16 else pa.uint32()
             token_type = pa.list_(value_type, n_tokens)
@@ -37,7 +43,7 @@ class ParquetFormat(ShardFormat):
         else:
             token_type = pa.binary()
             tokens = pa.array([s.payload for s in samples], type=pa.binary())
-        schema = shard_schema(token_type, text_tokens).with_metadata({
+        schema = shard_schema(token_type, text_tokens, variable_grid).with_metadata({
             b"tokshard": json.dumps({"schema_version": SCHEMA_VERSION, **file_meta}, sort_keys=True).encode()})
         table = pa.Table.from_arrays([
             pa.array([s.key for s in samples], pa.string()),
@@ -49,6 +55,8 @@ class ParquetFormat(ShardFormat):
             pa.array([s.source for s in samples], pa.string()),
             pa.array([_meta_json(s.meta) for s in samples], pa.string()),
             *([_text_tokens_array(samples)] if text_tokens else []),
+            *([pa.array([s.tokens.shape[0] for s in samples], pa.int32()),
+               pa.array([s.tokens.shape[1] for s in samples], pa.int32())] if variable_grid else []),
         ], schema=schema)
         buf = io.BytesIO()
         # Coded payloads are already compact, so Parquet leaves them alone. The raw
@@ -75,14 +83,30 @@ class ParquetFormat(ShardFormat):
 
     def parse(self, data: bytes, codec: str, n_tokens: int, dtype: np.dtype,
               columns: Sequence[str] = (), rows: np.ndarray | None = None) -> ShardColumns:
-        table = read_parquet_bytes(data, columns=["key", "tokens", "label", *columns])
+        variable = n_tokens == 0
+        table = read_parquet_bytes(data, columns=["key", "tokens", "label", *columns,
+                                                  *(("grid_h", "grid_w") if variable else ())])
         total = table.num_rows
         if rows is not None and not (len(rows) and rows[-1] >= total):   # (else the count check fails it)
             # In Arrow, before any row becomes a Python object: a loader worker pays the
             # conversion for its own rows only, not for the whole shard.
             table = table.take(pa.array(rows, pa.int64()))
         col = table.column("tokens").combine_chunks()
-        if codec == "raw":
+        grid = _grid_columns(table) if variable else None
+        if codec == "raw" and variable:
+            assert grid is not None
+            if not pa.types.is_list(col.type) or not pa.types.is_unsigned_integer(col.type.value_type):
+                raise ValueError(f"tokens column is {col.type}, expected a list of unsigned ids")
+            if col.null_count:
+                raise ValueError("null token rows")
+            offsets = col.offsets.to_numpy()
+            if not np.array_equal(np.diff(offsets), grid[:, 0] * grid[:, 1]):
+                raise ValueError("a row's token count is not its grid's size")
+            flat = col.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+            tokens = np.empty(len(col), dtype=object)
+            for i in range(len(col)):    # (one by one: equal lengths would make one 2-D array)
+                tokens[i] = flat[offsets[i]:offsets[i + 1]]
+        elif codec == "raw":
             if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != n_tokens:
                 raise ValueError(f"tokens column is {col.type}, expected fixed_size_list of {n_tokens}")
             if col.null_count:
@@ -97,6 +121,8 @@ class ParquetFormat(ShardFormat):
             tokens = col.to_numpy(zero_copy_only=False)
         label = table.column("label").fill_null(-1).to_numpy().astype(np.int64)
         out = ShardColumns(tokens=tokens, label=label, key=table.column("key").to_numpy(zero_copy_only=False))
+        if grid is not None:
+            out["grid"] = grid
         for name in columns:
             col = table.column(name)
             if name == "text_tokens":
@@ -121,6 +147,26 @@ def _text_tokens_array(samples: list[EncodedSample]) -> pa.ListArray:
     flat = np.concatenate(ids).astype(np.uint32, copy=False) if ids else np.empty(0, np.uint32)
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.uint32()),
                                     type=TEXT_TOKENS_TYPE)
+
+
+def _id_lists(ids: list[np.ndarray], dtype: np.dtype, value_type: pa.DataType) -> pa.ListArray:
+    """Arrays of ids as one list<value_type> array, built from one flat buffer."""
+    offsets = np.zeros(len(ids) + 1, np.int32)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
+    flat = np.concatenate(ids).astype(dtype, copy=False) if ids else np.empty(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type),
+                                    type=pa.list_(value_type))
+
+
+def _grid_columns(table: pa.Table) -> np.ndarray:
+    """A variable-grid shard's grid_h and grid_w columns as one (n, 2) int64 array."""
+    out = []
+    for name in ("grid_h", "grid_w"):
+        col = table.column(name)
+        if not pa.types.is_integer(col.type) or col.null_count:
+            raise ValueError(f"{name} column is {col.type} with {col.null_count} nulls, expected int32")
+        out.append(col.to_numpy().astype(np.int64))
+    return np.stack(out, axis=1) if out[0].size else np.empty((0, 2), np.int64)
 
 
 def _text_tokens_column(col: pa.ChunkedArray) -> np.ndarray:

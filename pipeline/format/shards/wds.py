@@ -49,7 +49,8 @@ class WebDatasetFormat(ShardFormat):
         return "tokens.npy" if codec_name == "raw" else f"tokens.{codec_name}"
 
     def write(self, samples: list[EncodedSample], codec_name: str, grid: tuple[int, ...],
-              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False) -> tuple[bytes, list[int]]:
+              token_dtype: np.dtype, file_meta: dict, *, text_tokens: bool = False,
+              variable_grid: bool = False) -> tuple[bytes, list[int]]:
         """Returns (tar bytes, byte offset of each sample's tokens member header)."""
         buf = io.BytesIO()
         offsets = []
@@ -63,14 +64,15 @@ class WebDatasetFormat(ShardFormat):
 
             for s in samples:
                 offsets.append(buf.tell())
+                shape = tuple(s.tokens.shape) if variable_grid else grid   # (a variable grid: the sample's own)
                 if codec_name == "raw":
                     npy = io.BytesIO()
-                    np.save(npy, s.tokens.reshape(grid).astype(token_dtype).astype(token_dtype.newbyteorder("<")),
+                    np.save(npy, s.tokens.reshape(shape).astype(token_dtype).astype(token_dtype.newbyteorder("<")),
                             allow_pickle=False)
                     add(f"{s.key}.{self.token_member(codec_name)}", npy.getvalue())
                 else:
                     add(f"{s.key}.{self.token_member(codec_name)}", s.payload)
-                info = {"width": s.width, "height": s.height, "source": s.source, "grid": list(grid),
+                info = {"width": s.width, "height": s.height, "source": s.source, "grid": list(shape),
                         "codec": codec_name, "meta": s.meta, **file_meta}
                 add(f"{s.key}.json", json.dumps(info, sort_keys=True, ensure_ascii=False, default=str).encode())
                 if s.caption is not None:
@@ -96,7 +98,8 @@ class WebDatasetFormat(ShardFormat):
         captions: dict[str, str] = {}
         text: dict[str, np.ndarray] = {}
         infos: dict[str, dict] = {}
-        want_info = any(c not in ("caption", "text_tokens") for c in columns)
+        variable = n_tokens == 0     # a variable-grid dataset: each sample's grid is in its JSON
+        want_info = variable or any(c not in ("caption", "text_tokens") for c in columns)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
@@ -106,7 +109,13 @@ class WebDatasetFormat(ShardFormat):
                     fobj = tar.extractfile(member)
                     assert fobj is not None   # a regular file (isfile() above) always has one
                     raw = fobj.read()
-                    if codec == "raw":
+                    if codec == "raw" and variable:
+                        arr = _load_npy(raw)
+                        if arr.ndim != 2 or arr.dtype.kind != "u":
+                            raise ValueError(f"member {member.name}: {arr.dtype}{arr.shape}, "
+                                             "expected a 2-D grid of unsigned tokens")
+                        tokens.append(arr)
+                    elif codec == "raw":
                         arr = _load_npy(raw)
                         if arr.size != n_tokens or arr.dtype.kind != "u":
                             raise ValueError(f"member {member.name}: {arr.dtype}{arr.shape}, "
@@ -134,12 +143,23 @@ class WebDatasetFormat(ShardFormat):
                     if not isinstance(info, dict):
                         raise ValueError(f"member {member.name} is not a JSON object")
                     infos[key] = info
-        if codec == "raw":
+        grid = _grids(infos, keys) if variable else None
+        if codec == "raw" and variable:
+            assert grid is not None
+            arr = np.empty(len(tokens), dtype=object)
+            for i, t in enumerate(tokens):
+                if not isinstance(t, np.ndarray) or t.shape != tuple(grid[i]):
+                    raise ValueError(f"sample {keys[i]!r:.60}: tokens of shape {np.shape(t)}, its JSON says "
+                                     f"grid {grid[i].tolist()}")
+                arr[i] = t.reshape(-1).astype(dtype)
+        elif codec == "raw":
             arr = np.stack(tokens) if tokens else np.empty((0, n_tokens), dtype)
         else:
             arr = np.empty(len(tokens), dtype=object)
             arr[:] = tokens
         out = ShardColumns(tokens=arr, label=_labels(labels.get(k) for k in keys), key=np.array(keys, dtype=object))
+        if grid is not None:
+            out["grid"] = grid
         for name in columns:
             if name in ("width", "height"):
                 out[name] = np.array([int(infos.get(k, {}).get(name, -1)) for k in keys], dtype=np.int64)
@@ -160,6 +180,18 @@ class WebDatasetFormat(ShardFormat):
                 values[:] = [infos.get(k, {}).get(name) for k in keys]
             out[name] = values
         return out.take(rows)   # a tar is read whole anyway
+
+
+def _grids(infos: dict[str, dict], keys: list[str]) -> np.ndarray:
+    """Each sample's grid from its JSON member ([h, w], positive ints) as an (n, 2) int64 array."""
+    out = np.empty((len(keys), 2), np.int64)
+    for i, k in enumerate(keys):
+        g = infos.get(k, {}).get("grid")
+        if not (isinstance(g, list) and len(g) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g)):
+            raise ValueError(f"sample {k!r:.60}: its JSON gives grid {g!r:.40}, expected [h, w] of positive ints")
+        out[i] = g
+    return out
 
 
 def _text_ids(arr: np.ndarray, member: str) -> np.ndarray:
