@@ -42,6 +42,7 @@ bench:
 	$(PYTHON) bench/access.py
 	$(PYTHON) bench/mixture.py
 	$(PYTHON) bench/packing.py
+	$(PYTHON) bench/grids.py
 
 clean:
 	rm -rf demo-out .pytest_cache .hypothesis build *.egg-info
