@@ -307,3 +307,15 @@ def test_a_hostile_grid_bound_is_refused(tmp_path, datasets):
         ds[square]
     with pytest.raises(ShardError, match="max_tokens"):
         ds.grids()
+
+
+def test_preview_and_report_show_each_sample_on_its_own_grid(tmp_path, datasets):
+    from tokshard.pipeline.tools.preview import reconstruct
+    from tokshard.pipeline.tools.report import write_report
+    ds = tokshard.open(str(datasets[("parquet", "zstd")]))
+    out = reconstruct(ds, 4, originals=True)
+    for key, orig, recon, score in zip(out["keys"], out["originals"], out["reconstructions"], out["psnr"]):
+        i = ds.keys.index(key)
+        assert recon.shape == orig.shape == (*(ds.grids()[i] * PATCH), 3) and score > 10
+    write_report(str(datasets[("parquet", "zstd")]), str(tmp_path / "r.html"))
+    assert "variable grids, at most 64 tokens" in (tmp_path / "r.html").read_text()

@@ -114,6 +114,8 @@ def token_counts(ds: TokenDataset, max_shards: int = MAX_FREQUENCY_SHARDS) -> np
     step = max(1, ds.num_shards // max_shards)
     for i in range(0, ds.num_shards, step):
         tokens = ds.shard(i)["tokens"]
+        if tokens.dtype == object:     # variable grids: one array per sample
+            tokens = np.concatenate([t.reshape(-1) for t in tokens]) if len(tokens) else np.zeros(0, np.int64)
         counts += np.bincount(tokens.reshape(-1).astype(np.int64), minlength=ds.vocab_size)[: ds.vocab_size]
     return counts
 
