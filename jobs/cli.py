@@ -204,7 +204,10 @@ def _summary(result: dict) -> str:
             f"({rate:.1f} images/s; {result['units_reused']} shard(s) already done)\n"
             f"  tokens/image {t['tokens'] // n}, payload {t['payload_bytes'] / n:.1f} B/image, "
             f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
-            f"({t['source_bytes'] / n:.0f} B/image)\n"
+            f"({t['source_bytes'] / n:.0f} B/image)"
+            + (f"; with the codec model ({ds['codec_state_bytes']:,} B) "
+               f"{(t['stored_bytes'] + ds['codec_state_bytes']) / n:.1f} B/image" if ds.get("codec_state_bytes") else "")
+            + "\n"
             f"  skipped: {skipped}"
             + (f"\n  kept, with parts dropped (fields stored as null, members ignored, captions' text ids cut): "
                f"{dropped}" if dropped else "")
@@ -393,6 +396,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
         f"codec       {codec.get('name')} v{codec.get('version')} {codec.get('params') or ''}".rstrip(),
         f"storage     {t.get('stored_bytes', 0):,} B stored = {t.get('stored_bytes', 0) / n:,.1f} B/sample "
         f"({t.get('payload_bytes', 0) / n:,.1f} B tokens); source {t.get('source_bytes', 0):,} B",
+        *([f"            {rec.model_cost()}"] if rec.codec_state_bytes else []),
         f"skipped     {skips}",
         *([f"ignored     {', '.join(f'{k} {v:,}' for k, v in rec.ignored_inputs.items())} (input files no "
            "reader took)"] if rec.ignored_inputs else []),

@@ -319,6 +319,15 @@ class DatasetRecord:
                 f"{stored:,} {text.dtype} ids stored ({stored / n:,.1f}/sample); {cut:,} caption(s) cut at "
                 f"{text.max_tokens} ids, {int(self.totals.get('no_caption', 0)):,} sample(s) without a caption")
 
+    def model_cost(self) -> str:
+        """A trained codec's model (its state) counted into the stored bytes ("" without one): what
+        a dataset costs with the model it needs to decode, as `info`, the report and convert say."""
+        if not self.codec_state_bytes:
+            return ""
+        n = max(1, int(self.totals.get("samples", 0)))
+        total = int(self.totals.get("stored_bytes", 0)) + self.codec_state_bytes
+        return (f"with the codec model ({self.codec_state_bytes:,} B): {total:,} B = {total / n:,.1f} B/sample")
+
     def stored_shape(self) -> tuple[int, ...]:
         """Codes per sample: the grid, with a leading view or time axis; () with variable grids."""
         if self.variable_grid is not None:

@@ -242,12 +242,18 @@ def test_bad_settings_are_usage_errors(tmp_path, source, tokenizer_dir):
 def test_cli_converts_area_mode(tmp_path, source, tokenizer_dir, capsys):
     out = tmp_path / "cli"
     assert main(["convert", str(source[0]), "--out", str(out), "--tokenizer-opt", f"path={tokenizer_dir}",
-                 "--resize-mode", "area", "--max-pixels", str(AREA), "--patch", str(PATCH), "--quiet"]) == 0
+                 "--resize-mode", "area", "--max-pixels", str(AREA), "--patch", str(PATCH), "--codec", "rans-ctx",
+                 "--quiet"]) == 0
     rec = json.loads(pq.read_schema(out / "manifest.parquet").metadata[b"tokshard"])
     assert rec["variable_grid"]["max_pixels"] == AREA and rec["grid"] == []
-    capsys.readouterr()
+    # the trained codec's model is counted into what the dataset costs (issue 18)
+    model = rec["codec_state_bytes"]
+    assert model == (out / "codec" / "state.bin").stat().st_size > 0
+    with_model = (rec["totals"]["stored_bytes"] + model) / rec["totals"]["samples"]
+    assert f"with the codec model ({model:,} B) {with_model:.1f} B/image" in capsys.readouterr().out
     assert main(["info", str(out)]) == 0
-    assert "variable grids" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "variable grids" in text and f"with the codec model ({model:,} B)" in text
 
 
 def test_a_tampered_index_grid_is_a_shard_error(tmp_path, datasets):

@@ -143,7 +143,8 @@ def build(ds: TokenDataset, preview: dict | None, preview_png: bytes | None,
         ("sample shape", str(list(ds.sample_shape)) if ds.variable_grid is None else
          f"variable grids, at most {ds.variable_grid['max_tokens']:,} tokens"), ("codec", ds.codec.name),
         ("format", rec.format),
-        ("stored", f"{totals.get('stored_bytes', 0):,} B ({totals.get('stored_bytes', 0) / n:,.1f} B/sample)"),
+        ("stored", f"{totals.get('stored_bytes', 0):,} B ({totals.get('stored_bytes', 0) / n:,.1f} B/sample)"
+         + (f"; {rec.model_cost()}" if rec.codec_state_bytes else "")),
         ("source", f"{totals.get('source_bytes', 0):,} B"),
         ("order-0 entropy", f"{h0:.2f} bits/token (codes used: {int((counts > 0).sum())} of {ds.vocab_size})"),
     ]
