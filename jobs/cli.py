@@ -206,7 +206,8 @@ def _summary(result: dict) -> str:
             f"stored {t['stored_bytes'] / n:.1f} B/image = {pct:.2f}% of source bytes "
             f"({t['source_bytes'] / n:.0f} B/image)"
             + (f"; with the codec model ({ds['codec_state_bytes']:,} B) "
-               f"{(t['stored_bytes'] + ds['codec_state_bytes']) / n:.1f} B/image" if ds.get("codec_state_bytes") else "")
+               f"{(t['stored_bytes'] + ds['codec_state_bytes']) / n:.1f} B/image"
+               if ds.get("codec_state_bytes") else "")
             + "\n"
             f"  skipped: {skipped}"
             + (f"\n  kept, with parts dropped (fields stored as null, members ignored, captions' text ids cut): "
