@@ -325,3 +325,26 @@ def test_preview_and_report_show_each_sample_on_its_own_grid(tmp_path, datasets)
         assert recon.shape == orig.shape == (*(ds.grids()[i] * PATCH), 3) and score > 10
     write_report(str(datasets[("parquet", "zstd")]), str(tmp_path / "r.html"))
     assert "variable grids, at most 64 tokens" in (tmp_path / "r.html").read_text()
+
+
+def test_a_unit_gathers_images_by_size_into_full_batches_within_its_pixel_bound():
+    """Each tokenizer call gets images of one size, full batches where a size has enough; past
+    the pool's bytes the largest group goes out early; every sample goes out once."""
+    from tokshard.pipeline.convert.stages import _SizePool
+    rng = np.random.default_rng(0)
+    sizes = [(16, 24), (24, 16), (16, 16), (8, 40)]
+    picks = rng.choice(len(sizes), size=200, p=[0.5, 0.3, 0.15, 0.05])
+    bound = 30 * 16 * 24 * 3
+    pool = _SizePool(batch_size=8, max_bytes=bound)
+    out = []
+    for i, k in enumerate(picks.tolist()):
+        batch = pool.add(("key", i), np.full((*sizes[k], 3), i % 251, np.uint8))
+        out += [batch] if batch is not None else []
+        assert pool.bytes <= bound + 16 * 24 * 3
+    out += list(pool.drain())
+    assert sorted(i for b in out for _, i in b.kept) == list(range(200))
+    for b in out:
+        assert len({im.shape for im in b.images}) == 1 and len(b.kept) == len(b.images) <= 8
+        assert [im[0, 0, 0] for im in b.images] == [i % 251 for _, i in b.kept]
+    full = sum(len(b.kept) == 8 for b in out)
+    assert full >= 200 // 8 - len(sizes) - 4          # nearly every batch full

@@ -163,7 +163,9 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
     """Yield DecodedBatch items of the tokenizer's batch size, then one UnitTail.
 
     Only one batch of pixels is held at a time (plus the decode window), so
-    memory stays bounded however large the source shard is.
+    memory stays bounded however large the source shard is. With variable grids,
+    images are gathered by size into batches of one size (`_SizePool`), within
+    SIZE_POOL_BYTES of pixels.
     """
     tok = ctx.tokenizer
     tail = UnitTail()
@@ -181,6 +183,7 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
     if ctx.clip is not None:
         decoder = partial(decode_clips, decode=ctx.decode, clip=ctx.clip)
         window = 2 * ctx.decode_workers  # a video holds many frames: fewer in flight
+    pool = _SizePool(tok.batch_size, SIZE_POOL_BYTES) if ctx.variable_grid else None
     for rec, dec in decode_records(records, ctx.decode, ctx.decode_workers, window, decoder):
         tail.dropped.update(rec.dropped)
         if dec is None:
@@ -188,22 +191,72 @@ def decode_unit(unit: WorkUnit, ctx: UnitContext, limit: int | None = None) -> I
             continue
         rec.image = None  # the encoded bytes are no longer needed
         for sample, width, height, pixels in _samples(rec, dec, ctx):
-            kept.append((sample, width, height))
-            images.extend(pixels)
             n_kept += 1
-            if len(images) >= tok.batch_size or n_kept == limit:
-                tail.decode_s += time.perf_counter() - t0
-                yield DecodedBatch(kept, images if ctx.variable_grid else np.stack(images))
-                kept, images = [], []
-                t0 = time.perf_counter()
+            if pool is not None:
+                full = pool.add((sample, width, height), next(iter(pixels)))
+                if full is not None:
+                    tail.decode_s += time.perf_counter() - t0
+                    yield full
+                    t0 = time.perf_counter()
+            else:
+                kept.append((sample, width, height))
+                images.extend(pixels)
+                if len(images) >= tok.batch_size or n_kept == limit:
+                    tail.decode_s += time.perf_counter() - t0
+                    yield DecodedBatch(kept, np.stack(images))
+                    kept, images = [], []
+                    t0 = time.perf_counter()
             if n_kept == limit:
                 break
         if n_kept == limit:
             break
     if images:
         tail.decode_s += time.perf_counter() - t0
-        yield DecodedBatch(kept, images if ctx.variable_grid else np.stack(images))
+        yield DecodedBatch(kept, np.stack(images))
+    if pool is not None:
+        tail.decode_s += time.perf_counter() - t0
+        yield from pool.drain()
     yield tail
+
+
+# Pixels a variable-grid unit holds while it gathers images of one size into full tokenizer
+# batches (one encode call per size, full batches for a GPU): past it, the largest group goes
+# out part-full, so memory stays bounded whatever the mix of sizes.
+SIZE_POOL_BYTES = 256 << 20
+
+
+class _SizePool:
+    """Decoded images of their own sizes (variable grids), gathered by size into batches of the
+    tokenizer's batch size. A batch goes out when its size fills one, or, when the pool holds
+    more than `max_bytes`, its largest group (the first of equals) goes out as it is; what is
+    left goes out at the end of the unit, sizes in the order they first came. The order of a
+    unit's samples in its shard is the order their batches go out: set by the unit alone, so
+    both engines write the same shard."""
+
+    def __init__(self, batch_size: int, max_bytes: int):
+        self.batch_size, self.max_bytes = batch_size, max_bytes
+        self.groups: dict[tuple[int, ...], tuple[list, list[np.ndarray]]] = {}
+        self.bytes = 0
+
+    def add(self, kept: tuple, image: np.ndarray) -> DecodedBatch | None:
+        samples, images = self.groups.setdefault(image.shape, ([], []))
+        samples.append(kept)
+        images.append(image)
+        self.bytes += image.nbytes
+        if len(images) >= self.batch_size:
+            return self._take(image.shape)
+        if self.bytes > self.max_bytes:
+            return self._take(max(self.groups, key=lambda s: len(self.groups[s][1]) * int(np.prod(s))))
+        return None
+
+    def _take(self, shape: tuple[int, ...]) -> DecodedBatch:
+        samples, images = self.groups.pop(shape)
+        self.bytes -= sum(im.nbytes for im in images)
+        return DecodedBatch(samples, images)
+
+    def drain(self) -> Iterator[DecodedBatch]:
+        for shape in list(self.groups):
+            yield self._take(shape)
 
 
 def _samples(rec: Record, dec: Any, ctx: UnitContext) -> Iterator[tuple[Record, int, int, Iterable[np.ndarray]]]:
