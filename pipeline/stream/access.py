@@ -31,6 +31,7 @@ import torch.utils.data
 
 from tokshard.errors import ShardError, UsageError
 from tokshard.pipeline.format.shards.base import EXTRA_COLUMNS, parse_meta
+from tokshard.schemas.v1 import GRID_COLUMNS
 
 if TYPE_CHECKING:
     from tokshard.pipeline.stream.dataset import TokenDataset
@@ -144,12 +145,19 @@ def all_keys(ds: TokenDataset) -> list[str]:
 
 def _index_column(ds: TokenDataset, k: int, name: str) -> tuple[np.ndarray, Any]:
     """(rows, column `name`) of shard k's sample index, held to list rows 0..n-1 once each."""
-    table = ds.read_index(k, columns=["row", name])
+    rows, (column,) = _index_columns(ds, k, (name,))
+    return rows, column
+
+
+def _index_columns(ds: TokenDataset, k: int, names: Sequence[str]) -> tuple[np.ndarray, list[Any]]:
+    """(rows, the columns `names`) of shard k's sample index, read once, held to list rows
+    0..n-1 once each."""
+    table = ds.read_index(k, columns=["row", *names])
     rows = table.column("row").to_numpy()
     size = int(ds.shard_sizes[k])
     if len(rows) != size or (size and not np.array_equal(np.sort(rows), np.arange(size))):
         raise ShardError(ds.shard_names[k], f"its sample index does not list rows 0..{size - 1} once each")
-    return rows, table.column(name)
+    return rows, [table.column(n) for n in names]
 
 
 def all_text_lengths(ds: TokenDataset) -> np.ndarray:
@@ -177,8 +185,7 @@ def all_grids(ds: TokenDataset) -> np.ndarray:
     read. The loader holds each shard's grids to these when it reads them."""
     out = np.zeros((len(ds), 2), np.int64)
     for k in range(ds.num_shards):
-        rows, h = _index_column(ds, k, "grid_h")
-        _, w = _index_column(ds, k, "grid_w")
+        rows, (h, w) = _index_columns(ds, k, GRID_COLUMNS)
         if h.null_count or w.null_count:
             raise ShardError(ds.shard_names[k], "its sample index lacks the grids of some rows")
         grid = np.stack([h.to_numpy().astype(np.int64), w.to_numpy().astype(np.int64)], axis=1)
