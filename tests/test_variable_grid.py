@@ -237,6 +237,9 @@ def test_bad_settings_are_usage_errors(tmp_path, source, tokenizer_dir):
                                    quiet=True)["dataset"] and tmp_path / "ok"))
     with pytest.raises(UsageError, match="variable grids"):
         ds.loader(4, tokens=["tokens", "x"])
+    from tokshard.pipeline.tools.fields import add_tokens
+    with pytest.raises(UsageError, match="variable grids"):
+        add_tokens(str(tmp_path / "ok"), "second", "kmeans-vq")
 
 
 def test_cli_converts_area_mode(tmp_path, source, tokenizer_dir, capsys):

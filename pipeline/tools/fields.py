@@ -50,6 +50,10 @@ def add_tokens(url: str, field: str, tokenizer: str, tokenizer_options: dict | N
     check_field_name(field)
     layout = DatasetLayout.at(url, storage_options)
     _, record, _ = read_record(layout, url)     # a dataset, and one this version reads
+    if record.variable_grid is not None:
+        # Another tokenizer's patch makes other grids, and a shard's samples come in the order of
+        # its by-size batches: the field's rows would not line up with the dataset's.
+        raise UsageError(f"{url} has variable grids (--resize-mode area): token fields apply to datasets of one grid")
     found = read_job_spec(layout)
     if found is None:
         raise UsageError(f"{url} has no readable job spec: cannot tell how it was converted, so no field can "
