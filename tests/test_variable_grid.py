@@ -134,6 +134,7 @@ def test_loader_batches_are_of_one_grid_and_cover_the_epoch_once(datasets, varia
     grids = ds.grids()
     ranks = epoch(ds, world)
     assert len({len(b) for b in ranks.values()}) == 1                    # no rank waits for another
+    assert all(len(ds.loader(7, rank=r, world_size=world, seed=3)) == len(b) for r, b in ranks.items())
     seen = Counter()
     for batches in ranks.values():
         for b in batches:
