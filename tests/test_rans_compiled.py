@@ -223,23 +223,29 @@ def test_bit_flips_in_every_position_fail(name):
 
 
 def test_kernel_rejects_inconsistent_tables_and_offsets():
-    """The kernels check their tables' sizes and the row offsets before reading."""
+    """The kernels check their tables' sizes and the payload lengths before reading."""
     from tokshard.pipeline.format.codecs import rans_kernels as k
     c = fitted("rans-ctx", 1024, 16)
     t = c._model().kernel_tables()
     p = np.frombuffer(c.encode(np.arange(256) % 7), np.uint32)
     out = np.empty((1, 256), np.uint16)
 
-    def run(**over):
-        a = {**t, "starts": np.array([0, len(p)], np.int64), **over}
-        return k.decode_ctx(p, a["starts"], out, a["evpack"], a["first"], a["cum"], a["alph"], a["cls_sym"],
-                            a["code_sym"], a["width"], a["plane"], a["classes"], a["esc_sym"], a["chunks"], 1024)
+    def run(max_words=256, **over):
+        a = {**t, "lens": np.array([4 * len(p)], np.int64), **over}
+        return k.decode_ctx(p, a["lens"], max_words, out, a["evpack"], a["first"], a["cum"], a["alph"],
+                            a["cls_sym"], a["code_sym"], a["width"], a["plane"], a["classes"], a["esc_sym"],
+                            a["chunks"], 1024)
 
     assert run()[0] == -1
-    for over in ({"starts": np.array([0, len(p) + 1], np.int64)}, {"starts": np.array([0, 1], np.int64)},
+    for over in ({"lens": np.array([4 * len(p) + 4], np.int64)}, {"lens": np.array([4 * len(p) - 4], np.int64)},
+                 {"lens": np.array([4 * len(p)] * 2, np.int64)},
                  {"first": t["first"][:-1]}, {"cum": t["cum"][:-1]}, {"evpack": t["evpack"][:-1]},
                  {"classes": t["classes"] + 1}, {"alph": np.concatenate([[1024], t["alph"][1:]])}):
         assert run(**over)[:2] == (0, k.TABLE), over
+    # A length that is not a state plus whole words, or more words than the tokens take.
+    for over in ({"lens": np.array([4], np.int64)}, {"lens": np.array([4 * len(p) - 1], np.int64)}):
+        assert run(**over) == (0, k.LENGTH, over["lens"][0]), over
+    assert run(max_words=len(p) - 3) == (0, k.LENGTH, 4 * len(p))
 
 
 # -- the numpy coder as reference and fallback ------------------------------------------

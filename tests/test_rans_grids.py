@@ -245,7 +245,7 @@ def test_kernels_take_any_width_in_bounds(fitted, grids):
     out = np.empty((1, 240), fitted.dtype)
 
     def run(width):
-        return k.decode_ctx(p, np.array([0, len(p)], np.int64), out, t["evpack"], t["first"], t["cum"], t["alph"],
+        return k.decode_ctx(p, np.array([4 * len(p)], np.int64), 240, out, t["evpack"], t["first"], t["cum"], t["alph"],
                             t["cls_sym"], t["code_sym"], width, t["plane"], t["classes"], t["esc_sym"], t["chunks"],
                             fitted.vocab_size)
 

@@ -322,7 +322,9 @@ class _Model:
         ecum = np.full((self.nE, 5), 1 << _PE, np.int64)
         ecum[:, 0] = 0
         ecum[:, 1:self.n_ev] = np.cumsum(self.ev_freq, axis=1)[:, :-1]
-        t.update(evpack=(ecum << (12 * np.arange(5))).sum(axis=1), first=first.astype(np.int16).reshape(-1),
+        # Rows in (literal context, flags) order, where the model's are (flags, literal context).
+        evpack = (ecum << (12 * np.arange(5))).sum(axis=1).reshape(-1, self.nL).T.reshape(-1)
+        t.update(evpack=np.ascontiguousarray(evpack), first=first.astype(np.int16).reshape(-1),
                  cum=cum.astype(np.uint16).reshape(-1), ef=self.ev_freq_flat, ec=self.ev_cum_flat,
                  code_cls=code_cls, width=self.width, plane=self.plane, classes=self.Q, n_ev=self.n_ev)
         return t
@@ -897,39 +899,53 @@ class _RansCodec(TokenCodec):
             at = (lambda i: None) if len(views) == 1 else (lambda i: i)
         else:
             at = rows.__getitem__
-        lens = self._check_lengths(m, views, n, at)
-        out = self._decode_compiled(m, views, lens, n, width, at)
-        return out if out is not None else self._decode_numpy(m, views, lens, n, width, at)
+        out = self._decode_compiled(m, views, n, width, at)
+        if out is not None:
+            return out
+        return self._decode_numpy(m, views, self._check_lengths(m, views, n, at), n, width, at)
 
-    def _decode_compiled(self, m: _Model, views: list[bytes | memoryview], lens: np.ndarray,
-                         n: int, width: int, at: Callable[[int], int | None]) -> np.ndarray | None:
-        """Decode with the compiled kernels; None when they are not in use."""
+    def _decode_compiled(self, m: _Model, views: list[bytes | memoryview], n: int, width: int,
+                         at: Callable[[int], int | None]) -> np.ndarray | None:
+        """Decode with the compiled kernels; None when they are not in use. The kernel checks
+        each payload's length as _check_lengths does (which then names a bad one)."""
         k = _kernels()
         if k is None:
             return None
         B = len(views)
-        # One buffer of every payload's 32-bit words (a payload is a whole number of them:
-        # _check_lengths), row b at words[starts[b]:starts[b + 1]], its state first.
-        words = np.frombuffer(b"".join(views), np.uint32)
-        starts = np.zeros(B + 1, np.int64)
-        np.cumsum(lens // 4, out=starts[1:])
+        lens = np.fromiter(map(len, views), np.int64, B)
+        max_words = self._max_words(m, n)
+        # What the joined buffer may hold at most; past it, or not whole words, _check_lengths
+        # refuses a payload (before the buffer is allocated).
+        total = int(lens.sum())
+        if total > B * (8 + 4 * max_words) or total % 4:   # some payload is bad
+            self._check_lengths(m, views, n, at)
+        # One buffer of every payload's 32-bit words, row b's lens[b] // 4 of them in order.
+        words = np.frombuffer(b"".join(views), np.uint32) if B else np.empty(0, np.uint32)
         out = np.empty((B, n), self.dtype)
         t = m.kernel_tables()
         try:
             if m.contextual:
                 row, err, detail = k.decode_ctx(
-                    words, starts, out, t["evpack"], t["first"], t["cum"], t["alph"], t["cls_sym"], t["code_sym"],
-                    width, t["plane"], t["classes"], t["esc_sym"], t["chunks"], self.vocab_size)
+                    words, lens, max_words, out, t["evpack"], t["first"], t["cum"], t["alph"], t["cls_sym"],
+                    t["code_sym"], width, t["plane"], t["classes"], t["esc_sym"], t["chunks"], self.vocab_size)
             else:
-                row, err, detail = k.decode_unigram(words, starts, out, t["lut"], t["lf"], t["lc"], t["alph"],
-                                                    t["cls_sym"], t["code_sym"], t["esc_sym"], t["chunks"],
-                                                    self.vocab_size)
+                row, err, detail = k.decode_unigram(words, lens, max_words, out, t["lut"], t["lf"], t["lc"],
+                                                    t["alph"], t["cls_sym"], t["code_sym"], t["esc_sym"],
+                                                    t["chunks"], self.vocab_size)
         except k.CompileError as e:
             _disable_kernels(e)
             return None
         if row >= 0:
+            if err == k.LENGTH:
+                self._check_lengths(m, views, n, at)   # raises, naming the first bad payload
             raise self._fail(n, at(row), k.ERRORS[err].format(detail))
         return out
+
+    @staticmethod
+    def _max_words(m: _Model, n: int) -> int:
+        """Each token renormalises at most once, plus once per escape chunk, and each
+        renormalisation reads one word: a payload with more words is not valid."""
+        return n * (1 + (len(m.esc_chunks) if m.has_esc else 0))
 
     def _check_lengths(self, m: _Model, views: list[bytes | memoryview], n: int,
                        at: Callable[[int], int | None]) -> np.ndarray:
@@ -943,10 +959,9 @@ class _RansCodec(TokenCodec):
             raise self._fail(n, at(i), f"{lens[i]} bytes is not a whole coder state "
                              "plus 32-bit words")
         nw = lens // 4 - 2
-        # Each token renormalises at most once, plus once per escape chunk, and each
-        # renormalisation reads one word: a longer payload cannot be valid, and is
-        # refused before the word buffer (sized from the payloads) is allocated.
-        max_words = n * (1 + (len(m.esc_chunks) if m.has_esc else 0))
+        # A longer payload cannot be valid (_max_words), and is refused before the word
+        # buffer (sized from the payloads) is allocated.
+        max_words = self._max_words(m, n)
         bad = np.flatnonzero(nw > max_words)
         if len(bad):
             i = int(bad[0])

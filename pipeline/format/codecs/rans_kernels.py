@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit
 from numba.core.errors import NumbaError
 
-__all__ = ["ERRORS", "LOW", "PE", "PL", "CompileError", "decode_ctx", "decode_unigram",
+__all__ = ["ERRORS", "LENGTH", "LOW", "PE", "PL", "CompileError", "decode_ctx", "decode_unigram",
            "encode_ctx", "encode_unigram"]
 
 # The coder's constants; rans.py checks that they equal its own before using the kernels.
@@ -50,7 +50,7 @@ PL = 14                   # literal precision (bits)
 _MASK32 = 0xFFFFFFFF
 
 # Error codes a decode kernel returns (0: fine). Detail: an int the message names.
-HEAD_RANGE, PAST_END, LEFT_OVER, CRC, ESC_RANGE, ESC_HAS_SYM, TABLE = range(1, 8)
+HEAD_RANGE, PAST_END, LEFT_OVER, CRC, ESC_RANGE, ESC_HAS_SYM, TABLE, LENGTH = range(1, 9)
 ERRORS = {
     HEAD_RANGE: "coder state out of range",
     PAST_END: "coded data ran past the end",
@@ -59,6 +59,7 @@ ERRORS = {
     ESC_RANGE: "escaped token {} >= vocab_size",
     ESC_HAS_SYM: "an escaped code that has its own symbol",
     TABLE: "a decoded symbol or context outside the model's tables",
+    LENGTH: "{} bytes is not a whole coder state plus at most the words its tokens take",
 }
 CompileError = NumbaError   # what a failed JIT compile raises; rans.py falls back on it
 # Speed notes. The per-token loops are written out in the kernels, and the helpers
@@ -70,6 +71,10 @@ _inline = njit(inline="always", nogil=True)
 # instructions per access, ~17% of the context decoder's time); every index wrapped
 # in it is >= 0 by construction.
 _ix = np.uint64
+# Tried on the 256-token bench batches and not kept (no gain within this VM's noise):
+# 4 rows interleaved instead of 2 (generated lanes), a branch-free event/literal choice,
+# BUCKET_BITS 8-12. Comparing a np.uint64 with an int64 compiles to a float compare: keep
+# range checks on int64 values (`0 <= s < n`) and use _ix only for indexing.
 BUCKET_BITS = 10          # literal slot buckets per context (decode_ctx)
 
 
@@ -128,14 +133,20 @@ def _head(lo: int, hi: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _starts_ok(starts: np.ndarray, rows: int, n_words: int) -> bool:
-    """Row b's words are words[starts[b]:starts[b + 1]]: in the buffer, and room for a state."""
-    if starts.shape[0] != rows + 1 or starts[0] < 0 or starts[rows] > n_words:
-        return False
+def _word_starts(lens: np.ndarray, rows: int, max_words: int, n_words: int) -> tuple[np.ndarray, int]:
+    """Row b's payload is lens[b] bytes: a whole coder state plus whole 32-bit words, at
+    most `max_words` of them (what its tokens can take) -> (starts, -1), row b's words
+    being words[starts[b]:starts[b + 1]] (the payloads joined in order), or (_, bad row);
+    (_, rows) when the lengths do not add up to the buffer."""
+    starts = np.zeros(rows + 1, np.int64)
+    if lens.shape[0] != rows:
+        return starts, rows
     for b in range(rows):
-        if starts[b + 1] - starts[b] < 2:
-            return False
-    return True
+        m = lens[b]
+        if m < 8 or m % 4 or m // 4 - 2 > max_words:
+            return starts, b
+        starts[b + 1] = starts[b] + m // 4
+    return starts, (-1 if starts[rows] == n_words else rows)
 
 
 @_inline
@@ -184,14 +195,19 @@ def _tables_ok(alph: np.ndarray, cls_sym: np.ndarray, esc_sym: int, vocab: int, 
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def decode_unigram(words: np.ndarray, starts: np.ndarray, out: np.ndarray, lut: np.ndarray,
+def decode_unigram(words: np.ndarray, lens: np.ndarray, max_words: int, out: np.ndarray, lut: np.ndarray,
                    lf: np.ndarray, lc: np.ndarray, alph: np.ndarray, cls_sym: np.ndarray,
                    code_sym: np.ndarray, esc_sym: int, chunks: np.ndarray, vocab: int) -> tuple[int, int, int]:
-    """Decode out.shape[0] payloads (row b: words[starts[b]:starts[b + 1]], its state
-    first) into `out` -> (first bad row or -1, error code, detail)."""
+    """Decode out.shape[0] payloads (row b: lens[b] bytes of `words`, the payloads
+    joined, its state first) into `out` -> (first bad row or -1, error code, detail).
+    A LENGTH error (a row's length is not a state plus at most `max_words` words) is for
+    the caller to name."""
     B, n = out.shape
     n_sym = alph.shape[0]
-    if not _starts_ok(starts, B, words.shape[0]) or not _tables_ok(alph, cls_sym, esc_sym, vocab, 1) \
+    starts, bad = _word_starts(lens, B, max_words, words.shape[0])
+    if bad >= 0:
+        return (bad, LENGTH, lens[bad]) if bad < B else (0, TABLE, 0)
+    if not _tables_ok(alph, cls_sym, esc_sym, vocab, 1) \
             or lut.shape[0] != 1 << PL or lf.shape[0] != n_sym or lc.shape[0] != n_sym:
         return 0, TABLE, 0
     mask = (1 << PL) - 1
@@ -238,13 +254,15 @@ def _ctx_tables_ok(classes: int, plane: int, n_sym: int, evpack: np.ndarray, fir
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def decode_ctx(words: np.ndarray, starts: np.ndarray, out: np.ndarray, evpack: np.ndarray,
+def decode_ctx(words: np.ndarray, lens: np.ndarray, max_words: int, out: np.ndarray, evpack: np.ndarray,
                first: np.ndarray, cum: np.ndarray, alph: np.ndarray, cls_sym: np.ndarray,
                code_sym: np.ndarray, width: int, plane: int, classes: int, esc_sym: int,
                chunks: np.ndarray, vocab: int) -> tuple[int, int, int]:
     """As decode_unigram, with the context model (see rans.py's module doc).
 
-    Tables (see rans._Model.kernel_tables): `evpack[event context]` packs the event
+    Tables (see rans._Model.kernel_tables): `evpack[literal context * 2**flag bits + flags]`
+    (flags: L == U, L == UL, U == UL, U == UR, then P's 2 bits; the literal context is
+    class(L) * (classes + 1) + class(U), so one context's 16 or 64 events are adjacent) packs the event
     distribution's cumulative frequencies c0..c4 in 12-bit fields; a literal's symbol
     is found from `first[literal context, slot >> (PL - BUCKET_BITS)]` (the symbol at
     the start of the slot's bucket) by a short forward scan of `cum[literal context]`
@@ -258,7 +276,10 @@ def decode_ctx(words: np.ndarray, starts: np.ndarray, out: np.ndarray, evpack: n
     """
     B, n = out.shape
     n_sym = alph.shape[0]
-    if not _starts_ok(starts, B, words.shape[0]) or width < 1 or plane < 0 or plane % width \
+    starts, bad = _word_starts(lens, B, max_words, words.shape[0])
+    if bad >= 0:
+        return (bad, LENGTH, lens[bad]) if bad < B else (0, TABLE, 0)
+    if width < 1 or plane < 0 or plane % width or classes > 63 \
             or not _tables_ok(alph, cls_sym, esc_sym, vocab, classes) \
             or not _ctx_tables_ok(classes, plane, n_sym, evpack, first, cum):
         return 0, TABLE, 0
@@ -267,13 +288,12 @@ def decode_ctx(words: np.ndarray, starts: np.ndarray, out: np.ndarray, evpack: n
     size = ((n + width - 1) // width + pad) * w2
     grid = np.full(size, -1, np.int64)          # codes; every cell is written before it is read
     gcls = np.full(size, classes, np.int64)     # their classes (`classes`: absent)
-    ga = np.full(size, -1, np.int64)            # a second pair of grids, for _ctx_pair
-    ca = np.full(size, classes, np.int64)
-    for b in range(B):
-        if b % 2 == 1:
-            continue
-        if b + 1 < B and _ctx_pair(b, words, starts, out, ga, ca, grid, gcls, evpack, first, cum, alph,
-                                   cls_sym, width, plane, classes, esc_sym):
+    g2 = np.full((2, size), (-1 << 6) | classes, np.int64)   # _ctx_pair's packed grids
+    apack = np.empty(n_sym, np.int64)
+    for s in range(n_sym):                      # classes <= 63: a class fits 6 bits
+        apack[s] = (alph[s] << 6) | cls_sym[s]  # the escape symbol's alph is -1: negative
+    for b in range(0, B, 2):
+        if b + 1 < B and _ctx_pair(b, words, starts, out, g2, evpack, first, cum, apack, width, plane, classes):
             continue
         for r in range(b, min(b + 2, B)):
             err, detail = _ctx_row(r, words, starts, out[r], grid, gcls, evpack, first, cum, alph, cls_sym,
@@ -292,7 +312,7 @@ def _ctx_row(b: int, words: np.ndarray, starts: np.ndarray, row: np.ndarray, gri
     n = row.shape[0]
     n_sym = alph.shape[0]
     q1 = classes + 1
-    n_l = q1 * q1
+    nf = 64 if plane else 16
     lit_ev = 3 if plane else 2
     w2 = width + 2
     up_rows = plane // width if plane else 0
@@ -307,12 +327,13 @@ def _ctx_row(b: int, words: np.ndarray, starts: np.ndarray, row: np.ndarray, gri
     P, cP = -1, classes
     for t in range(n):
         U, UL, UR, cU = grid[_ix(i - w2)], grid[_ix(i - w2 - 1)], grid[_ix(i - w2 + 1)], gcls[_ix(i - w2)]
-        up = ((4 if U == UL else 0) + (8 if U == UR else 0)) * n_l + cU
+        flags = (1 if (L == U and L >= 0) else 0) + (2 if L == UL else 0) \
+            + (4 if U == UL else 0) + (8 if U == UR else 0)
         if plane:
             P, cP = grid[_ix(i - poff)], gcls[_ix(i - poff)]
-            up += 16 * n_l * (0 if P < 0 else (1 if P == L else (2 if P == U else 3)))
+            flags += 16 * (0 if P < 0 else (1 if P == L else (2 if P == U else 3)))
         ctx_l = cl * q1 + cU
-        pk = evpack[_ix(up + cl * q1 + (n_l if (L == U and L >= 0) else 0) + (2 * n_l if L == UL else 0))]
+        pk = evpack[_ix(ctx_l * nf + flags)]
         # The event: its cumulative frequencies are pk's 12-bit fields c0..c4.
         slot = x & ((1 << PE) - 1)
         e = np.int64(slot >= ((pk >> 12) & 0xFFF)) + np.int64(slot >= ((pk >> 24) & 0xFFF)) \
@@ -360,112 +381,130 @@ def _ctx_row(b: int, words: np.ndarray, starts: np.ndarray, row: np.ndarray, gri
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _ctx_pair(b: int, words: np.ndarray, starts: np.ndarray, out: np.ndarray, ga: np.ndarray,
-              ca: np.ndarray, gb: np.ndarray, cb: np.ndarray, evpack: np.ndarray, first: np.ndarray,
-              cum: np.ndarray, alph: np.ndarray, cls_sym: np.ndarray, width: int, plane: int,
-              classes: int, esc_sym: int) -> bool:
+def _ctx_pair(b: int, words: np.ndarray, starts: np.ndarray, out: np.ndarray, g: np.ndarray,
+              evpack: np.ndarray, first: np.ndarray, cum: np.ndarray, apack: np.ndarray, width: int,
+              plane: int, classes: int) -> bool:
     """Rows b and b + 1 decoded interleaved, token by token (two independent chains of
     lookups that the CPU overlaps) -> whether both decoded cleanly. On False (any error,
     or an escape, which this fast path leaves out) the caller decodes both rows again with
     _ctx_row, which names the error exactly as a row-by-row decode would; the checks here
-    are the same bounds checks, so a hostile payload never reads out of bounds."""
+    are the same bounds checks, so a hostile payload never reads out of bounds.
+
+    Its grids (g[0], g[1]) hold each cell packed as code << 6 | class (absent: -1 << 6 |
+    classes), so one load gives a neighbour's code and class; `apack` packs each symbol's
+    code and class the same way (the escape symbol's is negative). Codes and classes are
+    one-to-one with symbols (the state's alphabet is distinct codes), so two packed cells
+    are equal exactly when their codes are. The first step of the literal bucket scan,
+    the renormalisation and the row's words are read without branches where the CPU
+    would mispredict them (the word read is clamped to the row's last word)."""
     n = out.shape[1]
-    n_sym = alph.shape[0]
+    n_sym = apack.shape[0]
     q1 = classes + 1
-    n_l = q1 * q1
+    nf = 64 if plane else 16
     lit_ev = 3 if plane else 2
     w2 = width + 2
     up_rows = plane // width if plane else 0
     pad = max(1, up_rows)
     poff = up_rows * w2
-    pa, enda = starts[b] + 2, starts[b + 1]
-    pb, endb = starts[b + 1] + 2, starts[b + 2]
+    absent = (-1 << 6) | classes
+    pa, enda = starts[b + 0] + 2, starts[b + 1]
     xa = _head(np.int64(words[pa - 2]), np.int64(words[pa - 1]))
-    xb = _head(np.int64(words[pb - 2]), np.int64(words[pb - 1]))
-    if xa < 0 or xb < 0:
+    if xa < 0:
         return False
-    rowa, rowb = out[b], out[b + 1]
+    ga, rowa = g[0], out[b + 0]
+    La, cla, Pa = absent, classes * q1, absent
+    pb, endb = starts[b + 1] + 2, starts[b + 2]
+    xb = _head(np.int64(words[pb - 2]), np.int64(words[pb - 1]))
+    if xb < 0:
+        return False
+    gb, rowb = g[1], out[b + 1]
+    Lb, clb, Pb = absent, classes * q1, absent
     i, j = pad * w2 + 1, 0
-    La, cla, Pa, cPa = -1, classes, -1, classes
-    Lb, clb, Pb, cPb = -1, classes, -1, classes
     for t in range(n):
-            Ua, ULa, URa, cUa = ga[_ix(i - w2)], ga[_ix(i - w2 - 1)], ga[_ix(i - w2 + 1)], ca[_ix(i - w2)]
-            upa = ((4 if Ua == ULa else 0) + (8 if Ua == URa else 0)) * n_l + cUa
-            if plane:
-                Pa, cPa = ga[_ix(i - poff)], ca[_ix(i - poff)]
-                upa += 16 * n_l * (0 if Pa < 0 else (1 if Pa == La else (2 if Pa == Ua else 3)))
-            pka = evpack[_ix(upa + cla * q1 + (n_l if (La == Ua and La >= 0) else 0)
-                              + (2 * n_l if La == ULa else 0))]
-            slota = xa & ((1 << PE) - 1)
-            ea = np.int64(slota >= ((pka >> 12) & 0xFFF)) + np.int64(slota >= ((pka >> 24) & 0xFFF)) \
-                + np.int64(slota >= ((pka >> 36) & 0xFFF))
-            ka = pka >> (12 * ea)
-            xa = (((ka >> 12) & 0xFFF) - (ka & 0xFFF)) * (xa >> PE) + slota - (ka & 0xFFF)
-            if ea != lit_ev:
-                codea = La if ea == 0 else (Ua if ea == 1 else Pa)
-                clsa = cla if ea == 0 else (cUa if ea == 1 else cPa)
-            else:
-                slota = xa & ((1 << PL) - 1)
-                ctxa = cla * q1 + cUa
-                sa = np.int64(first[_ix((ctxa << BUCKET_BITS) + (slota >> (PL - BUCKET_BITS)))])
-                if _ix(sa) >= n_sym or sa == esc_sym:
-                    return False
-                basea = ctxa * (n_sym + 1)
-                while sa + 1 < n_sym and slota >= cum[_ix(basea + sa + 1)]:
-                    sa += 1
-                ca0 = np.int64(cum[_ix(basea + sa)])
-                xa = (np.int64(cum[_ix(basea + sa + 1)]) - ca0) * (xa >> PL) + slota - ca0
-                codea, clsa = alph[_ix(sa)], cls_sym[_ix(sa)]
-            if codea < 0:
+        Ua, ULa, URa = ga[_ix(i - w2)], ga[_ix(i - w2 - 1)], ga[_ix(i - w2 + 1)]
+        ctxa = cla + (Ua & 63)
+        fa = (1 if (La == Ua and La >= 0) else 0) + (2 if La == ULa else 0) \
+            + (4 if Ua == ULa else 0) + (8 if Ua == URa else 0)
+        if plane:
+            Pa = ga[_ix(i - poff)]
+            fa += 16 * (0 if Pa < 0 else (1 if Pa == La else (2 if Pa == Ua else 3)))
+        pka = evpack[_ix(ctxa * nf + fa)]
+        slota = xa & ((1 << PE) - 1)
+        ea = np.int64(slota >= ((pka >> 12) & 0xFFF)) + np.int64(slota >= ((pka >> 24) & 0xFFF)) \
+            + np.int64(slota >= ((pka >> 36) & 0xFFF))
+        ka = pka >> (12 * ea)
+        xa = (((ka >> 12) & 0xFFF) - (ka & 0xFFF)) * (xa >> PE) + slota - (ka & 0xFFF)
+        if ea != lit_ev:
+            va = La if ea == 0 else (Ua if ea == 1 else Pa)
+        else:
+            slota = xa & ((1 << PL) - 1)
+            sa = np.int64(first[_ix((ctxa << BUCKET_BITS) + (slota >> (PL - BUCKET_BITS)))])
+            if sa < 0 or sa >= n_sym:
                 return False
-            if xa < LOW:
-                if pa >= enda:
-                    return False
-                xa = (xa << 32) | np.int64(words[_ix(pa)])
-                pa += 1
-            ga[_ix(i)], ca[_ix(i)], rowa[_ix(t)] = codea, clsa, codea
-            La, cla = codea, clsa
-
-            Ub, ULb, URb, cUb = gb[_ix(i - w2)], gb[_ix(i - w2 - 1)], gb[_ix(i - w2 + 1)], cb[_ix(i - w2)]
-            upb = ((4 if Ub == ULb else 0) + (8 if Ub == URb else 0)) * n_l + cUb
-            if plane:
-                Pb, cPb = gb[_ix(i - poff)], cb[_ix(i - poff)]
-                upb += 16 * n_l * (0 if Pb < 0 else (1 if Pb == Lb else (2 if Pb == Ub else 3)))
-            pkb = evpack[_ix(upb + clb * q1 + (n_l if (Lb == Ub and Lb >= 0) else 0)
-                              + (2 * n_l if Lb == ULb else 0))]
-            slotb = xb & ((1 << PE) - 1)
-            eb = np.int64(slotb >= ((pkb >> 12) & 0xFFF)) + np.int64(slotb >= ((pkb >> 24) & 0xFFF)) \
-                + np.int64(slotb >= ((pkb >> 36) & 0xFFF))
-            kb = pkb >> (12 * eb)
-            xb = (((kb >> 12) & 0xFFF) - (kb & 0xFFF)) * (xb >> PE) + slotb - (kb & 0xFFF)
-            if eb != lit_ev:
-                codeb = Lb if eb == 0 else (Ub if eb == 1 else Pb)
-                clsb = clb if eb == 0 else (cUb if eb == 1 else cPb)
-            else:
-                slotb = xb & ((1 << PL) - 1)
-                ctxb = clb * q1 + cUb
-                sb = np.int64(first[_ix((ctxb << BUCKET_BITS) + (slotb >> (PL - BUCKET_BITS)))])
-                if _ix(sb) >= n_sym or sb == esc_sym:
-                    return False
-                baseb = ctxb * (n_sym + 1)
-                while sb + 1 < n_sym and slotb >= cum[_ix(baseb + sb + 1)]:
-                    sb += 1
-                cb0 = np.int64(cum[_ix(baseb + sb)])
-                xb = (np.int64(cum[_ix(baseb + sb + 1)]) - cb0) * (xb >> PL) + slotb - cb0
-                codeb, clsb = alph[_ix(sb)], cls_sym[_ix(sb)]
-            if codeb < 0:
+            basea = ctxa * (n_sym + 1)
+            sa += np.int64(slota >= cum[_ix(basea + sa + 1)])
+            while sa < n_sym and slota >= cum[_ix(basea + sa + 1)]:
+                sa += 1
+            if sa >= n_sym:
                 return False
-            if xb < LOW:
-                if pb >= endb:
-                    return False
-                xb = (xb << 32) | np.int64(words[_ix(pb)])
-                pb += 1
-            gb[_ix(i)], cb[_ix(i)], rowb[_ix(t)] = codeb, clsb, codeb
-            Lb, clb = codeb, clsb
+            ca0 = np.int64(cum[_ix(basea + sa)])
+            xa = (np.int64(cum[_ix(basea + sa + 1)]) - ca0) * (xa >> PL) + slota - ca0
+            va = apack[_ix(sa)]
+        if va < 0:
+            return False
+        wa = np.int64(words[_ix(min(pa, enda - 1))])
+        if xa < LOW and pa >= enda:
+            return False
+        na = np.int64(xa < LOW)
+        xa = ((xa << 32) | wa) if na else xa
+        pa += na
+        ga[_ix(i)], rowa[_ix(t)] = va, va >> 6
+        La, cla = va, (va & 63) * q1
 
-            i, j = i + 1, j + 1
-            if j == width:
-                i, j, La, cla, Lb, clb = i + 2, 0, -1, classes, -1, classes
+        Ub, ULb, URb = gb[_ix(i - w2)], gb[_ix(i - w2 - 1)], gb[_ix(i - w2 + 1)]
+        ctxb = clb + (Ub & 63)
+        fb = (1 if (Lb == Ub and Lb >= 0) else 0) + (2 if Lb == ULb else 0) \
+            + (4 if Ub == ULb else 0) + (8 if Ub == URb else 0)
+        if plane:
+            Pb = gb[_ix(i - poff)]
+            fb += 16 * (0 if Pb < 0 else (1 if Pb == Lb else (2 if Pb == Ub else 3)))
+        pkb = evpack[_ix(ctxb * nf + fb)]
+        slotb = xb & ((1 << PE) - 1)
+        eb = np.int64(slotb >= ((pkb >> 12) & 0xFFF)) + np.int64(slotb >= ((pkb >> 24) & 0xFFF)) \
+            + np.int64(slotb >= ((pkb >> 36) & 0xFFF))
+        kb = pkb >> (12 * eb)
+        xb = (((kb >> 12) & 0xFFF) - (kb & 0xFFF)) * (xb >> PE) + slotb - (kb & 0xFFF)
+        if eb != lit_ev:
+            vb = Lb if eb == 0 else (Ub if eb == 1 else Pb)
+        else:
+            slotb = xb & ((1 << PL) - 1)
+            sb = np.int64(first[_ix((ctxb << BUCKET_BITS) + (slotb >> (PL - BUCKET_BITS)))])
+            if sb < 0 or sb >= n_sym:
+                return False
+            baseb = ctxb * (n_sym + 1)
+            sb += np.int64(slotb >= cum[_ix(baseb + sb + 1)])
+            while sb < n_sym and slotb >= cum[_ix(baseb + sb + 1)]:
+                sb += 1
+            if sb >= n_sym:
+                return False
+            cb0 = np.int64(cum[_ix(baseb + sb)])
+            xb = (np.int64(cum[_ix(baseb + sb + 1)]) - cb0) * (xb >> PL) + slotb - cb0
+            vb = apack[_ix(sb)]
+        if vb < 0:
+            return False
+        wb = np.int64(words[_ix(min(pb, endb - 1))])
+        if xb < LOW and pb >= endb:
+            return False
+        nb = np.int64(xb < LOW)
+        xb = ((xb << 32) | wb) if nb else xb
+        pb += nb
+        gb[_ix(i)], rowb[_ix(t)] = vb, vb >> 6
+        Lb, clb = vb, (vb & 63) * q1
+
+        i, j = i + 1, j + 1
+        if j == width:
+            i, j = i + 2, 0
+            La, cla, Lb, clb = absent, classes * q1, absent, classes * q1
     if pa != enda or pb != endb:
         return False
     return xa == LOW + _crc32(rowa) and xb == LOW + _crc32(rowb)
