@@ -31,15 +31,18 @@ def photos():
     return out
 
 
+def fit_test_tokenizer(photos, path: Path, **fit) -> Path:
+    """A k-means VQ fitted on the photos at RES pixels (`fit`: fit_kmeans_vq's settings), saved at `path`."""
+    images = [resize_array(img, DecodeConfig(resolution=RES)) for _, img, _ in photos]
+    fit_kmeans_vq(images, resolution=RES, **fit).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, photos):
     """A small k-means VQ (64 codes, 8x8 patches, 64 px -> 8x8 grid) fitted on the photos."""
-    images = [resize_array(img, DecodeConfig(resolution=RES)) for _, img, _ in photos]
-    tok = fit_kmeans_vq(images, codebook_size=64, patch_size=8, resolution=RES, pca_dim=16,
-                        max_patches=20_000, iters=5, seed=0)
-    path = tmp_path_factory.mktemp("tok")
-    tok.save(path)
-    return path
+    return fit_test_tokenizer(photos, tmp_path_factory.mktemp("tok"), codebook_size=64, patch_size=8, pca_dim=16,
+                              max_patches=20_000, iters=5, seed=0)
 
 
 @pytest.fixture(scope="session")

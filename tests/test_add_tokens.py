@@ -13,27 +13,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import RES, convert_config
+from conftest import convert_config, fit_test_tokenizer
 
 import tokshard
 from tokshard.errors import JobError, ManifestError, UsageError
 from tokshard.jobs.cli import main
-from tokshard.pipeline.convert.decode import DecodeConfig, resize_array
 from tokshard.pipeline.convert.job import convert
 from tokshard.pipeline.tools.fields import add_tokens
 from tokshard.pipeline.tools.verify import verify
-from tokshard.tokenizers.kmeans_fit import fit_kmeans_vq
 
 
 @pytest.fixture(scope="module")
 def second_tokenizer(tmp_path_factory, photos):
     """Another k-means VQ: 32 codes of 16x16 patches at 64 px (a 4x4 grid), its own codebook."""
-    images = [resize_array(img, DecodeConfig(resolution=RES)) for _, img, _ in photos]
-    tok = fit_kmeans_vq(images, codebook_size=32, patch_size=16, resolution=RES, pca_dim=8,
-                        max_patches=5_000, iters=3, seed=1)
-    path = tmp_path_factory.mktemp("tok2")
-    tok.save(path)
-    return path
+    return fit_test_tokenizer(photos, tmp_path_factory.mktemp("tok2"), codebook_size=32, patch_size=16, pca_dim=8,
+                              max_patches=5_000, iters=3, seed=1)
 
 
 @pytest.fixture(scope="module")
