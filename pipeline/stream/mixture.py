@@ -176,16 +176,22 @@ class TokenMixture:
         return texts[0]
 
     def text_lengths(self) -> np.ndarray:
-        """Each sample's count of text token ids, by mixture id (the streams' in turn)."""
-        return np.concatenate([d.text_lengths() for d in self.datasets])
+        """Each sample's count of text token ids, by mixture id (the streams' in turn); joined
+        once (the loader looks batches up in it)."""
+        if getattr(self, "_text_lengths", None) is None:
+            self._text_lengths = np.concatenate([d.text_lengths() for d in self.datasets])
+        return self._text_lengths
 
     @property
     def class_names(self) -> dict[str, list[str]] | None:
         return self.datasets[0].class_names if self.label_names is not None else None
 
     def grids(self) -> np.ndarray:
-        """Each sample's token grid (h, w), by mixture id (the streams' in turn)."""
-        return np.concatenate([d.grids() for d in self.datasets])
+        """Each sample's token grid (h, w), by mixture id (the streams' in turn); joined once
+        (the loader looks batches up in it)."""
+        if getattr(self, "_grids", None) is None:
+            self._grids = np.concatenate([d.grids() for d in self.datasets])
+        return self._grids
 
     def decode_tokens(self, tokens: np.ndarray, ids: np.ndarray | None = None,
                       grids: np.ndarray | None = None, *, stack: bool = False) -> np.ndarray:
