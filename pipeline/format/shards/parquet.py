@@ -99,13 +99,9 @@ class ParquetFormat(ShardFormat):
                 raise ValueError(f"tokens column is {col.type}, expected a list of unsigned ids")
             if col.null_count:
                 raise ValueError("null token rows")
-            offsets = col.offsets.to_numpy()
-            if not np.array_equal(np.diff(offsets), grid[:, 0] * grid[:, 1]):
+            if not np.array_equal(np.diff(col.offsets.to_numpy()), grid[:, 0] * grid[:, 1]):
                 raise ValueError("a row's token count is not its grid's size")
-            flat = col.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-            tokens = np.empty(len(col), dtype=object)
-            for i in range(len(col)):    # (one by one: equal lengths would make one 2-D array)
-                tokens[i] = flat[offsets[i]:offsets[i + 1]]
+            tokens = _list_arrays(col, dtype)
         elif codec == "raw":
             if not pa.types.is_fixed_size_list(col.type) or col.type.list_size != n_tokens:
                 raise ValueError(f"tokens column is {col.type}, expected fixed_size_list of {n_tokens}")
@@ -142,11 +138,7 @@ class ParquetFormat(ShardFormat):
 def _text_tokens_array(samples: list[EncodedSample]) -> pa.ListArray:
     """The samples' text token ids as one list<uint32> array, built from one flat buffer."""
     ids = [s.text_tokens if s.text_tokens is not None else np.empty(0, np.uint32) for s in samples]
-    offsets = np.zeros(len(ids) + 1, np.int32)
-    np.cumsum([len(a) for a in ids], out=offsets[1:])
-    flat = np.concatenate(ids).astype(np.uint32, copy=False) if ids else np.empty(0, np.uint32)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.uint32()),
-                                    type=TEXT_TOKENS_TYPE)
+    return _id_lists(ids, np.dtype(np.uint32), TEXT_TOKENS_TYPE.value_type)
 
 
 def _id_lists(ids: list[np.ndarray], dtype: np.dtype, value_type: pa.DataType) -> pa.ListArray:
@@ -176,9 +168,17 @@ def _text_tokens_column(col: pa.ChunkedArray) -> np.ndarray:
         raise ValueError(f"text_tokens column is {col.type}, expected {TEXT_TOKENS_TYPE}")
     if col.null_count:
         raise ValueError("null text_tokens rows")
+    return _list_arrays(col)
+
+
+def _list_arrays(col: pa.ListArray, dtype: np.dtype | None = None) -> np.ndarray:
+    """A list column (checked by the caller) as an object array of 1-D arrays: views of one
+    buffer (of `dtype`, if given)."""
     offsets = col.offsets.to_numpy()
     # `values` is the whole child array (a sliced or taken column starts past 0): cut at the offsets.
     flat = col.values.to_numpy(zero_copy_only=False)
+    if dtype is not None:
+        flat = flat.astype(dtype, copy=False)
     out = np.empty(len(col), dtype=object)
     for i in range(len(col)):   # (one by one: numpy would make equal-length lists one 2-D array)
         out[i] = flat[offsets[i]:offsets[i + 1]]
