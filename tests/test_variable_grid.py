@@ -352,3 +352,21 @@ def test_a_unit_gathers_images_by_size_into_full_batches_within_its_pixel_bound(
         assert [im[0, 0, 0] for im in b.images] == [i % 251 for _, i in b.kept]
     full = sum(len(b.kept) == 8 for b in out)
     assert full >= 200 // 8 - len(sizes) - 4          # nearly every batch full
+
+
+def test_a_corrupt_payload_names_its_sample(tmp_path, datasets):
+    from conftest import break_one_payload
+    dest = tmp_path / "c"
+    shutil.copytree(datasets[("parquet", "rans-ctx")], dest)
+    ds = tokshard.open(str(dest))
+    shard = Path(ds.layout.resolve(ds.shard_paths[1]))
+    size = break_one_payload(shard, row=3)
+
+    def resize(rows):     # the file still checks: only the codec can catch the payload
+        rows[1]["stored_bytes"], rows[1]["sha256"] = size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    rewrite_manifest(dest, rows=resize)
+    ds = tokshard.open(str(dest))
+    with pytest.raises(ShardError, match=f"shard {ds.shard_names[1]}: sample row 3"):
+        ds[int(ds.shard_offsets[1]) + 3]
+    with pytest.raises(ShardError, match="sample row 3"):
+        list(ds.loader(4, seed=0))

@@ -9,7 +9,8 @@ through a local, size-bounded cache.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from multiprocessing.context import BaseContext
 from typing import TYPE_CHECKING, Any
 
@@ -377,14 +378,18 @@ class TokenDataset:
         try:
             rows = self.codec.decode_matrix(list(tokens), self.tokens_per_sample)
         except CodecError:
-            # Name the culprit: decode one by one to find it.
-            for j, payload in enumerate(tokens):
-                try:
-                    self.codec.decode(payload, self.tokens_per_sample)
-                except CodecError as e:
-                    raise self._sample_error(None if ids is None else int(ids[j]), e) from None
+            self._name_the_culprit(ids, [partial(self.codec.decode, p, self.tokens_per_sample) for p in tokens])
             raise
         return rows.reshape(len(tokens), *self.sample_shape)
+
+    def _name_the_culprit(self, ids: np.ndarray | None, decodes: Sequence[Callable[[], object]]) -> None:
+        """After a batch failed to decode: decode its samples one by one (`decodes`), raising the
+        first one's CodecError as a ShardError naming its shard and row."""
+        for j, decode in enumerate(decodes):
+            try:
+                decode()
+            except CodecError as e:
+                raise self._sample_error(None if ids is None else int(ids[j]), e) from None
 
     def _decode_one_grid(self, tokens: np.ndarray, ids: np.ndarray | None, grids: np.ndarray | None) -> np.ndarray:
         """Samples of one grid (a loader batch grouped by grid) in one (n, h, w) array, decoded as
@@ -415,11 +420,8 @@ class TokenDataset:
         try:
             rows = self.codec.decode_batch(list(tokens), counts, widths=widths)
         except CodecError:
-            for j, payload in enumerate(tokens):
-                try:
-                    self.codec.decode_batch([payload], counts[j:j + 1], widths=widths[j:j + 1])
-                except CodecError as e:
-                    raise self._sample_error(None if ids is None else int(ids[j]), e) from None
+            self._name_the_culprit(ids, [partial(self.codec.decode_batch, [p], [n], widths=[w])
+                                         for p, n, w in zip(tokens, counts, widths)])
             raise
         for j, (row, (h, w)) in enumerate(zip(rows, grids.tolist())):
             out[j] = row.reshape(h, w)
