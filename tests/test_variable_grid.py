@@ -220,6 +220,10 @@ def test_pack_places_each_sample_with_its_own_grid(datasets):
             seen[i] = seen.get(i, 0) + 1
         assert int((b["token_type"] == IMAGE).sum()) == int(np.prod(b["grid"].numpy(), axis=1).sum())
     assert seen == dict.fromkeys(range(len(ds)), 1)
+    fewest = int(ds.grids().prod(axis=1).min())
+    with pytest.raises(UsageError, match=f"shortest sample: {fewest + 3} tokens"):
+        ds.loader(4, pack=fewest + 2)
+    assert len(ds.loader(4, pack=fewest + 3)) > 0
 
 
 def test_bad_settings_are_usage_errors(tmp_path, source, tokenizer_dir):

@@ -550,7 +550,7 @@ class TokenIterable(IterableDataset):
         if ds.variable_grid is not None:      # each sample's own grid: planned from the sample index
             image = None
             grids = ds.grids()
-            fewest = int((grids[:, 0] * grids[:, 1]).min(initial=0)) if len(grids) else 0
+            fewest = int((grids[:, 0] * grids[:, 1]).min()) if len(grids) else 0
         else:
             image = fewest = int(np.prod(ds.grid)) if max_tokens is None else int(max_tokens)
         shortest = int(document_lengths(np.zeros(1, np.int64), fewest)[0])
