@@ -222,6 +222,21 @@ def test_bit_flips_in_every_position_fail(name):
             c.decode(bytes(b), x.size)
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_kernel_crc_equals_zlib_for_every_tail_length(dtype):
+    """The payload check is zlib's crc32 of the tokens' little-endian bytes: the kernels'
+    8-bytes-a-step CRC, one row and two interleaved, at every length modulo 8 bytes."""
+    import zlib
+
+    from tokshard.pipeline.format.codecs.rans_kernels import _crc32, _crc32_pair
+    rng = np.random.default_rng(7)
+    for n in [*range(0, 19), 255, 256, 257, 1024]:
+        a, b = (rng.integers(0, np.iinfo(dtype).max, n, endpoint=True).astype(dtype) for _ in range(2))
+        want = tuple(zlib.crc32(r.astype(np.dtype(dtype).newbyteorder("<")).tobytes()) for r in (a, b))
+        assert (_crc32(a), _crc32(b)) == want, n
+        assert _crc32_pair(a, b) == want, n
+
+
 def test_kernel_rejects_inconsistent_tables_and_offsets():
     """The kernels check their tables' sizes and the payload lengths before reading."""
     from tokshard.pipeline.format.codecs import rans_kernels as k

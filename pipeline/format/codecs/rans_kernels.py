@@ -32,7 +32,7 @@ construction and are not re-checked.
 
 # The kernels do integer arithmetic on np.int64 scalars (array elements) and ints
 # alike, which numba types as int64 throughout; mypy's numpy stubs keep them apart.
-# mypy: disable-error-code="arg-type, assignment"
+# mypy: disable-error-code="arg-type, assignment, return-value"
 
 from __future__ import annotations
 
@@ -82,48 +82,88 @@ BUCKET_BITS = 10          # literal slot buckets per context (decode_ctx)
 
 
 def _crc_tables() -> np.ndarray:
-    """zlib's CRC-32 (reflected polynomial 0xEDB88320) for slicing by 4: row 0 is the
+    """zlib's CRC-32 (reflected polynomial 0xEDB88320) for slicing by 8: row 0 is the
     byte table, row k the same byte followed by k zero bytes."""
     t0 = np.arange(256, dtype=np.int64)
     for _ in range(8):
         t0 = np.where(t0 & 1, (t0 >> 1) ^ 0xEDB88320, t0 >> 1)
-    t = np.empty((4, 256), np.int64)
+    t = np.empty((8, 256), np.int64)
     t[0] = t0
-    for k in range(1, 4):
+    for k in range(1, 8):
         t[k] = (t[k - 1] >> 8) ^ t0[t[k - 1] & 0xFF]
-    return t
+    return t.astype(np.uint32)   # 8 KiB: stays in L1 beside the decode tables
 
 
 _CRC = _crc_tables()   # a global array: numba freezes it into the machine code
+# Why slicing by 8, and two rows at a time in _ctx_pair: the check is a chain of
+# dependent table lookups, 4 bytes a step it took ~0.45 us a 256-token row, ~9% of the
+# whole context decode. 8 bytes a step, and two rows' chains interleaved, take 2.5x less.
 
 
 @_inline
 def _crc_word(crc: int) -> int:
     """Advance a CRC by the 4 bytes already xored into its low 32 bits."""
-    return (_CRC[3, crc & 0xFF] ^ _CRC[2, (crc >> 8) & 0xFF] ^ _CRC[1, (crc >> 16) & 0xFF]
-            ^ _CRC[0, (crc >> 24) & 0xFF])
+    return (np.int64(_CRC[3, _ix(crc & 0xFF)]) ^ np.int64(_CRC[2, _ix((crc >> 8) & 0xFF)])
+            ^ np.int64(_CRC[1, _ix((crc >> 16) & 0xFF)]) ^ np.int64(_CRC[0, _ix((crc >> 24) & 0xFF)]))
+
+
+@_inline
+def _crc_dword(crc: int, hi: int) -> int:
+    """Advance a CRC by 8 bytes: the first 4 already xored into its low 32 bits, `hi` the next 4."""
+    return (np.int64(_CRC[7, _ix(crc & 0xFF)]) ^ np.int64(_CRC[6, _ix((crc >> 8) & 0xFF)])
+            ^ np.int64(_CRC[5, _ix((crc >> 16) & 0xFF)]) ^ np.int64(_CRC[4, _ix((crc >> 24) & 0xFF)])
+            ^ np.int64(_CRC[3, _ix(hi & 0xFF)]) ^ np.int64(_CRC[2, _ix((hi >> 8) & 0xFF)])
+            ^ np.int64(_CRC[1, _ix((hi >> 16) & 0xFF)]) ^ np.int64(_CRC[0, _ix((hi >> 24) & 0xFF)]))
 
 
 @_inline
 def _crc_byte(crc: int, byte: int) -> int:
-    return _CRC[0, (crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return np.int64(_CRC[0, _ix((crc ^ byte) & 0xFF)]) ^ (crc >> 8)
+
+
+@_inline
+def _crc_u32(row: np.ndarray, t: int) -> int:
+    """Tokens t.. of a row as one little-endian 32-bit word: two uint16 tokens or one uint32."""
+    if row.itemsize == 2:
+        return np.int64(row[_ix(t)]) | (np.int64(row[_ix(t + 1)]) << 16)
+    return np.int64(row[_ix(t)])
+
+
+@_inline
+def _crc_tail(crc: int, row: np.ndarray, t: int) -> int:
+    """The CRC of tokens t.. of a row (fewer than 8 bytes' worth) onto `crc`, finished."""
+    n = row.shape[0]
+    step = 4 // row.itemsize
+    while t + step <= n:
+        crc = _crc_word(crc ^ _crc_u32(row, t))
+        t += step
+    if t < n:                                 # a last uint16 token
+        v = np.int64(row[_ix(t)])
+        crc = _crc_byte(_crc_byte(crc, v & 0xFF), v >> 8)
+    return crc ^ _MASK32
 
 
 @njit(cache=True, nogil=True)
 def _crc32(row: np.ndarray) -> int:
-    """zlib.crc32 of a row of uint16 or uint32 tokens as little-endian bytes, 4 at a time."""
+    """zlib.crc32 of a row of uint16 or uint32 tokens as little-endian bytes, 8 at a time."""
     crc = _MASK32
-    n = row.shape[0]
-    if row.itemsize == 2:
-        for t in range(0, n - 1, 2):
-            crc = _crc_word(crc ^ (np.int64(row[t]) | (np.int64(row[t + 1]) << 16)))
-        if n % 2:
-            v = np.int64(row[n - 1])
-            crc = _crc_byte(_crc_byte(crc, v & 0xFF), v >> 8)
-    else:
-        for t in range(n):
-            crc = _crc_word(crc ^ np.int64(row[t]))
-    return crc ^ _MASK32
+    step = 8 // row.itemsize
+    for t in range(0, row.shape[0] - step + 1, step):
+        crc = _crc_dword(crc ^ _crc_u32(row, t), _crc_u32(row, t + step // 2))
+    return _crc_tail(crc, row, (row.shape[0] // step) * step)
+
+
+@njit(cache=True, nogil=True)
+def _crc32_pair(ra: np.ndarray, rb: np.ndarray) -> tuple[int, int]:
+    """_crc32 of two rows of the same length, their chains of lookups interleaved."""
+    ca = cb = _MASK32
+    step = 8 // ra.itemsize
+    half = step // 2
+    for t in range(0, ra.shape[0] - step + 1, step):
+        ca = _crc_dword(ca ^ _crc_u32(ra, t), _crc_u32(ra, t + half))
+        cb = _crc_dword(cb ^ _crc_u32(rb, t), _crc_u32(rb, t + half))
+    t = (ra.shape[0] // step) * step
+    return _crc_tail(ca, ra, t), _crc_tail(cb, rb, t)
 
 
 @_inline
@@ -515,7 +555,8 @@ def _ctx_pair(b: int, words: np.ndarray, starts: np.ndarray, out: np.ndarray, g:
             La, cla, Lb, clb = absent, classes * q1, absent, classes * q1
     if pa != enda or pb != endb:
         return False
-    return xa == LOW + _crc32(rowa) and xb == LOW + _crc32(rowb)
+    ca, cb = _crc32_pair(rowa, rowb)
+    return xa == LOW + ca and xb == LOW + cb
 
 
 @_inline
