@@ -96,11 +96,13 @@ def parquet_column_bytes(dataset_dir: Path, column: str = "tokens") -> int:
 
 
 def coding_speeds(codecs: dict, tokens: list[np.ndarray], batch: int = 256, images: int = 4096,
-                  rounds: int = 7) -> tuple[dict, dict]:
-    """Images/s of decode_batch and encode_batch on batches of `batch` images per codec
-    ({name: images/s} for each), best of `rounds`. The rounds interleave the codecs
-    (decode then encode of every codec, round after round), so each codec sees the same
-    machine: on a shared machine whose speed drifts, the ratios are what to read."""
+                  rounds: int = 9) -> dict[str, dict[str, float]]:
+    """Images/s of decode_batch, decode_matrix and encode_batch on batches of `batch` images
+    per codec: {"decode"|"matrix"|"encode": {name: images/s}}, best of `rounds`, and the same
+    keys + " ratio": {name: the median over rounds of that round's ratio to the first codec's}.
+    The rounds interleave the codecs (each call of every codec, round after round), so each
+    codec sees the same machine: on a shared machine whose speed drifts, the ratios are what
+    to read, and a round's ratio compares two timings taken within a second of each other."""
     reps = -(-images // len(tokens))
     samples = (tokens * reps)[:images]
     n = samples[0].size
@@ -111,19 +113,24 @@ def coding_speeds(codecs: dict, tokens: list[np.ndarray], batch: int = 256, imag
         coded[name] = [payloads[i:i + batch] for i in range(0, images, batch)]
         for b, p in enumerate(codec.decode_batch(coded[name][0], n)):   # also warms up (JIT, tables)
             assert np.array_equal(p, samples[b]), f"{codec.name}: decode differs"
-    dec = {name: float("inf") for name in codecs}
-    enc = dict(dec)
+        assert np.array_equal(codec.decode_matrix(coded[name][0], n), np.stack(samples[:batch]))
+    calls = {"decode": lambda c, name: [c.decode_batch(b, n) for b in coded[name]],
+             "matrix": lambda c, name: [c.decode_matrix(b, n) for b in coded[name]],
+             "encode": lambda c, name: [c.encode_batch(b) for b in plain]}
+    times: dict[str, dict[str, list[float]]] = {k: {name: [] for name in codecs} for k in calls}
     for _ in range(rounds):
         for name, codec in codecs.items():
-            t = time.perf_counter()
-            for b in coded[name]:
-                codec.decode_batch(b, n)
-            dec[name] = min(dec[name], time.perf_counter() - t)
-            t = time.perf_counter()
-            for b in plain:
-                codec.encode_batch(b)
-            enc[name] = min(enc[name], time.perf_counter() - t)
-    return {k: images / v for k, v in dec.items()}, {k: images / v for k, v in enc.items()}
+            for kind, call in calls.items():
+                t = time.perf_counter()
+                call(codec, name)
+                times[kind][name].append(time.perf_counter() - t)
+    first = next(iter(codecs))
+    out: dict[str, dict[str, float]] = {}
+    for kind, per in times.items():
+        out[kind] = {name: images / min(ts) for name, ts in per.items()}
+        out[kind + " ratio"] = {name: float(np.median([a / b for a, b in zip(per[first], ts)]))
+                                for name, ts in per.items()}
+    return out
 
 
 def bits_per_token(codec, tokens: list[np.ndarray]) -> float:
@@ -199,7 +206,8 @@ def main() -> int:
     if affinity:
         os.sched_setaffinity(0, {min(affinity)})
     try:
-        speed, enc_speed = coding_speeds({c: codecs[c] for c in SPEED_CODECS}, tokens)
+        speeds = coding_speeds({c: codecs[c] for c in SPEED_CODECS}, tokens)
+        speed, mat_speed, enc_speed = speeds["decode"], speeds["matrix"], speeds["encode"]
     finally:
         if affinity:
             os.sched_setaffinity(0, affinity)
@@ -228,10 +236,12 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
 
-    sp_lines = ["| codec | decode images/s (one core, decode_batch of 256 images) | vs zstd | "
-                "encode images/s (encode_batch of 256) | vs zstd |", "|---|---:|---:|---:|---:|"]
-    sp_lines += [f"| {c} | {speed[c]:,.0f} | {speed[c] / speed['zstd']:.2f}x | {enc_speed[c]:,.0f} | "
-                 f"{enc_speed[c] / enc_speed['zstd']:.2f}x |" for c in SPEED_CODECS]
+    sp_lines = ["| codec | decode_batch images/s | vs zstd (best / median round) | decode_matrix images/s | "
+                "vs zstd (best / median round) | encode_batch images/s | vs zstd |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+    sp_lines += [f"| {c} | {speed[c]:,.0f} | {speed[c] / speed['zstd']:.2f}x / {speeds['decode ratio'][c]:.2f}x | "
+                 f"{mat_speed[c]:,.0f} | {mat_speed[c] / mat_speed['zstd']:.2f}x / {speeds['matrix ratio'][c]:.2f}x | "
+                 f"{enc_speed[c]:,.0f} | {enc_speed[c] / enc_speed['zstd']:.2f}x |" for c in SPEED_CODECS]
     speed_table = "\n".join(sp_lines)
     print(speed_table)
 
@@ -279,7 +289,11 @@ def main() -> int:
         f"{speed['rans-unigram'] / speed['zstd']:.2f}x, "
         f"{met(speed['rans-unigram'] >= DECODE_VS_ZSTD * speed['zstd'])}; "
         f"rans-ctx {speed['rans-ctx'] / speed['zstd']:.2f}x, "
-        f"{met(speed['rans-ctx'] >= DECODE_VS_ZSTD * speed['zstd'])}; encode >= {ENCODE_TARGET:,} images/s "
+        f"{met(speed['rans-ctx'] >= DECODE_VS_ZSTD * speed['zstd'])} (decode_batch, best of each; the median "
+        f"round's ratio {speeds['decode ratio']['rans-ctx']:.2f}x; decode_matrix, the loader's call, "
+        f"{mat_speed['rans-ctx'] / mat_speed['zstd']:.2f}x, "
+        f"{met(mat_speed['rans-ctx'] >= DECODE_VS_ZSTD * mat_speed['zstd'])}, median round "
+        f"{speeds['matrix ratio']['rans-ctx']:.2f}x); encode >= {ENCODE_TARGET:,} images/s "
         f"per core: rans-unigram {enc_speed['rans-unigram']:,.0f}, "
         f"{met(enc_speed['rans-unigram'] >= ENCODE_TARGET)}; rans-ctx {enc_speed['rans-ctx']:,.0f}, "
         f"{met(enc_speed['rans-ctx'] >= ENCODE_TARGET)}."
@@ -336,9 +350,11 @@ def main() -> int:
         f"little in common with the fit data's code histogram; rans-ctx stays far below gzip there "
         f"because most of its gain (copies of a neighbour) does not depend on which codes a photo "
         f"uses. Speeds are per core, measured on this machine in this run, "
-        f"{'with' if affinity else 'without'} pinning to one CPU, best of 7 rounds that interleave "
+        f"{'with' if affinity else 'without'} pinning to one CPU, best of 9 rounds that interleave "
         f"the codecs (the machine's speed drifts by tens of percent within minutes, so read the "
-        f"ratios to zstd). The loader calls decode_matrix/decode_batch on batches of 256; the rANS "
+        f"ratios to zstd; the median of the rounds' own ratios moves least). decode_batch returns a "
+        f"list of per-sample arrays (views of one matrix), decode_matrix the (256, 256) matrix itself, "
+        f"which is what the loader calls for fixed grids (decode_batch for variable ones); the rANS "
         f"codecs decode and encode them with compiled kernels (numba, "
         f"pipeline/format/codecs/rans_kernels.py), one stream after another, and write exactly the "
         f"payloads of the numpy reference coder (TOKSHARD_RANS_BACKEND=numpy). rans-ctx decodes at "
