@@ -34,6 +34,7 @@ test-slow:
 
 bench:
 	$(PYTHON) bench/storage.py
+	$(PYTHON) bench/codebook_prior.py
 	$(PYTHON) bench/loader.py
 	$(PYTHON) bench/convert.py
 	$(PYTHON) bench/sources.py
