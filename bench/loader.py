@@ -205,7 +205,8 @@ def main() -> int:
         n_big = len(tokshard.open(big))
         # The context codec (issue 18), the same images: the loader decodes its payloads
         # with the compiled rANS decoder instead of zstd.
-        ctx_big = repeat_manifest(convert_tokens(src, tmp / "tokens-ctx", "rans-ctx"), tmp / "big-ctx")
+        ctx_tokens = convert_tokens(src, tmp / "tokens-ctx", "rans-ctx")
+        ctx_big = repeat_manifest(ctx_tokens, tmp / "big-ctx")
         jpeg, jn = jpeg_loader_rate(src, 2 * BATCH * 4)
         plain, pn = token_loader_rate(big, TARGET_SAMPLES, augment=False)
         aug = ctx_aug = 0.0
@@ -214,8 +215,7 @@ def main() -> int:
             aug = max(aug, rate)
             rate, cn = token_loader_rate(ctx_big, TARGET_SAMPLES, augment=True)
             ctx_aug = max(ctx_aug, rate)
-        bytes_zstd, bytes_ctx = (tokshard.open(d).record["totals"]["payload_bytes"]
-                                 for d in (tokens, tmp / "tokens-ctx"))
+        bytes_zstd, bytes_ctx = (tokshard.open(d).record["totals"]["payload_bytes"] for d in (tokens, ctx_tokens))
         base_rss, peak_rss, streamed = rss(big)
     gib = 2**30
     rows = [

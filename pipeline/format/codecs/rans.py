@@ -845,8 +845,6 @@ class _RansCodec(TokenCodec):
                      widths: Widths = None) -> list[np.ndarray]:
         """rans-ctx decodes row i in rows of widths[i] tokens (None: the model's width), the
         width its 2-D sample was encoded with; rans-unigram checks and ignores them."""
-        if widths is None and isinstance(n_tokens, (int, np.integer)):   # the common case: one matrix
-            return list(self.decode_matrix(payloads, n_tokens))
         counts = self._counts(payloads, n_tokens)
         views = [p if type(p) is bytes else _bytes_view(p) for p in payloads]
         m = self._model()

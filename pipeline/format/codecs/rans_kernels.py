@@ -112,8 +112,7 @@ def _crc_dword(crc: int, hi: int) -> int:
     """Advance a CRC by 8 bytes: the first 4 already xored into its low 32 bits, `hi` the next 4."""
     return (np.int64(_CRC[7, _ix(crc & 0xFF)]) ^ np.int64(_CRC[6, _ix((crc >> 8) & 0xFF)])
             ^ np.int64(_CRC[5, _ix((crc >> 16) & 0xFF)]) ^ np.int64(_CRC[4, _ix((crc >> 24) & 0xFF)])
-            ^ np.int64(_CRC[3, _ix(hi & 0xFF)]) ^ np.int64(_CRC[2, _ix((hi >> 8) & 0xFF)])
-            ^ np.int64(_CRC[1, _ix((hi >> 16) & 0xFF)]) ^ np.int64(_CRC[0, _ix((hi >> 24) & 0xFF)]))
+            ^ _crc_word(hi))
 
 
 @_inline
